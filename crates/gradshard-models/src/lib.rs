@@ -1,1 +1,35 @@
-//! placeholder
+//! Hugging Face causal language models in burn, for per-sample gradients.
+//!
+//! - Architectures: `llama`, `mistral`, `qwen2` (RMSNorm, HF rotate-half RoPE,
+//!   GQA/MQA, SwiGLU) and `gpt2` (learned positions, LayerNorm, Conv1D in the
+//!   checkpoint's [in, out] layout, tied embeddings), all computing in f32;
+//!   f32/bf16/f16 checkpoints are widened on load.
+//! - g = d(Σ over predicted positions of cross-entropy)/dW per sample, for a
+//!   chosen [`ParamSet`], under HF parameter names and HF shapes, either one
+//!   sample per backward or several per backward ([`GradModel::grads_batched`]).
+//! - [`write_grads`] implements `gradshard grads` (one `<id>.safetensors` per
+//!   sample).
+//!
+//! Entry points: [`GradModel::load`], [`SampleReader`], [`GradModel::for_each_grads`],
+//! [`write_grads`].
+
+pub mod config;
+pub mod data;
+pub mod device;
+pub mod error;
+pub mod grads;
+pub mod model;
+pub mod weights;
+pub mod write;
+
+pub use config::{Arch, ModelConfig};
+pub use data::{
+    encode, load_tokenizer, ReaderOptions, SampleId, SampleReader, Skipped, TokenSample,
+};
+#[cfg(feature = "cuda")]
+pub use device::CudaBackend;
+pub use device::{cuda_available, CpuBackend, Device, GradModel};
+pub use error::{Error, Result};
+pub use grads::{Engine, SampleGrads, SampleLoss, TensorGrad};
+pub use model::{ParamInfo, ParamKind, ParamSet};
+pub use write::{write_grads, write_sample, GradsOptions, GradsReport, Progress};

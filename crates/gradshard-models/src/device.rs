@@ -1,0 +1,236 @@
+//! Device selection and the backend-erased [`GradModel`].
+//!
+//! `Device::Cpu` runs on `Autodiff<NdArray<f32>>`; `Device::Cuda(n)` runs on
+//! `Autodiff<Cuda<f32>>` and is only usable when the crate is built with the
+//! `cuda` feature (otherwise loading returns [`Error::Device`]). The same
+//! generic [`Engine`] code runs on both.
+
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+
+use crate::config::ModelConfig;
+use crate::data::TokenSample;
+use crate::error::{Error, Result};
+use crate::grads::{Engine, SampleGrads, SampleLoss};
+use crate::model::{ParamInfo, ParamSet};
+
+/// CPU backend with autodiff (burn ndarray, f32).
+pub type CpuBackend = burn::backend::Autodiff<burn::backend::NdArray<f32>>;
+
+/// CUDA backend with autodiff (f32 floats).
+#[cfg(feature = "cuda")]
+pub type CudaBackend = burn::backend::Autodiff<burn::backend::Cuda<f32>>;
+
+/// Where the model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Device {
+    /// burn ndarray on the host CPU.
+    #[default]
+    Cpu,
+    /// CUDA GPU with this ordinal (needs the `cuda` feature).
+    Cuda(usize),
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Device::Cpu => f.write_str("cpu"),
+            Device::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl FromStr for Device {
+    type Err = Error;
+    /// `cpu`, `cuda` (= `cuda:0`) or `cuda:N`.
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Device::Cuda)
+                .ok_or_else(|| {
+                    Error::InvalidArgument(format!(
+                        "unknown device {s:?} (use cpu, cuda or cuda:N)"
+                    ))
+                }),
+        }
+    }
+}
+
+impl Device {
+    /// Whether this build can use the device at all (not whether a GPU is present).
+    pub fn compiled_in(self) -> bool {
+        match self {
+            Device::Cpu => true,
+            Device::Cuda(_) => cfg!(feature = "cuda"),
+        }
+    }
+}
+
+/// Returns true when CUDA device `n` can run a tiny computation. Always false
+/// without the `cuda` feature. Backend initialisation failures (no driver, no
+/// GPU) surface as panics inside cubecl; they are caught here.
+pub fn cuda_available(n: usize) -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        use burn::tensor::Tensor;
+        let r = std::panic::catch_unwind(|| {
+            let dev = burn::backend::cuda::CudaDevice::new(n);
+            let t = Tensor::<burn::backend::Cuda<f32>, 1>::from_floats([1.0f32, 2.0], &dev);
+            t.sum().into_scalar()
+        });
+        matches!(r, Ok(v) if v == 3.0)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = n;
+        false
+    }
+}
+
+enum AnyEngine {
+    Cpu(Engine<CpuBackend>),
+    #[cfg(feature = "cuda")]
+    Cuda(Engine<CudaBackend>),
+}
+
+/// Runs `$body` with `$e` bound to the concrete engine.
+macro_rules! dispatch {
+    ($self:expr, $e:ident => $body:expr) => {
+        match &$self.engine {
+            AnyEngine::Cpu($e) => $body,
+            #[cfg(feature = "cuda")]
+            AnyEngine::Cuda($e) => $body,
+        }
+    };
+}
+
+/// A loaded model on some device, computing per-sample gradients of the
+/// tracked weights. Not `Sync`-shared across threads: use one per worker.
+pub struct GradModel {
+    engine: AnyEngine,
+    device: Device,
+    params: ParamSet,
+}
+
+impl GradModel {
+    /// Load `dir` (config.json + model.safetensors or a sharded index) onto `device`.
+    pub fn load(dir: &Path, device: Device, params: ParamSet) -> Result<Self> {
+        let engine = match device {
+            Device::Cpu => AnyEngine::Cpu(Engine::load(
+                dir,
+                &burn::backend::ndarray::NdArrayDevice::Cpu,
+                params,
+            )?),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(n) => {
+                if !cuda_available(n) {
+                    return Err(Error::Device {
+                        device: device.to_string(),
+                        msg: "no usable CUDA device".into(),
+                    });
+                }
+                AnyEngine::Cuda(Engine::load(
+                    dir,
+                    &burn::backend::cuda::CudaDevice::new(n),
+                    params,
+                )?)
+            }
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => {
+                return Err(Error::Device {
+                    device: device.to_string(),
+                    msg: "this build has no CUDA support (rebuild with --features cuda)".into(),
+                })
+            }
+        };
+        Ok(GradModel {
+            engine,
+            device,
+            params,
+        })
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    pub fn param_set(&self) -> ParamSet {
+        self.params
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        dispatch!(self, e => e.config())
+    }
+
+    /// Every stored weight (names, shapes, kinds) in checkpoint order.
+    pub fn params(&self) -> &[ParamInfo] {
+        dispatch!(self, e => e.params())
+    }
+
+    /// The weights whose gradients are returned, in the order returned.
+    pub fn tracked_params(&self) -> Vec<ParamInfo> {
+        dispatch!(self, e => e.tracked_params())
+    }
+
+    /// Loss sums (no gradients) of `samples`, one per sample.
+    pub fn loss(&self, samples: &[TokenSample]) -> Result<Vec<SampleLoss>> {
+        dispatch!(self, e => e.loss(samples))
+    }
+
+    /// Per-sample gradients, one backward per sample (reference path).
+    pub fn grads_loop(&self, sample: &TokenSample) -> Result<SampleGrads> {
+        dispatch!(self, e => e.grads_loop(sample))
+    }
+
+    /// Per-sample gradients of all `samples` from one backward pass.
+    pub fn grads_batched(&self, samples: &[TokenSample]) -> Result<Vec<SampleGrads>> {
+        dispatch!(self, e => e.grads_batched(samples))
+    }
+
+    /// Per-sample gradients for a chunk: the loop path when it holds one
+    /// sample, the batched path otherwise.
+    pub fn grads(&self, samples: &[TokenSample]) -> Result<Vec<SampleGrads>> {
+        match samples {
+            [one] => Ok(vec![self.grads_loop(one)?]),
+            _ => self.grads_batched(samples),
+        }
+    }
+
+    /// Streams per-sample gradients: reads `samples` in chunks of `batch`,
+    /// computes each chunk and hands every sample's result to `sink` before
+    /// reading the next chunk, so at most `batch` samples are in memory.
+    /// Stops at the first error (from the input, the model or `sink`).
+    /// Returns the number of samples processed.
+    pub fn for_each_grads<I, F>(&self, samples: I, batch: usize, mut sink: F) -> Result<usize>
+    where
+        I: IntoIterator<Item = Result<TokenSample>>,
+        F: FnMut(SampleGrads) -> Result<()>,
+    {
+        if batch == 0 {
+            return Err(Error::InvalidArgument("batch size must be >= 1".into()));
+        }
+        let mut it = samples.into_iter();
+        let mut done = 0;
+        loop {
+            let mut chunk = Vec::with_capacity(batch);
+            for s in it.by_ref() {
+                chunk.push(s?);
+                if chunk.len() == batch {
+                    break;
+                }
+            }
+            if chunk.is_empty() {
+                return Ok(done);
+            }
+            for g in self.grads(&chunk)? {
+                sink(g)?;
+                done += 1;
+            }
+        }
+    }
+}

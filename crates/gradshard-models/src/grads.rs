@@ -1,0 +1,326 @@
+//! Per-sample gradients of the token-summed cross-entropy.
+//!
+//! For a sample x_0..x_{n-1}, positions p = 0..T-1 (T = n - 1) predict
+//! x_{p+1}; the loss is L = Σ_p −log softmax(logits_p)[x_{p+1}] (summed, not
+//! averaged, in nats) and g = dL/dW for every tracked weight W, returned under
+//! its HF name with its stored shape.
+//!
+//! Two engines produce the same numbers:
+//! - [`Engine::grads_loop`]: one sample per backward, tracked weights as
+//!   leaves (the reference path).
+//! - [`Engine::grads_batched`]: several samples right-padded into one batch,
+//!   one backward of Σ_b L_b, per-sample gradients from output taps (see
+//!   `model.rs`). Padding cannot change any sample's gradient: padded
+//!   positions are masked out of the loss (weight 0) and, being *after* every
+//!   real position, are never attended to by real positions (causal mask), so
+//!   their δ is exactly zero and they add nothing to δᵀ·x.
+
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::IndexingUpdateOp;
+use burn::tensor::{Int, Tensor, TensorData};
+
+use crate::data::{SampleId, TokenSample};
+use crate::error::{Error, Result};
+use crate::model::{Ctx, GradMode, Inner, Layout, Model, ParamInfo, ParamSet, TapInput};
+
+/// One tensor's gradient: HF name, stored shape, row-major f32 values.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorGrad {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+/// One sample's result.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SampleGrads {
+    pub id: SampleId,
+    /// T, the number of predicted positions (n - 1).
+    pub tokens: usize,
+    /// Σ over predicted positions of the cross-entropy, in nats.
+    pub loss_sum: f64,
+    /// Gradients of the tracked weights, in checkpoint order.
+    pub grads: Vec<TensorGrad>,
+}
+
+/// Loss of one sample without gradients.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SampleLoss {
+    pub tokens: usize,
+    pub loss_sum: f64,
+}
+
+fn backend_err(context: &str, e: impl std::fmt::Debug) -> Error {
+    Error::Backend {
+        context: context.to_string(),
+        msg: format!("{e:?}"),
+    }
+}
+
+fn to_vec<B: burn::tensor::backend::Backend, const D: usize>(
+    t: Tensor<B, D>,
+    context: &str,
+) -> Result<Vec<f32>> {
+    t.into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .map_err(|e| backend_err(context, e))
+}
+
+/// The model plus the set of tracked weights, on autodiff backend `A`.
+pub struct Engine<A: AutodiffBackend> {
+    pub(crate) model: Model<Inner<A>>,
+    /// tracked[idx] for each entry of `model.params`; only 2-D weights.
+    tracked: Vec<bool>,
+}
+
+/// Inputs of one padded batch.
+struct Batch<A: AutodiffBackend> {
+    /// Input ids [b, t]: x_0..x_{t-1}, right-padded with token 0.
+    ids: Tensor<A, 2, Int>,
+    /// Labels [b, t]: x_1..x_t, 0 where padded.
+    labels: Tensor<A, 2, Int>,
+    /// 1.0 where the position counts, 0.0 on padding [b, t].
+    mask: Tensor<A, 2>,
+    t: usize,
+}
+
+impl<A: AutodiffBackend> Engine<A> {
+    /// Load the model in `dir` onto `device`, tracking the weights in `set`.
+    pub fn load(dir: &std::path::Path, device: &A::Device, set: ParamSet) -> Result<Self> {
+        let model = Model::<Inner<A>>::load(dir, device)?;
+        let tracked = model
+            .params
+            .iter()
+            .map(|p| p.shape.len() == 2 && set.contains(p.kind))
+            .collect();
+        Ok(Engine { model, tracked })
+    }
+
+    /// The loaded config.
+    pub fn config(&self) -> &crate::config::ModelConfig {
+        &self.model.config
+    }
+
+    /// Every stored weight of the model.
+    pub fn params(&self) -> &[ParamInfo] {
+        &self.model.params
+    }
+
+    /// The tracked weights, in the order their gradients are returned.
+    pub fn tracked_params(&self) -> Vec<ParamInfo> {
+        self.model
+            .params
+            .iter()
+            .zip(&self.tracked)
+            .filter(|(_, &t)| t)
+            .map(|(p, _)| p.clone())
+            .collect()
+    }
+
+    fn batch(&self, samples: &[TokenSample]) -> Result<Batch<A>> {
+        if samples.is_empty() {
+            return Err(Error::InvalidArgument("empty batch".into()));
+        }
+        let vocab = self.model.config.vocab_size();
+        for s in samples {
+            if s.ids.len() < 2 {
+                return Err(Error::InvalidArgument(format!(
+                    "sample {} (line {}) has {} tokens; at least 2 are needed",
+                    s.id,
+                    s.line,
+                    s.ids.len()
+                )));
+            }
+            if let Some(&bad) = s.ids.iter().find(|&&t| t as usize >= vocab) {
+                return Err(Error::InvalidArgument(format!(
+                    "sample {} (line {}) has token id {bad} >= vocab_size {vocab}",
+                    s.id, s.line
+                )));
+            }
+        }
+        let b = samples.len();
+        let t = samples.iter().map(|s| s.ids.len() - 1).max().unwrap_or(0);
+        let mut ids = vec![0i64; b * t];
+        let mut labels = vec![0i64; b * t];
+        let mut mask = vec![0f32; b * t];
+        for (i, s) in samples.iter().enumerate() {
+            let n = s.ids.len();
+            for p in 0..n - 1 {
+                ids[i * t + p] = s.ids[p] as i64;
+                labels[i * t + p] = s.ids[p + 1] as i64;
+                mask[i * t + p] = 1.0;
+            }
+        }
+        let dev = &self.model.device;
+        Ok(Batch {
+            ids: Tensor::from_data(TensorData::new(ids, [b, t]), dev),
+            labels: Tensor::from_data(TensorData::new(labels, [b, t]), dev),
+            mask: Tensor::from_data(TensorData::new(mask, [b, t]), dev),
+            t,
+        })
+    }
+
+    /// Forward pass; returns per-sample loss sums [b] (nats).
+    fn losses(&self, batch: &Batch<A>, ctx: &mut Ctx<'_, A>) -> Result<Tensor<A, 1>> {
+        let logits = self.model.forward(batch.ids.clone(), ctx)?;
+        let [b, t, _] = logits.dims();
+        debug_assert_eq!(t, batch.t);
+        let logp = burn::tensor::activation::log_softmax(logits, 2);
+        let picked = logp
+            .gather(2, batch.labels.clone().reshape([b, t, 1]))
+            .reshape([b, t]);
+        Ok((picked.neg() * batch.mask.clone()).sum_dim(1).reshape([b]))
+    }
+
+    /// Loss sums without gradients, one entry per sample.
+    pub fn loss(&self, samples: &[TokenSample]) -> Result<Vec<SampleLoss>> {
+        let batch = self.batch(samples)?;
+        let mut ctx = Ctx::new(GradMode::None, &self.tracked);
+        let l = to_vec(self.losses(&batch, &mut ctx)?, "reading losses")?;
+        Ok(samples
+            .iter()
+            .zip(l)
+            .map(|(s, l)| SampleLoss {
+                tokens: s.predicted(),
+                loss_sum: l as f64,
+            })
+            .collect())
+    }
+
+    /// Reference path: one sample, one backward, gradients read off leaves.
+    pub fn grads_loop(&self, sample: &TokenSample) -> Result<SampleGrads> {
+        let batch = self.batch(std::slice::from_ref(sample))?;
+        let mut ctx = Ctx::new(GradMode::Leaf, &self.tracked);
+        let loss = self.losses(&batch, &mut ctx)?;
+        let grads = loss.clone().sum().backward();
+        let loss_sum = to_vec(loss, "reading loss")?[0] as f64;
+        let mut out = Vec::new();
+        for (idx, p) in self.model.params.iter().enumerate() {
+            if !self.tracked[idx] {
+                continue;
+            }
+            let leaf = ctx
+                .leaves
+                .iter()
+                .find(|(i, _)| *i == idx)
+                .map(|(_, l)| l)
+                .ok_or_else(|| {
+                    backend_err(
+                        "collecting gradients",
+                        format!("{} was not used in the forward pass", p.name),
+                    )
+                })?;
+            let g = leaf.grad(&grads).ok_or_else(|| {
+                backend_err(
+                    "collecting gradients",
+                    format!("no gradient for {}", p.name),
+                )
+            })?;
+            out.push(TensorGrad {
+                name: p.name.clone(),
+                shape: p.shape.clone(),
+                data: to_vec(g, "reading gradients")?,
+            });
+        }
+        Ok(SampleGrads {
+            id: sample.id.clone(),
+            tokens: sample.predicted(),
+            loss_sum,
+            grads: out,
+        })
+    }
+
+    /// Batched path: all samples in one backward, per-sample gradients from taps.
+    pub fn grads_batched(&self, samples: &[TokenSample]) -> Result<Vec<SampleGrads>> {
+        let batch = self.batch(samples)?;
+        let b = samples.len();
+        let mut ctx = Ctx::new(GradMode::Tap, &self.tracked);
+        let loss = self.losses(&batch, &mut ctx)?;
+        // Σ_b L_b: samples do not interact, so dΣ/dz restricted to sample b is dL_b/dz.
+        let grads = loss.clone().sum().backward();
+        let losses = to_vec(loss, "reading losses")?;
+
+        // Per-sample gradient [b, rows, cols] of every tracked param, summed over its uses.
+        let mut acc: Vec<Option<Tensor<Inner<A>, 3>>> = vec![None; self.model.params.len()];
+        for tap in &ctx.taps {
+            let p = &self.model.params[tap.idx];
+            let delta = tap.z.grad(&grads).ok_or_else(|| {
+                backend_err(
+                    "collecting gradients",
+                    format!("no output gradient for {}", p.name),
+                )
+            })?;
+            let g = match &tap.input {
+                // δ [b,t,out], x [b,t,in]: g_b = δ_bᵀ x_b [out,in]
+                TapInput::Linear {
+                    x,
+                    layout: Layout::OutIn,
+                } => delta.swap_dims(1, 2).matmul(x.clone()),
+                // Conv1D: g_b = x_bᵀ δ_b [in,out]
+                TapInput::Linear {
+                    x,
+                    layout: Layout::InOut,
+                } => x.clone().swap_dims(1, 2).matmul(delta),
+                // g_b[r] = Σ_{p: ids_b[p] = r} δ_b[p]  ([rows, D])
+                TapInput::Rows { ids, rows } => {
+                    let [bb, t, d] = delta.dims();
+                    let index = ids.clone().reshape([bb, t, 1]).repeat_dim(2, d);
+                    Tensor::<Inner<A>, 3>::zeros([bb, *rows, d], &delta.device()).scatter(
+                        1,
+                        index,
+                        delta,
+                        IndexingUpdateOp::Add,
+                    )
+                }
+            };
+            acc[tap.idx] = Some(match acc[tap.idx].take() {
+                Some(prev) => prev + g,
+                None => g,
+            });
+        }
+
+        let mut out: Vec<SampleGrads> = samples
+            .iter()
+            .zip(&losses)
+            .map(|(s, &l)| SampleGrads {
+                id: s.id.clone(),
+                tokens: s.predicted(),
+                loss_sum: l as f64,
+                grads: Vec::new(),
+            })
+            .collect();
+        for (idx, p) in self.model.params.iter().enumerate() {
+            if !self.tracked[idx] {
+                continue;
+            }
+            let g = acc[idx].take().ok_or_else(|| {
+                backend_err(
+                    "collecting gradients",
+                    format!("{} was not used in the forward pass", p.name),
+                )
+            })?;
+            let per = p.shape.iter().product::<usize>();
+            let data = to_vec(g, "reading gradients")?;
+            if data.len() != b * per {
+                return Err(backend_err(
+                    "collecting gradients",
+                    format!(
+                        "{}: got {} values, expected {}",
+                        p.name,
+                        data.len(),
+                        b * per
+                    ),
+                ));
+            }
+            for (s, chunk) in out.iter_mut().zip(data.chunks_exact(per)) {
+                s.grads.push(TensorGrad {
+                    name: p.name.clone(),
+                    shape: p.shape.clone(),
+                    data: chunk.to_vec(),
+                });
+            }
+        }
+        Ok(out)
+    }
+}

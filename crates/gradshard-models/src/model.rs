@@ -1,0 +1,887 @@
+//! The transformer forward passes (LLaMA family and GPT-2), generic over the
+//! burn backend.
+//!
+//! Weights are held on the *inner* (non-autodiff) backend and lifted into the
+//! autodiff graph at every forward pass (`Tensor::from_inner`), so each pass
+//! builds fresh leaves and nothing from an earlier backward lingers.
+//!
+//! Gradients are obtained in one of two ways, chosen by [`GradMode`]:
+//! - `Leaf`: each tracked weight becomes a `require_grad` leaf; its gradient
+//!   after backward is the gradient of the *whole batch's* loss, so this mode
+//!   is only per-sample with batch size 1 (the reference loop).
+//! - `Tap`: each tracked weight's output y gets a zero-valued leaf z added
+//!   (y + z); dL/dz = δ is the output gradient, and the per-sample weight
+//!   gradient is formed afterwards from δ and the saved input x
+//!   (δ_bᵀ·x_b for [out,in] weights, x_bᵀ·δ_b for Conv1D [in,out] weights,
+//!   a scatter-add of δ rows for embeddings).
+//!
+//! All activations are f32. Shapes use b = batch, t = positions fed
+//! (= predicted positions T for the longest sample), D = hidden size.
+
+use std::path::Path;
+
+use burn::tensor::activation;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Int, Tensor, TensorData};
+
+use crate::config::{Activation, Gpt2Config, LlamaConfig, ModelConfig, RopeScaling};
+use crate::error::{Error, Result};
+use crate::weights::{Checkpoint, WeightSpec};
+
+/// The inner (non-autodiff) backend of an autodiff backend.
+pub(crate) type Inner<B> = <B as AutodiffBackend>::InnerBackend;
+
+/// What role a stored weight plays; decides membership in a [`ParamSet`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ParamKind {
+    /// Attention projections (q/k/v/o, c_attn, attn.c_proj).
+    Attn,
+    /// MLP projections (gate/up/down, c_fc, mlp.c_proj).
+    Mlp,
+    /// Token or position embedding tables.
+    Embedding,
+    /// Untied output projection.
+    LmHead,
+    /// 1-D weights: norms and biases (never tracked).
+    Vector,
+}
+
+/// Which weights get per-sample gradients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum ParamSet {
+    /// Attention projection weights only (the default).
+    #[default]
+    Attn,
+    /// Attention and MLP projection weights (what the fixtures store).
+    AttnMlp,
+    /// Every 2-D weight, including embeddings and an untied lm_head.
+    All2d,
+}
+
+impl ParamSet {
+    /// Whether weights of `kind` belong to this set.
+    pub fn contains(self, kind: ParamKind) -> bool {
+        match self {
+            ParamSet::Attn => kind == ParamKind::Attn,
+            ParamSet::AttnMlp => matches!(kind, ParamKind::Attn | ParamKind::Mlp),
+            ParamSet::All2d => kind != ParamKind::Vector,
+        }
+    }
+}
+
+impl std::str::FromStr for ParamSet {
+    type Err = Error;
+    /// Accepts the CLI spellings `attn`, `attn,mlp` (or `mlp,attn`) and `all-2d`.
+    fn from_str(s: &str) -> Result<Self> {
+        let mut parts: Vec<&str> = s.split(',').map(str::trim).collect();
+        parts.sort_unstable();
+        match parts.as_slice() {
+            ["attn"] => Ok(ParamSet::Attn),
+            ["attn", "mlp"] => Ok(ParamSet::AttnMlp),
+            ["all-2d"] | ["all2d"] => Ok(ParamSet::All2d),
+            _ => Err(Error::InvalidArgument(format!(
+                "unknown parameter set {s:?} (use attn, attn,mlp or all-2d)"
+            ))),
+        }
+    }
+}
+
+/// A stored weight: its Hugging Face name, shape and role.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParamInfo {
+    /// Canonical HF parameter name (e.g. `model.layers.0.self_attn.q_proj.weight`).
+    pub name: String,
+    /// Shape as stored in the checkpoint ([out,in] for Linear, [in,out] for Conv1D).
+    pub shape: Vec<usize>,
+    pub kind: ParamKind,
+}
+
+/// Orientation of a projection weight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Layout {
+    /// torch Linear: W is [out, in], y = x·Wᵀ.
+    OutIn,
+    /// GPT-2 Conv1D: W is [in, out], y = x·W.
+    InOut,
+}
+
+/// A projection: weight, optional bias, layout, and its index in the param registry.
+pub(crate) struct Lin<B: Backend> {
+    idx: usize,
+    w: Tensor<B, 2>,
+    b: Option<Tensor<B, 1>>,
+    layout: Layout,
+}
+
+struct Norm<B: Backend> {
+    w: Tensor<B, 1>,
+    /// LayerNorm bias; None for RMSNorm.
+    b: Option<Tensor<B, 1>>,
+}
+
+struct LlamaLayer<B: Backend> {
+    ln1: Norm<B>,
+    q: Lin<B>,
+    k: Lin<B>,
+    v: Lin<B>,
+    o: Lin<B>,
+    ln2: Norm<B>,
+    gate: Lin<B>,
+    up: Lin<B>,
+    down: Lin<B>,
+}
+
+struct LlamaNet<B: Backend> {
+    cfg: LlamaConfig,
+    embed_idx: usize,
+    embed: Tensor<B, 2>,
+    layers: Vec<LlamaLayer<B>>,
+    norm: Norm<B>,
+    lm_head: Lin<B>,
+    /// RoPE inverse frequencies (radians per position), length head_dim / 2,
+    /// already rescaled per `rope_scaling`.
+    inv_freq: Vec<f64>,
+    /// Positions are divided by this (linear RoPE scaling); 1 otherwise.
+    pos_scale: f64,
+}
+
+struct Gpt2Layer<B: Backend> {
+    ln1: Norm<B>,
+    c_attn: Lin<B>,
+    c_proj: Lin<B>,
+    ln2: Norm<B>,
+    c_fc: Lin<B>,
+    mlp_proj: Lin<B>,
+}
+
+struct Gpt2Net<B: Backend> {
+    cfg: Gpt2Config,
+    wte_idx: usize,
+    wte: Tensor<B, 2>,
+    wpe_idx: usize,
+    wpe: Tensor<B, 2>,
+    layers: Vec<Gpt2Layer<B>>,
+    ln_f: Norm<B>,
+    lm_head: Lin<B>,
+}
+
+enum Net<B: Backend> {
+    Llama(LlamaNet<B>),
+    Gpt2(Gpt2Net<B>),
+}
+
+/// A loaded model on backend `B` (the inner, non-autodiff backend).
+pub(crate) struct Model<B: Backend> {
+    pub(crate) config: ModelConfig,
+    /// Every stored weight, in registry order; `Lin::idx` points here.
+    pub(crate) params: Vec<ParamInfo>,
+    net: Net<B>,
+    pub(crate) device: B::Device,
+}
+
+/// Predicate for checkpoint entries that are not weights (buffers, tied copies).
+type Ignorable = Box<dyn Fn(&str) -> bool>;
+
+/// Spec entry: canonical name, name in the checkpoint, shape, kind.
+struct SpecEntry {
+    name: String,
+    stored: String,
+    shape: Vec<usize>,
+    kind: ParamKind,
+}
+
+struct SpecBuilder {
+    entries: Vec<SpecEntry>,
+    /// Prefix replaced in stored names (GPT-2 checkpoints without `transformer.`).
+    strip: Option<(&'static str, &'static str)>,
+}
+
+impl SpecBuilder {
+    fn add(&mut self, name: String, shape: Vec<usize>, kind: ParamKind) -> usize {
+        let stored = match self.strip {
+            Some((canon, stored)) if name.starts_with(canon) => {
+                format!("{stored}{}", &name[canon.len()..])
+            }
+            _ => name.clone(),
+        };
+        self.entries.push(SpecEntry {
+            name,
+            stored,
+            shape,
+            kind,
+        });
+        self.entries.len() - 1
+    }
+}
+
+/// Reads weights from the checkpoint and uploads them to the device one at a
+/// time, so host memory holds at most one converted tensor.
+struct Loader<'a, B: Backend> {
+    ckpt: &'a Checkpoint,
+    spec: &'a [SpecEntry],
+    device: &'a B::Device,
+}
+
+impl<B: Backend> Loader<'_, B> {
+    fn idx(&self, name: &str) -> usize {
+        self.spec
+            .iter()
+            .position(|e| e.name == name)
+            .unwrap_or_else(|| panic!("internal: weight {name} not in spec"))
+    }
+
+    fn w2(&self, name: &str) -> Result<(usize, Tensor<B, 2>)> {
+        let i = self.idx(name);
+        let e = &self.spec[i];
+        let data = self.ckpt.read_f32(&e.stored)?;
+        let t = Tensor::from_data(TensorData::new(data, [e.shape[0], e.shape[1]]), self.device);
+        Ok((i, t))
+    }
+
+    fn w1(&self, name: &str) -> Result<Tensor<B, 1>> {
+        let e = &self.spec[self.idx(name)];
+        let data = self.ckpt.read_f32(&e.stored)?;
+        Ok(Tensor::from_data(
+            TensorData::new(data, [e.shape[0]]),
+            self.device,
+        ))
+    }
+
+    fn lin(&self, prefix: &str, bias: bool, layout: Layout) -> Result<Lin<B>> {
+        let (idx, w) = self.w2(&format!("{prefix}.weight"))?;
+        let b = if bias {
+            Some(self.w1(&format!("{prefix}.bias"))?)
+        } else {
+            None
+        };
+        Ok(Lin { idx, w, b, layout })
+    }
+}
+
+fn llama_spec(c: &LlamaConfig) -> SpecBuilder {
+    use ParamKind::*;
+    let mut s = SpecBuilder {
+        entries: vec![],
+        strip: None,
+    };
+    let (d, hd, v, ff) = (c.hidden_size, c.head_dim, c.vocab_size, c.intermediate_size);
+    let (q_out, kv_out) = (c.num_heads * hd, c.num_kv_heads * hd);
+    s.add("model.embed_tokens.weight".into(), vec![v, d], Embedding);
+    for i in 0..c.num_layers {
+        let p = format!("model.layers.{i}");
+        s.add(format!("{p}.input_layernorm.weight"), vec![d], Vector);
+        for (n, out) in [("q", q_out), ("k", kv_out), ("v", kv_out)] {
+            s.add(format!("{p}.self_attn.{n}_proj.weight"), vec![out, d], Attn);
+            if c.qkv_bias {
+                s.add(format!("{p}.self_attn.{n}_proj.bias"), vec![out], Vector);
+            }
+        }
+        s.add(format!("{p}.self_attn.o_proj.weight"), vec![d, q_out], Attn);
+        if c.o_bias {
+            s.add(format!("{p}.self_attn.o_proj.bias"), vec![d], Vector);
+        }
+        s.add(
+            format!("{p}.post_attention_layernorm.weight"),
+            vec![d],
+            Vector,
+        );
+        for (n, shape, bias_len) in [
+            ("gate", vec![ff, d], ff),
+            ("up", vec![ff, d], ff),
+            ("down", vec![d, ff], d),
+        ] {
+            s.add(format!("{p}.mlp.{n}_proj.weight"), shape, Mlp);
+            if c.mlp_bias {
+                s.add(format!("{p}.mlp.{n}_proj.bias"), vec![bias_len], Vector);
+            }
+        }
+    }
+    s.add("model.norm.weight".into(), vec![d], Vector);
+    if !c.tie_word_embeddings {
+        s.add("lm_head.weight".into(), vec![v, d], LmHead);
+    }
+    s
+}
+
+fn gpt2_spec(c: &Gpt2Config, legacy_names: bool) -> SpecBuilder {
+    use ParamKind::*;
+    let mut s = SpecBuilder {
+        entries: vec![],
+        strip: legacy_names.then_some(("transformer.", "")),
+    };
+    let (d, v, ff) = (c.n_embd, c.vocab_size, c.n_inner);
+    s.add("transformer.wte.weight".into(), vec![v, d], Embedding);
+    s.add(
+        "transformer.wpe.weight".into(),
+        vec![c.n_positions, d],
+        Embedding,
+    );
+    for i in 0..c.n_layer {
+        let p = format!("transformer.h.{i}");
+        for ln in ["ln_1", "ln_2"] {
+            s.add(format!("{p}.{ln}.weight"), vec![d], Vector);
+            s.add(format!("{p}.{ln}.bias"), vec![d], Vector);
+        }
+        // Conv1D weights are stored [in, out].
+        for (n, shape, kind) in [
+            ("attn.c_attn", vec![d, 3 * d], Attn),
+            ("attn.c_proj", vec![d, d], Attn),
+            ("mlp.c_fc", vec![d, ff], Mlp),
+            ("mlp.c_proj", vec![ff, d], Mlp),
+        ] {
+            let out = shape[1];
+            s.add(format!("{p}.{n}.weight"), shape, kind);
+            s.add(format!("{p}.{n}.bias"), vec![out], Vector);
+        }
+    }
+    s.add("transformer.ln_f.weight".into(), vec![d], Vector);
+    s.add("transformer.ln_f.bias".into(), vec![d], Vector);
+    if !c.tie_word_embeddings {
+        s.add("lm_head.weight".into(), vec![v, d], LmHead);
+    }
+    s
+}
+
+/// RoPE inverse frequencies for `head_dim`, with llama3 rescaling applied.
+/// Returns (inv_freq [head_dim/2], position divisor).
+fn rope_tables(c: &LlamaConfig) -> (Vec<f64>, f64) {
+    let d = c.head_dim as f64;
+    let base: Vec<f64> = (0..c.head_dim / 2)
+        .map(|i| 1.0 / c.rope.theta.powf(2.0 * i as f64 / d))
+        .collect();
+    match c.rope.scaling {
+        RopeScaling::None => (base, 1.0),
+        RopeScaling::Linear { factor } => (base, factor),
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings: old_ctx,
+        } => {
+            let low_wavelen = old_ctx / low_freq_factor;
+            let high_wavelen = old_ctx / high_freq_factor;
+            let f = base
+                .into_iter()
+                .map(|f| {
+                    let wavelen = 2.0 * std::f64::consts::PI / f;
+                    if wavelen > low_wavelen {
+                        f / factor
+                    } else if wavelen < high_wavelen {
+                        f
+                    } else {
+                        let smooth = (old_ctx / wavelen - low_freq_factor)
+                            / (high_freq_factor - low_freq_factor);
+                        (1.0 - smooth) * f / factor + smooth * f
+                    }
+                })
+                .collect();
+            (f, 1.0)
+        }
+    }
+}
+
+impl<B: Backend> Model<B> {
+    /// Load `dir/config.json` and the checkpoint in `dir` onto `device`.
+    pub(crate) fn load(dir: &Path, device: &B::Device) -> Result<Self> {
+        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let ckpt = Checkpoint::open(dir)?;
+        let arch = config.arch();
+        let (spec, ignorable): (SpecBuilder, Ignorable) = match &config {
+            ModelConfig::Llama(c) => {
+                let tied = c.tie_word_embeddings;
+                (
+                    llama_spec(c),
+                    Box::new(move |n: &str| {
+                        n.ends_with(".rotary_emb.inv_freq") || (tied && n == "lm_head.weight")
+                    }),
+                )
+            }
+            ModelConfig::Gpt2(c) => {
+                let legacy = ckpt.shape("transformer.wte.weight").is_none()
+                    && ckpt.shape("wte.weight").is_some();
+                let tied = c.tie_word_embeddings;
+                (
+                    gpt2_spec(c, legacy),
+                    Box::new(move |n: &str| {
+                        // causal-mask buffers saved by old transformers versions
+                        n.ends_with(".attn.bias") && n.contains("h.")
+                            || n.ends_with(".attn.masked_bias")
+                            || (tied && n == "lm_head.weight")
+                    }),
+                )
+            }
+        };
+        let wspec: Vec<WeightSpec> = spec
+            .entries
+            .iter()
+            .map(|e| WeightSpec {
+                name: e.stored.clone(),
+                shape: e.shape.clone(),
+            })
+            .collect();
+        ckpt.validate(&wspec, &*ignorable, arch.as_str())?;
+
+        let ld = Loader::<B> {
+            ckpt: &ckpt,
+            spec: &spec.entries,
+            device,
+        };
+        let net = match &config {
+            ModelConfig::Llama(c) => Net::Llama(load_llama(&ld, c)?),
+            ModelConfig::Gpt2(c) => Net::Gpt2(load_gpt2(&ld, c)?),
+        };
+        let params = spec
+            .entries
+            .into_iter()
+            .map(|e| ParamInfo {
+                name: e.name,
+                shape: e.shape,
+                kind: e.kind,
+            })
+            .collect();
+        Ok(Model {
+            config,
+            params,
+            net,
+            device: device.clone(),
+        })
+    }
+}
+
+fn load_llama<B: Backend>(ld: &Loader<'_, B>, c: &LlamaConfig) -> Result<LlamaNet<B>> {
+    let (embed_idx, embed) = ld.w2("model.embed_tokens.weight")?;
+    let mut layers = Vec::with_capacity(c.num_layers);
+    for i in 0..c.num_layers {
+        let p = format!("model.layers.{i}");
+        let lin = |n: &str, bias: bool| ld.lin(&format!("{p}.{n}"), bias, Layout::OutIn);
+        layers.push(LlamaLayer {
+            ln1: Norm {
+                w: ld.w1(&format!("{p}.input_layernorm.weight"))?,
+                b: None,
+            },
+            q: lin("self_attn.q_proj", c.qkv_bias)?,
+            k: lin("self_attn.k_proj", c.qkv_bias)?,
+            v: lin("self_attn.v_proj", c.qkv_bias)?,
+            o: lin("self_attn.o_proj", c.o_bias)?,
+            ln2: Norm {
+                w: ld.w1(&format!("{p}.post_attention_layernorm.weight"))?,
+                b: None,
+            },
+            gate: lin("mlp.gate_proj", c.mlp_bias)?,
+            up: lin("mlp.up_proj", c.mlp_bias)?,
+            down: lin("mlp.down_proj", c.mlp_bias)?,
+        });
+    }
+    let norm = Norm {
+        w: ld.w1("model.norm.weight")?,
+        b: None,
+    };
+    let lm_head = if c.tie_word_embeddings {
+        Lin {
+            idx: embed_idx,
+            w: embed.clone(),
+            b: None,
+            layout: Layout::OutIn,
+        }
+    } else {
+        ld.lin("lm_head", false, Layout::OutIn)?
+    };
+    let (inv_freq, pos_scale) = rope_tables(c);
+    Ok(LlamaNet {
+        cfg: c.clone(),
+        embed_idx,
+        embed,
+        layers,
+        norm,
+        lm_head,
+        inv_freq,
+        pos_scale,
+    })
+}
+
+fn load_gpt2<B: Backend>(ld: &Loader<'_, B>, c: &Gpt2Config) -> Result<Gpt2Net<B>> {
+    let (wte_idx, wte) = ld.w2("transformer.wte.weight")?;
+    let (wpe_idx, wpe) = ld.w2("transformer.wpe.weight")?;
+    let ln = |p: &str| -> Result<Norm<B>> {
+        Ok(Norm {
+            w: ld.w1(&format!("{p}.weight"))?,
+            b: Some(ld.w1(&format!("{p}.bias"))?),
+        })
+    };
+    let mut layers = Vec::with_capacity(c.n_layer);
+    for i in 0..c.n_layer {
+        let p = format!("transformer.h.{i}");
+        let conv = |n: &str| ld.lin(&format!("{p}.{n}"), true, Layout::InOut);
+        layers.push(Gpt2Layer {
+            ln1: ln(&format!("{p}.ln_1"))?,
+            c_attn: conv("attn.c_attn")?,
+            c_proj: conv("attn.c_proj")?,
+            ln2: ln(&format!("{p}.ln_2"))?,
+            c_fc: conv("mlp.c_fc")?,
+            mlp_proj: conv("mlp.c_proj")?,
+        });
+    }
+    let ln_f = ln("transformer.ln_f")?;
+    let lm_head = if c.tie_word_embeddings {
+        Lin {
+            idx: wte_idx,
+            w: wte.clone(),
+            b: None,
+            layout: Layout::OutIn,
+        }
+    } else {
+        ld.lin("lm_head", false, Layout::OutIn)?
+    };
+    Ok(Gpt2Net {
+        cfg: c.clone(),
+        wte_idx,
+        wte,
+        wpe_idx,
+        wpe,
+        layers,
+        ln_f,
+        lm_head,
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Forward pass with gradient bookkeeping
+// ---------------------------------------------------------------------------
+
+/// How gradients are collected during a forward pass (see module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum GradMode {
+    /// Tracked weights are leaves; valid per-sample only for batch size 1.
+    Leaf,
+    /// Zero-valued taps on tracked weights' outputs; per-sample for any batch.
+    Tap,
+    /// No gradients (loss only).
+    None,
+}
+
+/// What a tap needs, besides δ, to form the per-sample weight gradient.
+pub(crate) enum TapInput<B: Backend> {
+    /// A projection: its input x [b, t, in] and the weight layout.
+    Linear { x: Tensor<B, 3>, layout: Layout },
+    /// A row lookup (embedding): the looked-up row ids [b, t].
+    Rows { ids: Tensor<B, 2, Int>, rows: usize },
+}
+
+/// A zero-valued leaf added to a tracked weight's output.
+pub(crate) struct Tap<B: AutodiffBackend> {
+    pub(crate) idx: usize,
+    pub(crate) input: TapInput<Inner<B>>,
+    /// Zero leaf of the output's shape; its gradient is δ = dL/d(output).
+    pub(crate) z: Tensor<B, 3>,
+}
+
+/// Per-pass bookkeeping: mode, tracked flags, and the leaves/taps created.
+pub(crate) struct Ctx<'a, B: AutodiffBackend> {
+    mode: GradMode,
+    /// tracked[idx]: whether param `idx` gets gradients.
+    tracked: &'a [bool],
+    /// Leaf mode: (param idx, leaf) pairs, one per param even if used twice (tied).
+    pub(crate) leaves: Vec<(usize, Tensor<B, 2>)>,
+    pub(crate) taps: Vec<Tap<B>>,
+}
+
+impl<'a, B: AutodiffBackend> Ctx<'a, B> {
+    pub(crate) fn new(mode: GradMode, tracked: &'a [bool]) -> Self {
+        Ctx {
+            mode,
+            tracked,
+            leaves: vec![],
+            taps: vec![],
+        }
+    }
+
+    fn weight(&mut self, idx: usize, w: &Tensor<Inner<B>, 2>) -> Tensor<B, 2> {
+        if self.mode == GradMode::Leaf && self.tracked[idx] {
+            if let Some((_, leaf)) = self.leaves.iter().find(|(i, _)| *i == idx) {
+                return leaf.clone();
+            }
+            let leaf = Tensor::<B, 2>::from_inner(w.clone()).require_grad();
+            self.leaves.push((idx, leaf.clone()));
+            leaf
+        } else {
+            Tensor::from_inner(w.clone())
+        }
+    }
+
+    fn tapping(&self, idx: usize) -> bool {
+        self.mode == GradMode::Tap && self.tracked[idx]
+    }
+
+    /// Add a zero leaf to `y` and remember it with the input that produced y.
+    fn tap(&mut self, idx: usize, y: Tensor<B, 3>, input: TapInput<Inner<B>>) -> Tensor<B, 3> {
+        let z = Tensor::<B, 3>::zeros(y.dims(), &y.device()).require_grad();
+        self.taps.push(Tap {
+            idx,
+            input,
+            z: z.clone(),
+        });
+        y + z
+    }
+
+    /// y = x·Wᵀ (+ b) for [out,in] weights, y = x·W (+ b) for Conv1D [in,out].
+    fn linear(&mut self, x: Tensor<B, 3>, lin: &Lin<Inner<B>>) -> Tensor<B, 3> {
+        let [b, t, din] = x.dims();
+        let w = self.weight(lin.idx, &lin.w);
+        let x2 = x.clone().reshape([b * t, din]);
+        let y2 = match lin.layout {
+            Layout::OutIn => x2.matmul(w.transpose()),
+            Layout::InOut => x2.matmul(w),
+        };
+        let dout = y2.dims()[1];
+        let mut y = y2.reshape([b, t, dout]);
+        if let Some(bias) = &lin.b {
+            y = y + Tensor::<B, 1>::from_inner(bias.clone()).reshape([1, 1, dout]);
+        }
+        if self.tapping(lin.idx) {
+            let input = TapInput::Linear {
+                x: x.inner(),
+                layout: lin.layout,
+            };
+            y = self.tap(lin.idx, y, input);
+        }
+        y
+    }
+
+    /// Row lookup out[b, t] = W[ids[b, t]] for an embedding table W [rows, D].
+    fn rows(
+        &mut self,
+        idx: usize,
+        w: &Tensor<Inner<B>, 2>,
+        ids: &Tensor<B, 2, Int>,
+    ) -> Tensor<B, 3> {
+        let [b, t] = ids.dims();
+        let [rows, d] = w.dims();
+        let w = self.weight(idx, w);
+        let y = w.select(0, ids.clone().reshape([b * t])).reshape([b, t, d]);
+        if self.tapping(idx) {
+            let input = TapInput::Rows {
+                ids: ids.clone().inner(),
+                rows,
+            };
+            self.tap(idx, y, input)
+        } else {
+            y
+        }
+    }
+}
+
+fn lift<B: AutodiffBackend, const D: usize>(t: &Tensor<Inner<B>, D>) -> Tensor<B, D> {
+    Tensor::from_inner(t.clone())
+}
+
+fn rms_norm<B: AutodiffBackend>(x: Tensor<B, 3>, n: &Norm<Inner<B>>, eps: f64) -> Tensor<B, 3> {
+    let d = x.dims()[2];
+    let ms = x.clone().square().mean_dim(2); // [b, t, 1]
+    let y = x * (ms + eps).sqrt().recip();
+    y * lift::<B, 1>(&n.w).reshape([1, 1, d])
+}
+
+fn layer_norm<B: AutodiffBackend>(x: Tensor<B, 3>, n: &Norm<Inner<B>>, eps: f64) -> Tensor<B, 3> {
+    let d = x.dims()[2];
+    let mean = x.clone().mean_dim(2);
+    let xc = x - mean;
+    let var = xc.clone().square().mean_dim(2); // biased variance, as torch
+    let y = xc * (var + eps).sqrt().recip();
+    let y = y * lift::<B, 1>(&n.w).reshape([1, 1, d]);
+    match &n.b {
+        Some(b) => y + lift::<B, 1>(b).reshape([1, 1, d]),
+        None => y,
+    }
+}
+
+fn act<B: Backend, const D: usize>(a: Activation, x: Tensor<B, D>) -> Tensor<B, D> {
+    match a {
+        Activation::Silu => activation::silu(x),
+        Activation::Gelu => activation::gelu(x),
+        Activation::GeluTanh => {
+            // 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))); x³ as a product
+            // (powf of a negative base is not safe on every backend).
+            let c = (2.0 / std::f64::consts::PI).sqrt();
+            let x3 = x.clone() * x.clone() * x.clone();
+            let inner = (x.clone() + x3 * 0.044715) * c;
+            x * (inner.tanh() + 1.0) * 0.5
+        }
+        Activation::Relu => activation::relu(x),
+    }
+}
+
+/// Additive attention mask [1, 1, t, t]: 0 where query i may see key j
+/// (j <= i, and i - j < window if a window is set), -1e30 elsewhere. After
+/// softmax the masked probabilities are exactly 0 in f32, so masked keys
+/// (including right padding) receive exactly zero gradient.
+fn attn_mask<B: Backend>(t: usize, window: Option<usize>, device: &B::Device) -> Tensor<B, 4> {
+    let mut m = vec![0f32; t * t];
+    for i in 0..t {
+        for j in 0..t {
+            let visible = j <= i && window.is_none_or(|w| i - j < w);
+            if !visible {
+                m[i * t + j] = -1e30;
+            }
+        }
+    }
+    Tensor::from_data(TensorData::new(m, [1, 1, t, t]), device)
+}
+
+/// Softmax attention over heads: q [b,h,t,d], k and v [b,h,t,d] → [b,t,h·d].
+fn attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    mask: &Tensor<B, 4>,
+    scale: f64,
+) -> Tensor<B, 3> {
+    let [b, h, t, d] = q.dims();
+    let scores = q.matmul(k.swap_dims(2, 3)) * scale + mask.clone();
+    let p = activation::softmax(scores, 3);
+    p.matmul(v).swap_dims(1, 2).reshape([b, t, h * d])
+}
+
+/// [b, t, h·d] → [b, h, t, d].
+fn split_heads<B: Backend>(x: Tensor<B, 3>, h: usize, d: usize) -> Tensor<B, 4> {
+    let [b, t, _] = x.dims();
+    x.reshape([b, t, h, d]).swap_dims(1, 2)
+}
+
+/// HF rotate-half RoPE: out = x·cos + rotate_half(x)·sin, where
+/// rotate_half(x) = [-x2, x1] for x = [x1, x2] split at d/2. cos and sin are
+/// [1, 1, t, d] with the frequency table repeated over both halves.
+fn rope<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 4>, sin: &Tensor<B, 4>) -> Tensor<B, 4> {
+    let d = x.dims()[3];
+    let x1 = x.clone().narrow(3, 0, d / 2);
+    let x2 = x.clone().narrow(3, d / 2, d / 2);
+    let rot = Tensor::cat(vec![x2.neg(), x1], 3);
+    x * cos.clone() + rot * sin.clone()
+}
+
+/// Repeat each of h_kv heads n_rep times: [b, h_kv, t, d] → [b, h_kv·n_rep, t, d]
+/// with query head h reading kv head h / n_rep (HF `repeat_kv`).
+fn repeat_kv<B: Backend>(x: Tensor<B, 4>, n_rep: usize) -> Tensor<B, 4> {
+    if n_rep == 1 {
+        return x;
+    }
+    let [b, hkv, t, d] = x.dims();
+    x.unsqueeze_dim::<5>(2)
+        .repeat_dim(2, n_rep)
+        .reshape([b, hkv * n_rep, t, d])
+}
+
+impl<B: Backend> Model<B> {
+    /// Logits [b, t, V] for input ids [b, t] (positions 0..t).
+    pub(crate) fn forward<A>(
+        &self,
+        ids: Tensor<A, 2, Int>,
+        ctx: &mut Ctx<'_, A>,
+    ) -> Result<Tensor<A, 3>>
+    where
+        A: AutodiffBackend<InnerBackend = B>,
+    {
+        match &self.net {
+            Net::Llama(n) => {
+                let device = ids.device();
+                Ok(llama_forward(n, ids, ctx, &device))
+            }
+            Net::Gpt2(n) => {
+                let t = ids.dims()[1];
+                if t > n.cfg.n_positions {
+                    return Err(Error::InvalidArgument(format!(
+                        "sequence of {t} input positions exceeds gpt2 n_positions = {}",
+                        n.cfg.n_positions
+                    )));
+                }
+                let device = ids.device();
+                Ok(gpt2_forward(n, ids, ctx, &device))
+            }
+        }
+    }
+}
+
+fn llama_forward<A: AutodiffBackend>(
+    n: &LlamaNet<Inner<A>>,
+    ids: Tensor<A, 2, Int>,
+    ctx: &mut Ctx<'_, A>,
+    device: &A::Device,
+) -> Tensor<A, 3> {
+    let c = &n.cfg;
+    let [_, t] = ids.dims();
+    let (h, hkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
+    // cos/sin tables [1,1,t,hd], computed in f64 on the host.
+    let half = hd / 2;
+    let mut cos = vec![0f32; t * hd];
+    let mut sin = vec![0f32; t * hd];
+    for p in 0..t {
+        for (i, f) in n.inv_freq.iter().enumerate() {
+            let ang = (p as f64 / n.pos_scale) * f;
+            let (s, co) = ang.sin_cos();
+            for j in [i, i + half] {
+                cos[p * hd + j] = co as f32;
+                sin[p * hd + j] = s as f32;
+            }
+        }
+    }
+    let cos = Tensor::<A, 4>::from_data(TensorData::new(cos, [1, 1, t, hd]), device);
+    let sin = Tensor::<A, 4>::from_data(TensorData::new(sin, [1, 1, t, hd]), device);
+    let mask = attn_mask::<A>(t, c.sliding_window, device);
+    let scale = 1.0 / (hd as f64).sqrt();
+
+    let mut x = ctx.rows(n.embed_idx, &n.embed, &ids);
+    for l in &n.layers {
+        let xn = rms_norm(x.clone(), &l.ln1, c.rms_norm_eps);
+        let q = split_heads(ctx.linear(xn.clone(), &l.q), h, hd);
+        let k = split_heads(ctx.linear(xn.clone(), &l.k), hkv, hd);
+        let v = split_heads(ctx.linear(xn, &l.v), hkv, hd);
+        let q = rope(q, &cos, &sin);
+        let k = repeat_kv(rope(k, &cos, &sin), h / hkv);
+        let v = repeat_kv(v, h / hkv);
+        let a = attention(q, k, v, &mask, scale);
+        x = x + ctx.linear(a, &l.o);
+        let xn = rms_norm(x.clone(), &l.ln2, c.rms_norm_eps);
+        let g = act(c.act, ctx.linear(xn.clone(), &l.gate));
+        let u = ctx.linear(xn, &l.up);
+        x = x + ctx.linear(g * u, &l.down);
+    }
+    let x = rms_norm(x, &n.norm, c.rms_norm_eps);
+    ctx.linear(x, &n.lm_head)
+}
+
+fn gpt2_forward<A: AutodiffBackend>(
+    n: &Gpt2Net<Inner<A>>,
+    ids: Tensor<A, 2, Int>,
+    ctx: &mut Ctx<'_, A>,
+    device: &A::Device,
+) -> Tensor<A, 3> {
+    let c = &n.cfg;
+    let [b, t] = ids.dims();
+    let (h, d) = (c.n_head, c.n_embd);
+    let hd = d / h;
+    let pos: Tensor<A, 2, Int> = Tensor::<A, 1, Int>::arange(0..t as i64, device)
+        .reshape([1, t])
+        .repeat_dim(0, b);
+    let mask = attn_mask::<A>(t, None, device);
+    let mut x = ctx.rows(n.wte_idx, &n.wte, &ids) + ctx.rows(n.wpe_idx, &n.wpe, &pos);
+    for (li, l) in n.layers.iter().enumerate() {
+        let xn = layer_norm(x.clone(), &l.ln1, c.layer_norm_epsilon);
+        let qkv = ctx.linear(xn, &l.c_attn); // [b, t, 3D]: q | k | v
+        let q = split_heads(qkv.clone().narrow(2, 0, d), h, hd);
+        let k = split_heads(qkv.clone().narrow(2, d, d), h, hd);
+        let v = split_heads(qkv.narrow(2, 2 * d, d), h, hd);
+        let mut scale = 1.0;
+        if c.scale_attn_weights {
+            scale /= (hd as f64).sqrt();
+        }
+        if c.scale_attn_by_inverse_layer_idx {
+            scale /= (li + 1) as f64;
+        }
+        let a = attention(q, k, v, &mask, scale);
+        x = x + ctx.linear(a, &l.c_proj);
+        let xn = layer_norm(x.clone(), &l.ln2, c.layer_norm_epsilon);
+        let m = act(c.act, ctx.linear(xn, &l.c_fc));
+        x = x + ctx.linear(m, &l.mlp_proj);
+    }
+    let x = layer_norm(x, &n.ln_f, c.layer_norm_epsilon);
+    ctx.linear(x, &n.lm_head)
+}
