@@ -1,1 +1,49 @@
-//! placeholder
+//! The gradshard byte format (see `docs/format.md`): frames, shard headers and
+//! footers, sample tables and commit-log records. Bytes only: no files, no
+//! threads, no model knowledge. Every length read from bytes is untrusted and
+//! checked against a named limit.
+
+mod error;
+mod frame;
+mod log;
+mod shard;
+mod shuffle;
+
+pub use error::{Error, Result};
+pub use frame::{
+    decode_frame, encode_frame, parse_frame_header, Codec, Encoder, FrameHeader, FRAME_HEADER_LEN,
+    MAX_FRAME_BYTES,
+};
+pub use log::{
+    decode_log, encode_log_record, LogRecord, LogScan, LOG_HEADER, LOG_HEADER_LEN, MAX_RECORD_BODY,
+};
+pub use shard::{
+    encode_footer, encode_sample_table, parse_footer, ShardHeader, TableEntry, TableView,
+    FOOTER_ENTRY_LEN, MAX_FRAMES_PER_SAMPLE, SHARD_HEADER_LEN, SHARD_MAGIC, TABLE_ENTRY_LEN,
+    TRAILER_LEN,
+};
+pub use shuffle::{shuffle, unshuffle};
+
+/// Format version written by this crate. Readers accept versions in
+/// `OLDEST_READABLE..=FORMAT_VERSION`.
+pub const FORMAT_VERSION: u16 = 1;
+pub const OLDEST_READABLE: u16 = 1;
+
+/// XXH3-64 with seed 0 over the concatenation of `parts`.
+pub fn checksum(parts: &[&[u8]]) -> u64 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    for p in parts {
+        h.update(p);
+    }
+    h.digest()
+}
+
+pub(crate) fn u16_at(b: &[u8], off: usize) -> u16 {
+    u16::from_le_bytes([b[off], b[off + 1]])
+}
+pub(crate) fn u32_at(b: &[u8], off: usize) -> u32 {
+    u32::from_le_bytes(b[off..off + 4].try_into().expect("4 bytes"))
+}
+pub(crate) fn u64_at(b: &[u8], off: usize) -> u64 {
+    u64::from_le_bytes(b[off..off + 8].try_into().expect("8 bytes"))
+}
