@@ -1,1 +1,46 @@
-//! placeholder
+//! A gradshard store: a directory of checksummed, compressed shard files with a
+//! commit log and a manifest (docs/format.md). Writers stream per-sample
+//! gradients in through a bounded pipeline; readers map shards and fetch exactly
+//! the frames a question needs.
+
+mod error;
+pub mod fsutil;
+pub mod ingest;
+mod manifest;
+mod reader;
+pub mod synth;
+mod verify;
+mod writer;
+
+use std::path::{Path, PathBuf};
+
+pub use error::{Error, Result};
+pub use manifest::{CodecName, CodecSpec, Manifest, StoreSpec, MANIFEST_FILE};
+pub use reader::{IoStats, Store};
+pub use verify::{verify, VerifyReport};
+pub use writer::{LiveCounters, SampleHandle, SampleMeta, StoreWriter, WriteReport, WriterOptions};
+
+pub(crate) fn shards_dir(dir: &Path) -> PathBuf {
+    dir.join("shards")
+}
+
+pub(crate) fn log_path(dir: &Path) -> PathBuf {
+    dir.join("samples.log")
+}
+
+pub(crate) fn lock_path(dir: &Path) -> PathBuf {
+    dir.join("LOCK")
+}
+
+/// Path of shard `no`: `shards/shard-000042.gss`.
+pub fn shard_path(dir: &Path, no: u32) -> PathBuf {
+    shards_dir(dir).join(format!("shard-{no:06}.gss"))
+}
+
+pub(crate) fn parse_shard_name(name: &str) -> Option<u32> {
+    let digits = name.strip_prefix("shard-")?.strip_suffix(".gss")?;
+    if digits.len() < 6 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}

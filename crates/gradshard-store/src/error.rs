@@ -1,0 +1,96 @@
+use std::path::PathBuf;
+
+use gradshard_core::{SampleId, TaskName};
+
+/// Store errors. Each names the file and, where it applies, the task, sample,
+/// tensor or slice at fault.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Format {
+        path: PathBuf,
+        #[source]
+        source: gradshard_format::Error,
+    },
+    #[error(transparent)]
+    Core(#[from] gradshard_core::Error),
+    #[error(transparent)]
+    Index(#[from] gradshard_index::Error),
+    #[error("{path}: invalid manifest: {detail}")]
+    Manifest { path: PathBuf, detail: String },
+    #[error(
+        "{path}: store was written by format version {found}; this build reads {oldest}..={newest}"
+    )]
+    UnsupportedVersion {
+        path: PathBuf,
+        found: u16,
+        oldest: u16,
+        newest: u16,
+    },
+    #[error("store {store} is locked by another writer ({holder}); wait for it or remove {lock} if that process is gone")]
+    Locked {
+        store: PathBuf,
+        lock: PathBuf,
+        holder: String,
+    },
+    #[error("store {store} does not match the input: {field} is {store_value} in the store but {input_value} in the input")]
+    Mismatch {
+        store: PathBuf,
+        field: String,
+        store_value: String,
+        input_value: String,
+    },
+    #[error("task `{task}` sample {id}: {what}: {detail}")]
+    Sample {
+        task: TaskName,
+        id: SampleId,
+        what: String,
+        detail: String,
+    },
+    #[error("{path}: task `{task}` sample {id} {slice}: {source}")]
+    Corrupt {
+        path: PathBuf,
+        task: TaskName,
+        id: SampleId,
+        slice: String,
+        #[source]
+        source: gradshard_format::Error,
+    },
+    #[error("{path}: {what}")]
+    Input { path: PathBuf, what: String },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("the writer pipeline stopped: {0}")]
+    Pipeline(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+pub(crate) trait IoContext<T> {
+    fn at(self, path: &std::path::Path) -> Result<T>;
+}
+
+impl<T> IoContext<T> for std::io::Result<T> {
+    fn at(self, path: &std::path::Path) -> Result<T> {
+        self.map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+}
+
+impl<T> IoContext<T> for gradshard_format::Result<T> {
+    fn at(self, path: &std::path::Path) -> Result<T> {
+        self.map_err(|source| Error::Format {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+}

@@ -1,0 +1,262 @@
+//! `verify`: every checksum, every index entry, every shard header and footer.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use gradshard_format::{
+    decode_frame, decode_log, parse_footer, LogRecord, ShardHeader, TableView, SHARD_HEADER_LEN,
+    TRAILER_LEN,
+};
+use rayon::prelude::*;
+
+use crate::error::{IoContext, Result};
+use crate::manifest::Manifest;
+use crate::{log_path, parse_shard_name, shard_path, shards_dir};
+
+/// What `verify` found. `problems` non-empty means the store is damaged.
+#[derive(Debug, Default, Clone)]
+pub struct VerifyReport {
+    pub samples: u64,
+    pub frames: u64,
+    pub frame_bytes: u64,
+    pub shards: u64,
+    /// Bytes inside shards that no committed sample references (uncommitted work of a crashed writer).
+    pub unreferenced_bytes: u64,
+    pub problems: Vec<String>,
+    pub warnings: Vec<String>,
+}
+
+impl VerifyReport {
+    pub fn ok(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// Checks the whole store. Returns `Err` only when the store cannot be read at all
+/// (no manifest); damage is listed in the report. `progress(done, total)` counts samples.
+pub fn verify(dir: &Path, progress: &(dyn Fn(u64, u64) + Sync)) -> Result<VerifyReport> {
+    let manifest = Manifest::load(dir)?;
+    let order = manifest.spec.frame_order();
+    let n_frames = order.n_frames();
+    let dtype = manifest.spec.dtype;
+    let store_id = manifest.store_id_bytes()?;
+    let mut rep = VerifyReport::default();
+
+    let lp = log_path(dir);
+    let log = std::fs::read(&lp).at(&lp)?;
+    let records = match decode_log(&log) {
+        Ok(s) => {
+            if s.torn_tail > 0 {
+                rep.warnings.push(format!(
+                    "{}: torn last record ({} bytes) from an interrupted write; the next writer removes it",
+                    lp.display(),
+                    s.torn_tail
+                ));
+            }
+            s.records
+        }
+        Err(e) => {
+            rep.problems.push(format!("{}: {e}", lp.display()));
+            return Ok(rep);
+        }
+    };
+    rep.samples = records.len() as u64;
+
+    let mut seen: HashMap<(String, String), u64> = HashMap::new();
+    for r in &records {
+        let key = (r.task.to_string(), format!("{:?}", r.id));
+        if let Some(first) = seen.insert(key, r.seq) {
+            rep.problems.push(format!(
+                "task `{}` sample {} committed twice (seq {first} and {})",
+                r.task, r.id, r.seq
+            ));
+        }
+    }
+
+    // Shard files: header, name, footer.
+    let sd = shards_dir(dir);
+    let mut files: BTreeMap<u32, Vec<u8>> = BTreeMap::new();
+    for e in std::fs::read_dir(&sd).at(&sd)? {
+        let e = e.at(&sd)?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        match parse_shard_name(&name) {
+            Some(no) => {
+                let p = e.path();
+                files.insert(no, std::fs::read(&p).at(&p)?);
+            }
+            None => rep
+                .warnings
+                .push(format!("{}: not a shard file, ignored", e.path().display())),
+        }
+    }
+    rep.shards = files.len() as u64;
+    let mut by_shard: HashMap<u32, Vec<&LogRecord>> = HashMap::new();
+    for r in &records {
+        by_shard.entry(r.shard).or_default().push(r);
+    }
+    let mut bad_shards = HashSet::new();
+    let mut footer_len: HashMap<u32, u64> = HashMap::new();
+    for (no, data) in &files {
+        let p = shard_path(dir, *no);
+        match ShardHeader::parse(data) {
+            Ok(h) if h.shard_no != *no => {
+                rep.problems
+                    .push(format!("{}: header says shard {}", p.display(), h.shard_no))
+            }
+            Ok(h) if h.store_id != store_id => rep.problems.push(format!(
+                "{}: belongs to another store (store id differs)",
+                p.display()
+            )),
+            Ok(_) => {}
+            Err(e) => {
+                rep.problems.push(format!("{}: {e}", p.display()));
+                bad_shards.insert(*no);
+                continue;
+            }
+        }
+        let mut logged: Vec<(u64, u32)> = by_shard
+            .get(no)
+            .map(|v| v.iter().map(|r| (r.table_offset, r.table_len)).collect())
+            .unwrap_or_default();
+        logged.sort_unstable();
+        match parse_footer(data) {
+            Ok(Some((off, mut tables))) => {
+                footer_len.insert(*no, data.len() as u64 - off);
+                tables.sort_unstable();
+                if tables != logged {
+                    rep.problems.push(format!(
+                        "{}: footer lists {} sample tables, the log {} (they differ)",
+                        p.display(),
+                        tables.len(),
+                        logged.len()
+                    ));
+                }
+            }
+            Ok(None) => rep.warnings.push(format!(
+                "{}: not sealed (a writer is running or crashed; the next writer seals it)",
+                p.display()
+            )),
+            Err(e) => rep.problems.push(format!("{}: {e}", p.display())),
+        }
+    }
+
+    // Every sample: table, entries, frames.
+    let frames = AtomicU64::new(0);
+    let bytes = AtomicU64::new(0);
+    let done = AtomicU64::new(0);
+    let total = records.len() as u64;
+    let per_sample: Vec<(Vec<String>, Vec<(u32, u64, u64)>)> = records
+        .par_iter()
+        .map(|r| {
+            let mut probs = Vec::new();
+            let mut ranges = Vec::new();
+            let who = format!("task `{}` sample {}", r.task, r.id);
+            let Some(data) = files.get(&r.shard) else {
+                probs.push(format!("{who}: shard {} is missing", shard_path(dir, r.shard).display()));
+                return (probs, ranges);
+            };
+            if bad_shards.contains(&r.shard) {
+                probs.push(format!("{who}: in damaged shard {}", shard_path(dir, r.shard).display()));
+                return (probs, ranges);
+            }
+            let p = shard_path(dir, r.shard);
+            let end = r.table_offset.saturating_add(r.table_len as u64);
+            if end > data.len() as u64 || r.table_offset < SHARD_HEADER_LEN as u64 {
+                probs.push(format!(
+                    "{}: {who}: index entry past end of file (sample table {}..{end}, file {} bytes)",
+                    p.display(),
+                    r.table_offset,
+                    data.len()
+                ));
+                return (probs, ranges);
+            }
+            let view = match TableView::parse(&data[r.table_offset as usize..end as usize]) {
+                Ok(v) => v,
+                Err(e) => {
+                    probs.push(format!("{}: {who}: sample table: {e}", p.display()));
+                    return (probs, ranges);
+                }
+            };
+            if view.n_frames as usize != n_frames || view.seq != r.seq {
+                probs.push(format!(
+                    "{}: {who}: sample table has {} frames and seq {}, expected {n_frames} and {}",
+                    p.display(),
+                    view.n_frames,
+                    view.seq,
+                    r.seq
+                ));
+                return (probs, ranges);
+            }
+            ranges.push((r.shard, r.table_offset, end));
+            let mut scratch = Vec::new();
+            for (f, e) in view.entries().enumerate() {
+                let fend = e.offset.saturating_add(e.frame_len as u64);
+                let slice = order.describe(f);
+                if fend > data.len() as u64 || e.offset < SHARD_HEADER_LEN as u64 {
+                    probs.push(format!(
+                        "{}: {who} {slice}: index entry past end of file (frame {}..{fend}, file {} bytes)",
+                        p.display(),
+                        e.offset,
+                        data.len()
+                    ));
+                    continue;
+                }
+                ranges.push((r.shard, e.offset, fend));
+                match decode_frame(&data[e.offset as usize..fend as usize], Some(e.checksum), &mut scratch) {
+                    Ok(h) => {
+                        let want = order.frame_numel(f).unwrap_or(0) * dtype.size();
+                        if h.raw_len as usize != want || h.dtype != dtype || h.raw_len != e.raw_len {
+                            probs.push(format!(
+                                "{}: {who} {slice}: {} bytes of {}, expected {want} of {dtype}",
+                                p.display(),
+                                h.raw_len,
+                                h.dtype
+                            ));
+                        }
+                        frames.fetch_add(1, Ordering::Relaxed);
+                        bytes.fetch_add(e.frame_len as u64, Ordering::Relaxed);
+                    }
+                    Err(err) => probs.push(format!("{}: {who} {slice} at offset {}: {err}", p.display(), e.offset)),
+                }
+            }
+            progress(done.fetch_add(1, Ordering::Relaxed) + 1, total);
+            (probs, ranges)
+        })
+        .collect();
+    let mut ranges: Vec<(u32, u64, u64)> = Vec::new();
+    for (p, r) in per_sample {
+        rep.problems.extend(p);
+        ranges.extend(r);
+    }
+    rep.frames = frames.into_inner();
+    rep.frame_bytes = bytes.into_inner();
+
+    // Overlaps between referenced ranges, and unreferenced bytes.
+    ranges.sort_unstable();
+    let mut referenced: HashMap<u32, u64> = HashMap::new();
+    for w in ranges.windows(2) {
+        let (a, b) = (w[0], w[1]);
+        if a.0 == b.0 && b.1 < a.2 {
+            rep.problems.push(format!(
+                "{}: byte ranges {}..{} and {}..{} overlap",
+                shard_path(dir, a.0).display(),
+                a.1,
+                a.2,
+                b.1,
+                b.2
+            ));
+        }
+    }
+    for (s, a, b) in &ranges {
+        *referenced.entry(*s).or_default() += b - a;
+    }
+    for (no, data) in &files {
+        let used = SHARD_HEADER_LEN as u64
+            + referenced.get(no).copied().unwrap_or(0)
+            + footer_len.get(no).copied().unwrap_or(0);
+        rep.unreferenced_bytes += (data.len() as u64).saturating_sub(used);
+    }
+    let _ = TRAILER_LEN;
+    Ok(rep)
+}
