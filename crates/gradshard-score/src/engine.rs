@@ -1,0 +1,875 @@
+//! The tile engine: one pass over the needed slices, slice-major.
+//!
+//! For each slice S = (layer, block, stored head) the engine reads the tile of
+//! every needed sample of task A and of task B (one `read_tile` call per task),
+//! forms the task Fishers from those same tiles, the denominator, X and Y, and
+//! accumulates `M = X·Yᵀ` on the [`Backend`]. From M it takes the heatmap cell
+//! (mean over pairs), its bootstrap interval, the streaming top-k, and the full
+//! matrix when asked. Phases 2-4 (group Fisher, masks, overlap, cosine) use the
+//! Fisher vectors of the same pass.
+//!
+//! Memory: a tile of both tasks takes `(rows_A + rows_B) · |S| · 4` bytes. When
+//! that exceeds `memory_budget` the slice is split into column chunks: I, X and
+//! Y are columnwise, M accumulates over chunks. Each chunk is a separate
+//! `read_tile` call (the source decompresses the frame again per chunk, and
+//! `ReadStats::frame_rereads` counts it). `lam_rel > 0` needs the lower median
+//! of I over the *whole* slice before any X can be formed, so a chunked slice
+//! with `lam_rel > 0` first reads all chunks to complete I (a Fisher-only pass)
+//! and then reads them again to score: exact, at twice the reads of that slice.
+//! A slice that fits the budget (the normal case) is read exactly once.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+
+use gradshard_core::{Block, Geometry, SampleId, TaskName};
+
+use crate::backend::{Backend, CpuBackend, Role};
+use crate::error::{Error, Result};
+use crate::fisher::{self, PhaseAcc};
+use crate::options::{Aggregate, FisherPool, ScoreOptions};
+use crate::result::{Cell, PairMatrix, ReadStats, ScoreResult, SliceDiagnostics, TopPair};
+use crate::source::TileSource;
+use crate::stats;
+
+/// Progress events of a run.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum ScoreProgress {
+    /// The plan: slices to score, bytes per slice tile (both tasks), column chunks per slice.
+    Plan {
+        slices: usize,
+        tile_bytes: usize,
+        chunks_per_slice: usize,
+    },
+    /// One slice finished.
+    Slice {
+        done: usize,
+        total: usize,
+        block: Block,
+        layer: usize,
+        head: usize,
+    },
+    /// Statistics after the pass (`"permutation"`, `"mlp_fisher"`).
+    Stage(&'static str),
+    /// Something the user should know that is not an error (e.g. few samples).
+    Warning(String),
+}
+
+/// Scores `opts.task_a` against `opts.task_b` on the CPU backend.
+pub fn score(
+    source: &dyn TileSource,
+    opts: &ScoreOptions,
+    progress: &mut dyn FnMut(ScoreProgress),
+) -> Result<ScoreResult> {
+    score_with_backend(source, opts, &CpuBackend::default(), progress)
+}
+
+/// One task's part of the plan.
+struct TaskPlan {
+    name: TaskName,
+    all: Vec<(SampleId, u32)>,
+    /// Stored indices read for every slice (ascending).
+    rows: Vec<usize>,
+    /// 1/T of `rows`.
+    rows_inv_t: Vec<f64>,
+    /// Positions within `rows` of the scored samples (ascending).
+    sel_pos: Vec<usize>,
+    /// 1/T of the scored samples.
+    sel_inv_t: Vec<f64>,
+}
+
+impl TaskPlan {
+    fn new(
+        source: &dyn TileSource,
+        name: &TaskName,
+        subset: Option<&Vec<SampleId>>,
+        need_fisher: bool,
+    ) -> Result<TaskPlan> {
+        let all = source.samples(name)?;
+        if all.is_empty() {
+            return Err(Error::EmptyTask {
+                task: name.to_string(),
+            });
+        }
+        for (id, t) in &all {
+            if *t == 0 {
+                return Err(Error::ZeroTokens {
+                    task: name.to_string(),
+                    id: id.clone(),
+                });
+            }
+        }
+        let selected: Vec<usize> = match subset {
+            None => (0..all.len()).collect(),
+            Some(ids) => {
+                let index: HashMap<&SampleId, usize> =
+                    all.iter().enumerate().map(|(i, (id, _))| (id, i)).collect();
+                let mut set = BTreeSet::new();
+                for id in ids {
+                    let i = index.get(id).ok_or_else(|| Error::UnknownSample {
+                        task: name.to_string(),
+                        id: id.clone(),
+                    })?;
+                    set.insert(*i);
+                }
+                if set.is_empty() {
+                    return Err(Error::EmptyTask {
+                        task: name.to_string(),
+                    });
+                }
+                set.into_iter().collect()
+            }
+        };
+        let rows: Vec<usize> = if need_fisher {
+            (0..all.len()).collect()
+        } else {
+            selected.clone()
+        };
+        let pos: HashMap<usize, usize> = rows.iter().enumerate().map(|(p, r)| (*r, p)).collect();
+        let sel_pos: Vec<usize> = selected.iter().map(|s| pos[s]).collect();
+        let inv = |i: usize| 1.0 / all[i].1 as f64;
+        Ok(TaskPlan {
+            name: name.clone(),
+            rows_inv_t: rows.iter().map(|&r| inv(r)).collect(),
+            sel_inv_t: selected.iter().map(|&r| inv(r)).collect(),
+            rows,
+            sel_pos,
+            all,
+        })
+    }
+
+    fn scored(&self) -> Vec<(SampleId, u32)> {
+        self.sel_pos
+            .iter()
+            .map(|&p| self.all[self.rows[p]].clone())
+            .collect()
+    }
+
+    fn stored_index_of_selected(&self, q: usize) -> usize {
+        self.rows[self.sel_pos[q]]
+    }
+}
+
+/// X_i and Y_j rows of one pair over the whole slice (shared between pairs).
+type RowPair = (Arc<[f32]>, Arc<[f32]>);
+/// Rows by scored-sample position.
+type RowMap = HashMap<usize, Arc<[f32]>>;
+
+/// A top-pair candidate with the X/Y rows kept for its permutation test.
+struct Entry {
+    score: f64,
+    i: usize,
+    j: usize,
+    layer: usize,
+    head: usize,
+    rows: Option<RowPair>,
+}
+
+impl Entry {
+    /// Total order: better = larger score, then smaller (i, j, layer, head).
+    fn better_than(&self, o: &Entry) -> bool {
+        match self.score.total_cmp(&o.score) {
+            std::cmp::Ordering::Greater => true,
+            std::cmp::Ordering::Less => false,
+            std::cmp::Ordering::Equal => {
+                (self.i, self.j, self.layer, self.head) < (o.i, o.j, o.layer, o.head)
+            }
+        }
+    }
+}
+
+/// Streaming top-k of one block, best first.
+struct TopK {
+    k: usize,
+    entries: Vec<Entry>,
+}
+
+impl TopK {
+    fn admits(&self, e: &Entry) -> bool {
+        self.k > 0 && (self.entries.len() < self.k || e.better_than(self.entries.last().unwrap()))
+    }
+    /// Inserts; returns whether it was kept.
+    fn push(&mut self, e: Entry) -> bool {
+        if !self.admits(&e) {
+            return false;
+        }
+        let pos = self.entries.partition_point(|x| x.better_than(&e));
+        self.entries.insert(pos, e);
+        self.entries.truncate(self.k);
+        true
+    }
+}
+
+struct Slice {
+    block: Block,
+    layer: usize,
+    head: usize,
+}
+
+/// Scores with an explicit backend.
+pub fn score_with_backend(
+    source: &dyn TileSource,
+    opts: &ScoreOptions,
+    backend: &dyn Backend,
+    progress: &mut dyn FnMut(ScoreProgress),
+) -> Result<ScoreResult> {
+    opts.validate()?;
+    let g: Geometry = source.geometry().clone();
+    if let Some(expected) = &opts.expected_geometry {
+        if *expected != g {
+            return Err(Error::GeometryMismatch {
+                what: "source geometry vs expected".into(),
+                expected: format!("{expected:?}"),
+                found: format!("{g:?}"),
+            });
+        }
+    }
+    let s_len = g.slice_numel();
+    if s_len == 0 {
+        return Err(Error::GeometryMismatch {
+            what: "slice size".into(),
+            expected: "> 0".into(),
+            found: "0".into(),
+        });
+    }
+
+    // Which layers / heads / blocks.
+    let layers: Vec<usize> = match &opts.layers {
+        None => (0..g.layers).collect(),
+        Some(ls) => {
+            let set: BTreeSet<usize> = ls.iter().copied().collect();
+            if let Some(&bad) = set.iter().find(|&&l| l >= g.layers) {
+                return Err(Error::InvalidOption {
+                    name: "layers",
+                    why: format!("layer {bad} does not exist (the model has {})", g.layers),
+                });
+            }
+            set.into_iter().collect()
+        }
+    };
+    if let Some(hs) = &opts.heads {
+        if let Some(&bad) = hs.iter().find(|&&h| h >= g.heads) {
+            return Err(Error::InvalidOption {
+                name: "heads",
+                why: format!(
+                    "query head {bad} does not exist (the model has {})",
+                    g.heads
+                ),
+            });
+        }
+    }
+    for &(l, h) in &opts.pairs_for {
+        if l >= g.layers || h >= g.heads {
+            return Err(Error::InvalidOption {
+                name: "pairs_for",
+                why: format!("(layer {l}, head {h}) is outside the model"),
+            });
+        }
+    }
+    let q_selected = |h: usize| opts.heads.as_ref().is_none_or(|hs| hs.contains(&h));
+    let blocks: BTreeSet<Block> = opts.blocks.iter().copied().collect();
+    for &b in &blocks {
+        if !source.has_block(b) {
+            return Err(Error::MissingBlock { block: b });
+        }
+    }
+    let mut slices = Vec::new();
+    for &block in &blocks {
+        for &layer in &layers {
+            for head in 0..g.heads_of(block) {
+                let wanted = if block.is_kv() {
+                    (0..g.heads).any(|h| g.kv_head_of(h) == head && q_selected(h))
+                } else {
+                    q_selected(head)
+                };
+                if wanted {
+                    slices.push(Slice { block, layer, head });
+                }
+            }
+        }
+    }
+    if slices.is_empty() {
+        return Err(Error::InvalidOption {
+            name: "heads",
+            why: "the selection contains no slice".into(),
+        });
+    }
+    let gr = &g;
+    let pairs_for: HashSet<(Block, usize, usize)> = blocks
+        .iter()
+        .flat_map(|&b| {
+            opts.pairs_for
+                .iter()
+                .map(move |&(l, h)| (b, l, if b.is_kv() { gr.kv_head_of(h) } else { h }))
+        })
+        .collect();
+
+    // Samples.
+    let need_fa = opts.group_fisher || opts.fisher_pool != FisherPool::B;
+    let need_fb = opts.group_fisher || opts.fisher_pool != FisherPool::A;
+    let pa = TaskPlan::new(source, &opts.task_a, opts.samples_a.as_ref(), need_fa)?;
+    let pb = TaskPlan::new(source, &opts.task_b, opts.samples_b.as_ref(), need_fb)?;
+    let (na, nb) = (pa.sel_pos.len(), pb.sel_pos.len());
+    let mut warnings = Vec::new();
+    for (p, n) in [(&pa, na), (&pb, nb)] {
+        if n < opts.min_samples {
+            let w = format!(
+                "task `{}`: only {n} samples scored (minimum {}); statistics are unreliable",
+                p.name, opts.min_samples
+            );
+            progress(ScoreProgress::Warning(w.clone()));
+            warnings.push(w);
+        }
+    }
+
+    // Memory plan: bytes per flattened column of the slice tile (both tasks, f32),
+    // plus the f64 Fisher/denominator vectors kept for the whole slice (4 × 8 bytes).
+    let per_col = (pa.rows.len() + pb.rows.len()) * 4;
+    let fixed = s_len * 8 * 4;
+    let avail = opts.memory_budget.saturating_sub(fixed);
+    let width = (avail / per_col).min(s_len);
+    if width == 0 {
+        return Err(Error::BudgetTooSmall {
+            budget: opts.memory_budget,
+            needed: fixed + per_col,
+        });
+    }
+    let nchunks = s_len.div_ceil(width);
+    progress(ScoreProgress::Plan {
+        slices: slices.len(),
+        tile_bytes: per_col * s_len,
+        chunks_per_slice: nchunks,
+    });
+
+    let mut eng = Engine {
+        source,
+        opts,
+        backend,
+        s_len,
+        width,
+        nchunks,
+        pa,
+        pb,
+        buf_a: Vec::new(),
+        buf_b: Vec::new(),
+        reads: ReadStats::default(),
+        tops: blocks
+            .iter()
+            .map(|&b| {
+                (
+                    b,
+                    TopK {
+                        k: opts.top_k,
+                        entries: Vec::new(),
+                    },
+                )
+            })
+            .collect(),
+        cells: Vec::new(),
+        diagnostics: Vec::new(),
+        pairs: Vec::new(),
+        pairs_for,
+        phase: PhaseAcc::new(&opts.sparsities),
+    };
+    let total = slices.len();
+    for (done, s) in slices.iter().enumerate() {
+        eng.slice(s)?;
+        progress(ScoreProgress::Slice {
+            done: done + 1,
+            total,
+            block: s.block,
+            layer: s.layer,
+            head: s.head,
+        });
+    }
+
+    // Permutation p-values of each block's top pairs, then BH over all of them.
+    progress(ScoreProgress::Stage("permutation"));
+    let mut top = Vec::new();
+    let mut p_all = Vec::new();
+    for (block, tk) in &eng.tops {
+        let mut ps = vec![None; tk.entries.len()];
+        if opts.n_perm > 0 && !tk.entries.is_empty() {
+            let rows: Vec<stats::PairRows<'_>> = tk
+                .entries
+                .iter()
+                .map(|e| {
+                    let (x, y) = e.rows.as_ref().expect("rows are kept when n_perm > 0");
+                    stats::PairRows { x, y }
+                })
+                .collect();
+            let p = stats::permutation_p_values(
+                &rows,
+                opts.variant,
+                opts.n_perm,
+                opts.seed,
+                &[stats::PURPOSE_PERM, block.index() as u64],
+            );
+            ps = p.into_iter().map(Some).collect();
+        }
+        for (rank, (e, p)) in tk.entries.iter().zip(ps).enumerate() {
+            if let Some(p) = p {
+                p_all.push(p);
+            }
+            top.push(TopPair {
+                block: *block,
+                rank: rank + 1,
+                layer: e.layer,
+                head: e.head,
+                sample_a: eng.pa.all[eng.pa.stored_index_of_selected(e.i)].0.clone(),
+                sample_b: eng.pb.all[eng.pb.stored_index_of_selected(e.j)].0.clone(),
+                index_a: eng.pa.stored_index_of_selected(e.i),
+                index_b: eng.pb.stored_index_of_selected(e.j),
+                score: e.score,
+                p_value: p,
+                q_value: None,
+            });
+        }
+    }
+    let q_all = stats::bh_q_values(&p_all);
+    let mut qi = q_all.into_iter();
+    for t in &mut top {
+        if t.p_value.is_some() {
+            t.q_value = qi.next();
+        }
+    }
+
+    let (mut group_fisher, masks, overlap) = if opts.group_fisher {
+        eng.phase.finish(&eng.pa.name, &eng.pb.name)
+    } else {
+        (Vec::new(), Vec::new(), Vec::new())
+    };
+    if opts.mlp_fisher {
+        progress(ScoreProgress::Stage("mlp_fisher"));
+        for t in [&opts.task_a, &opts.task_b] {
+            let (rows, reads) = fisher::mlp_channel_fisher(source, t)?;
+            eng.reads.other_reads += reads;
+            group_fisher.extend(rows);
+        }
+    }
+
+    Ok(ScoreResult {
+        options: opts.clone(),
+        geometry: g,
+        backend: backend.name().to_string(),
+        samples_a: eng.pa.scored(),
+        samples_b: eng.pb.scored(),
+        stored_a: eng.pa.all.len(),
+        stored_b: eng.pb.all.len(),
+        cells: eng.cells,
+        top,
+        diagnostics: eng.diagnostics,
+        pairs: eng.pairs,
+        group_fisher,
+        masks,
+        overlap,
+        warnings,
+        reads: eng.reads,
+    })
+}
+
+struct Engine<'a> {
+    source: &'a dyn TileSource,
+    opts: &'a ScoreOptions,
+    backend: &'a dyn Backend,
+    s_len: usize,
+    width: usize,
+    nchunks: usize,
+    pa: TaskPlan,
+    pb: TaskPlan,
+    buf_a: Vec<f32>,
+    buf_b: Vec<f32>,
+    reads: ReadStats,
+    tops: Vec<(Block, TopK)>,
+    cells: Vec<Cell>,
+    diagnostics: Vec<SliceDiagnostics>,
+    pairs: Vec<PairMatrix>,
+    pairs_for: HashSet<(Block, usize, usize)>,
+    phase: PhaseAcc,
+}
+
+impl Engine<'_> {
+    /// Reads columns `c0..c1` of the slice for both tasks into the buffers and
+    /// completes those columns of the Fisher vectors (checking every value is finite).
+    fn load_chunk(
+        &mut self,
+        s: &Slice,
+        c0: usize,
+        c1: usize,
+        reread: bool,
+        fa: &mut [f64],
+        fb: &mut [f64],
+    ) -> Result<()> {
+        let w = c1 - c0;
+        for (plan, buf, f) in [
+            (&self.pa, &mut self.buf_a, &mut fa[c0..c1]),
+            (&self.pb, &mut self.buf_b, &mut fb[c0..c1]),
+        ] {
+            buf.resize(plan.rows.len() * w, 0.0);
+            self.source.read_tile(
+                &plan.name,
+                &plan.rows,
+                s.layer,
+                s.block,
+                s.head,
+                c0..c1,
+                buf,
+            )?;
+            self.reads.tile_reads += 1;
+            self.reads.frame_reads += plan.rows.len() as u64;
+            if reread {
+                self.reads.frame_rereads += plan.rows.len() as u64;
+            }
+            if let Some((r, k)) = self.backend.column_fisher(buf, &plan.rows_inv_t, w, f)? {
+                return Err(Error::NonFinite {
+                    task: plan.name.to_string(),
+                    id: plan.all[plan.rows[r]].0.clone(),
+                    layer: s.layer,
+                    block: s.block,
+                    head: s.head,
+                    element: c0 + k,
+                    value: buf[r * w + k],
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn pool_value(&self, fa: &[f64], fb: &[f64], k: usize) -> f64 {
+        match self.opts.fisher_pool {
+            FisherPool::A => fa[k],
+            FisherPool::B => fb[k],
+            FisherPool::Pooled => 0.5 * (fa[k] + fb[k]),
+        }
+    }
+
+    fn slice(&mut self, s: &Slice) -> Result<()> {
+        let (s_len, width, nchunks) = (self.s_len, self.width, self.nchunks);
+        let opts = self.opts;
+        let (na, nb) = (self.pa.sel_pos.len(), self.pb.sel_pos.len());
+        let mut fa = vec![0f64; s_len];
+        let mut fb = vec![0f64; s_len];
+        let mut den = vec![0f64; s_len];
+        let mut m = vec![0f64; na * nb];
+        let chunk = |c: usize| (c * width, ((c + 1) * width).min(s_len));
+
+        // lam* needs the median of the pool Fisher over the whole slice.
+        let needs_median = opts.lam_rel > 0.0;
+        let mut lam_star: Option<f64> = (!needs_median).then_some(opts.lam);
+        if needs_median && nchunks > 1 {
+            for c in 0..nchunks {
+                let (c0, c1) = chunk(c);
+                self.load_chunk(s, c0, c1, false, &mut fa, &mut fb)?;
+            }
+            lam_star = Some(self.lam_star(&fa, &fb));
+        }
+        let fisher_pass_done = needs_median && nchunks > 1;
+        for c in 0..nchunks {
+            let (c0, c1) = chunk(c);
+            let w = c1 - c0;
+            self.load_chunk(s, c0, c1, fisher_pass_done || c > 0, &mut fa, &mut fb)?;
+            let lam = match lam_star {
+                Some(l) => l,
+                None => {
+                    // Single chunk: the Fisher of the whole slice is complete now.
+                    let l = self.lam_star(&fa, &fb);
+                    lam_star = Some(l);
+                    l
+                }
+            };
+            for (k, d) in den.iter_mut().enumerate().take(c1).skip(c0) {
+                *d = self.pool_value(&fa, &fb, k).max(opts.eps) + lam;
+            }
+            // Keep only the scored rows, in place (sel_pos is ascending, sel_pos[q] ≥ q).
+            compact_rows(&mut self.buf_a, &self.pa.sel_pos, w);
+            compact_rows(&mut self.buf_b, &self.pb.sel_pos, w);
+            self.backend.interference(
+                &self.buf_a,
+                &self.pa.sel_inv_t,
+                &self.buf_b,
+                &self.pb.sel_inv_t,
+                &den[c0..c1],
+                opts.variant,
+                &mut m,
+            )?;
+        }
+        let lam = lam_star.expect("set by the first chunk");
+        if opts.aggregate == Aggregate::Mean {
+            let inv = 1.0 / s_len as f64;
+            m.iter_mut().for_each(|v| *v *= inv);
+        }
+        if m.iter().any(|v| !v.is_finite()) {
+            return Err(Error::NonFiniteScore {
+                layer: s.layer,
+                block: s.block,
+                head: s.head,
+            });
+        }
+
+        // Heatmap cell and its bootstrap interval.
+        let n_pairs = (na * nb) as u64;
+        let mean = m.iter().sum::<f64>() / n_pairs as f64;
+        let (ci_low, ci_high) = if opts.n_boot > 0 {
+            let rng = stats::rng_for(
+                opts.seed,
+                &[
+                    stats::PURPOSE_BOOT,
+                    s.block.index() as u64,
+                    s.layer as u64,
+                    s.head as u64,
+                ],
+            );
+            let (lo, hi) =
+                stats::bootstrap_ci(self.backend, &m, na, nb, opts.n_boot, opts.ci_level, rng)?;
+            (Some(lo), Some(hi))
+        } else {
+            (None, None)
+        };
+        self.cells.push(Cell {
+            block: s.block,
+            layer: s.layer,
+            head: s.head,
+            score_mean: mean,
+            ci_low,
+            ci_high,
+            n_pairs,
+        });
+
+        // Diagnostics of the denominator Fisher.
+        let pool: Vec<f64> = (0..s_len).map(|k| self.pool_value(&fa, &fb, k)).collect();
+        let (mn, mx) = pool
+            .iter()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
+                (a.min(*v), b.max(*v))
+            });
+        let below = pool.iter().filter(|v| **v < opts.eps).count();
+        self.diagnostics.push(SliceDiagnostics {
+            block: s.block,
+            layer: s.layer,
+            head: s.head,
+            fisher_min: mn,
+            fisher_median: lower_median(pool),
+            fisher_max: mx,
+            frac_below_eps: below as f64 / s_len as f64,
+            lam_applied: lam,
+            n_a: na,
+            n_b: nb,
+            n_fisher: match opts.fisher_pool {
+                FisherPool::A => self.pa.all.len(),
+                FisherPool::B => self.pb.all.len(),
+                FisherPool::Pooled => self.pa.all.len() + self.pb.all.len(),
+            },
+            chunks: nchunks,
+        });
+
+        // Streaming top-k, keeping X_i / Y_j rows of admitted pairs for the permutation test.
+        self.update_top(s, &m, &den)?;
+
+        if self.pairs_for.contains(&(s.block, s.layer, s.head)) {
+            self.pairs.push(PairMatrix {
+                block: s.block,
+                layer: s.layer,
+                head: s.head,
+                n_a: na,
+                n_b: nb,
+                values: m,
+            });
+        }
+        if opts.group_fisher {
+            self.phase.add_slice(s.block, s.layer, s.head, &fa, &fb);
+        }
+        Ok(())
+    }
+
+    fn lam_star(&self, fa: &[f64], fb: &[f64]) -> f64 {
+        if self.opts.lam_rel > 0.0 {
+            let pool: Vec<f64> = (0..self.s_len)
+                .map(|k| self.pool_value(fa, fb, k))
+                .collect();
+            self.opts.lam.max(self.opts.lam_rel * lower_median(pool))
+        } else {
+            self.opts.lam
+        }
+    }
+
+    fn update_top(&mut self, s: &Slice, m: &[f64], den: &[f64]) -> Result<()> {
+        let nb = self.pb.sel_pos.len();
+        let keep_rows = self.opts.n_perm > 0;
+        let ti = self
+            .tops
+            .iter()
+            .position(|(b, _)| *b == s.block)
+            .expect("a TopK per scored block");
+        let mut admitted = Vec::new();
+        {
+            let tk = &mut self.tops[ti].1;
+            for (idx, &score) in m.iter().enumerate() {
+                let e = Entry {
+                    score,
+                    i: idx / nb,
+                    j: idx % nb,
+                    layer: s.layer,
+                    head: s.head,
+                    rows: None,
+                };
+                if tk.push(e) {
+                    admitted.push((idx / nb, idx % nb));
+                }
+            }
+        }
+        if !keep_rows || admitted.is_empty() {
+            return Ok(());
+        }
+        // Pairs of this slice still in the list need their rows.
+        let live: Vec<(usize, usize)> = self.tops[ti]
+            .1
+            .entries
+            .iter()
+            .filter(|e| e.rows.is_none())
+            .map(|e| (e.i, e.j))
+            .collect();
+        let xs: BTreeSet<usize> = live.iter().map(|p| p.0).collect();
+        let ys: BTreeSet<usize> = live.iter().map(|p| p.1).collect();
+        let (xrows, yrows): (RowMap, RowMap) = if self.nchunks == 1 {
+            // The buffers still hold the scored rows (compacted) of the whole slice.
+            (
+                self.rows_from_buffer(true, &xs, den)?,
+                self.rows_from_buffer(false, &ys, den)?,
+            )
+        } else {
+            (
+                self.reread_rows(s, true, &xs, den)?,
+                self.reread_rows(s, false, &ys, den)?,
+            )
+        };
+        for e in &mut self.tops[ti].1.entries {
+            if e.rows.is_none() {
+                e.rows = Some((xrows[&e.i].clone(), yrows[&e.j].clone()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Single-chunk slices: X (task A) or Y rows of a few scored samples from the
+    /// buffers, which still hold the compacted raw rows of the whole slice.
+    fn rows_from_buffer(
+        &self,
+        task_a: bool,
+        which: &BTreeSet<usize>,
+        den: &[f64],
+    ) -> Result<RowMap> {
+        let (buf, plan, role) = if task_a {
+            (&self.buf_a, &self.pa, Role::X)
+        } else {
+            (&self.buf_b, &self.pb, Role::Y)
+        };
+        let s_len = self.s_len;
+        let mut rows = Vec::with_capacity(which.len() * s_len);
+        for &q in which {
+            rows.extend_from_slice(&buf[q * s_len..(q + 1) * s_len]);
+        }
+        let inv_t: Vec<f64> = which.iter().map(|&q| plan.sel_inv_t[q]).collect();
+        self.backend
+            .transform(&mut rows, &inv_t, den, self.opts.variant, role)?;
+        Ok(which
+            .iter()
+            .enumerate()
+            .map(|(r, &q)| (q, Arc::from(&rows[r * s_len..(r + 1) * s_len])))
+            .collect())
+    }
+
+    /// Chunked slices only: reads whole-slice rows of a few scored samples again
+    /// and transforms them, for the permutation test of newly admitted pairs.
+    fn reread_rows(
+        &mut self,
+        s: &Slice,
+        task_a: bool,
+        which: &BTreeSet<usize>,
+        den: &[f64],
+    ) -> Result<RowMap> {
+        let plan = if task_a { &self.pa } else { &self.pb };
+        let idx: Vec<usize> = which
+            .iter()
+            .map(|&q| plan.stored_index_of_selected(q))
+            .collect();
+        let inv_t: Vec<f64> = which.iter().map(|&q| plan.sel_inv_t[q]).collect();
+        let mut buf = vec![0f32; idx.len() * self.s_len];
+        self.source.read_tile(
+            &plan.name,
+            &idx,
+            s.layer,
+            s.block,
+            s.head,
+            0..self.s_len,
+            &mut buf,
+        )?;
+        self.reads.tile_reads += 1;
+        self.reads.frame_reads += idx.len() as u64;
+        self.reads.frame_rereads += idx.len() as u64;
+        let role = if task_a { Role::X } else { Role::Y };
+        self.backend
+            .transform(&mut buf, &inv_t, den, self.opts.variant, role)?;
+        Ok(which
+            .iter()
+            .enumerate()
+            .map(|(r, &q)| (q, Arc::from(&buf[r * self.s_len..(r + 1) * self.s_len])))
+            .collect())
+    }
+}
+
+/// Moves rows `sel_pos[q]` to position q and truncates (requires ascending `sel_pos`).
+fn compact_rows(buf: &mut Vec<f32>, sel_pos: &[usize], w: usize) {
+    for (q, &p) in sel_pos.iter().enumerate() {
+        if p != q {
+            buf.copy_within(p * w..(p + 1) * w, q * w);
+        }
+    }
+    buf.truncate(sel_pos.len() * w);
+}
+
+/// Lower median: the element at index `(n-1)/2` of the sorted values.
+pub fn lower_median(mut v: Vec<f64>) -> f64 {
+    let k = (v.len() - 1) / 2;
+    *v.select_nth_unstable_by(k, f64::total_cmp).1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lower_median_of_even_length_takes_lower() {
+        assert_eq!(lower_median(vec![4.0, 1.0, 3.0, 2.0]), 2.0);
+        assert_eq!(lower_median(vec![5.0, 1.0, 3.0]), 3.0);
+    }
+
+    #[test]
+    fn compaction_keeps_selected_rows_in_order() {
+        let mut b: Vec<f32> = (0..12).map(|v| v as f32).collect();
+        compact_rows(&mut b, &[1, 3, 5], 2);
+        assert_eq!(b, vec![2.0, 3.0, 6.0, 7.0, 10.0, 11.0]);
+    }
+
+    #[test]
+    fn top_k_orders_by_score_then_index() {
+        let mut t = TopK {
+            k: 3,
+            entries: Vec::new(),
+        };
+        let e = |score, i, j| Entry {
+            score,
+            i,
+            j,
+            layer: 0,
+            head: 0,
+            rows: None,
+        };
+        assert!(t.push(e(1.0, 0, 0)));
+        assert!(t.push(e(3.0, 0, 1)));
+        assert!(t.push(e(3.0, 0, 0)));
+        assert!(t.push(e(2.0, 1, 1)));
+        assert!(!t.push(e(0.5, 2, 2)));
+        let got: Vec<(f64, usize, usize)> = t.entries.iter().map(|e| (e.score, e.i, e.j)).collect();
+        assert_eq!(got, vec![(3.0, 0, 0), (3.0, 0, 1), (2.0, 1, 1)]);
+    }
+}

@@ -1,0 +1,32 @@
+//! Phase 6 QK-OV interference scoring (DESIGN §4) and phases 2-4 group Fisher
+//! (DESIGN §5), over any [`TileSource`].
+//!
+//! Entry point: [`score`]. The engine reads each needed (task, layer, block,
+//! head) tile once, computes the task Fisher from the same tile, forms X and Y,
+//! and multiplies `M = X·Yᵀ` on a [`Backend`] (CPU GEMM now). Statistics are
+//! seeded and reproducible; see `docs/scoring.md` for every definition.
+
+mod backend;
+mod engine;
+mod error;
+pub mod fisher;
+pub mod fixture;
+mod options;
+mod result;
+mod source;
+pub mod stats;
+
+pub use backend::{transform_value, Backend, CpuBackend, Role};
+pub use engine::{lower_median, score, score_with_backend, ScoreProgress};
+pub use error::{Error, Result};
+pub use options::{
+    Aggregate, FisherPool, ScoreOptions, Variant, DEFAULT_AGGREGATE, DEFAULT_CI_LEVEL, DEFAULT_EPS,
+    DEFAULT_FISHER_POOL, DEFAULT_LAM, DEFAULT_LAM_REL, DEFAULT_MEMORY_BUDGET, DEFAULT_MIN_SAMPLES,
+    DEFAULT_N_BOOT, DEFAULT_N_PERM, DEFAULT_SEED, DEFAULT_SPARSITIES, DEFAULT_TOP_K,
+    DEFAULT_VARIANT,
+};
+pub use result::{
+    Cell, GroupFisherRow, GroupKind, HeatmapRow, MaskLevel, MaskRow, OverlapRow, PairMatrix,
+    ReadStats, ScoreResult, SliceDiagnostics, TopPair,
+};
+pub use source::TileSource;
