@@ -283,7 +283,9 @@ fn few_samples_warn_but_score() {
     assert_eq!(res.warnings, warned);
 }
 
-fn stats_of(r: &ScoreResult) -> (Vec<(Option<f64>, Option<f64>)>, Vec<Option<f64>>) {
+type Intervals = Vec<(Option<f64>, Option<f64>)>;
+
+fn stats_of(r: &ScoreResult) -> (Intervals, Vec<Option<f64>>) {
     (
         r.cells.iter().map(|c| (c.ci_low, c.ci_high)).collect(),
         r.top.iter().map(|t| t.p_value).collect(),
@@ -312,7 +314,7 @@ fn statistics_are_seeded_valid_and_informative() {
         assert_eq!(ps.len(), 4 * 20);
         for t in &r1.top {
             let (p, q) = (t.p_value.unwrap(), t.q_value.unwrap());
-            assert!(p >= 1.0 / 100.0 && p <= 1.0, "never 0: {p}");
+            assert!((1.0 / 100.0..=1.0).contains(&p), "never 0: {p}");
             assert!(q >= p && q <= 1.0);
         }
         // The null is not invariant: p-values are not all the same value.
