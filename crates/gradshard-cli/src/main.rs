@@ -1,1 +1,154 @@
-fn main() {}
+//! `gradshard`: per-sample gradient stores beyond RAM.
+
+mod plan;
+mod progress;
+mod storecmd;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use gradshard_core::DType;
+
+/// Per-sample gradients of LLM attention, stored compressed and checksummed,
+/// indexed to the (task, sample, layer, block, head) slice.
+#[derive(Parser, Debug)]
+#[command(name = "gradshard", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Write per-sample safetensors gradient files (PyTorch users' output) into a store.
+    Ingest(storecmd::IngestArgs),
+    /// Write a seeded synthetic store for any geometry (benchmarks, tests).
+    Synth(storecmd::SynthArgs),
+    /// Show what a store holds: tasks, samples, tensors, bytes on disk, compression ratio.
+    Inspect(storecmd::InspectArgs),
+    /// Check every checksum and index entry of a store; non-zero exit on any problem.
+    Verify(storecmd::VerifyArgs),
+    /// Bytes a collection will need (model config, parameter set, dtype, samples) against free disk.
+    Plan(plan::PlanArgs),
+}
+
+/// Writer settings shared by the commands that write stores.
+#[derive(Args, Debug, Clone)]
+pub struct WriteArgs {
+    /// Stored element type.
+    #[arg(long, default_value = "bf16", value_parser = parse_dtype)]
+    pub dtype: DType,
+    /// zstd level (1 is the measured sweet spot; 0 disables compression).
+    #[arg(long, default_value_t = 1)]
+    pub zstd_level: i32,
+    /// Store bytes as they are instead of byte-shuffled planes before compression.
+    #[arg(long)]
+    pub no_shuffle: bool,
+    /// Compression worker threads (default: all cores).
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// Bytes of gradient data in flight in the writer pipeline, e.g. 512MiB, 2GiB.
+    #[arg(long, default_value = "1GiB", value_parser = parse_bytes)]
+    pub memory_budget: u64,
+    /// A shard takes no new samples past this size.
+    #[arg(long, default_value = "4GiB", value_parser = parse_bytes)]
+    pub shard_size: u64,
+    /// Also write the final report as JSON to this file.
+    #[arg(long)]
+    pub report_json: Option<PathBuf>,
+}
+
+pub fn parse_dtype(s: &str) -> Result<DType, String> {
+    s.parse()
+}
+
+/// Parses sizes like `1048576`, `512MiB`, `2GiB`, `64M`, `1G`, `10GB`.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let v: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size (e.g. 512MiB, 2GiB)"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1 << 10,
+        "kb" => 1000,
+        "m" | "mib" => 1 << 20,
+        "mb" => 1_000_000,
+        "g" | "gib" => 1 << 30,
+        "gb" => 1_000_000_000,
+        "t" | "tib" => 1 << 40,
+        "tb" => 1_000_000_000_000,
+        _ => {
+            return Err(format!(
+                "`{s}`: unknown unit (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)"
+            ))
+        }
+    };
+    let bytes = v * mult as f64;
+    if !(bytes.is_finite() && bytes >= 1.0 && bytes < u64::MAX as f64) {
+        return Err(format!("`{s}` is out of range"));
+    }
+    Ok(bytes as u64)
+}
+
+/// Human-readable bytes (binary units).
+pub fn human(b: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < units.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.2} {}", units[u])
+    }
+}
+
+fn main() -> ExitCode {
+    // Arguments are parsed (and rejected) before any I/O.
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Ingest(a) => storecmd::ingest(a),
+        Cmd::Synth(a) => storecmd::synth(a),
+        Cmd::Inspect(a) => storecmd::inspect(a),
+        Cmd::Verify(a) => storecmd::verify(a),
+        Cmd::Plan(a) => plan::plan(a),
+    };
+    match r {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_bytes("512MiB").unwrap(), 512 << 20);
+        assert_eq!(parse_bytes("2GiB").unwrap(), 2 << 30);
+        assert_eq!(parse_bytes("1.5G").unwrap(), 3 << 29);
+        assert_eq!(parse_bytes("4096").unwrap(), 4096);
+        assert!(parse_bytes("12 parsecs").is_err());
+        assert!(parse_bytes("0").is_err());
+        assert_eq!(human(1536), "1.50 KiB");
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -78,10 +78,12 @@ pub fn mlp_tensors(g: &Geometry, intermediate: usize) -> Result<Vec<OtherTensor>
                     1,
                 ));
             }
-            _ => return Err(Error::Invalid(format!(
+            _ => {
+                return Err(Error::Invalid(format!(
                 "synthetic MLP tensors are defined for LLaMA-family and GPT-2 geometries, not {}",
                 g.model_type
-            ))),
+            )))
+            }
         }
     }
     Ok(out)

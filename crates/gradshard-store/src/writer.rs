@@ -38,6 +38,8 @@ pub struct WriterOptions {
     pub shard_target_bytes: u64,
     /// Free-form provenance saved in a new manifest.
     pub source: serde_json::Value,
+    /// Counters the writer updates as it goes (share a clone to draw progress).
+    pub live: Arc<LiveCounters>,
 }
 
 impl WriterOptions {
@@ -58,6 +60,7 @@ impl Default for WriterOptions {
             memory_budget: Self::DEFAULT_MEMORY_BUDGET,
             shard_target_bytes: Self::DEFAULT_SHARD_TARGET,
             source: serde_json::Value::Null,
+            live: Arc::default(),
         }
     }
 }
@@ -287,7 +290,7 @@ impl StoreWriter {
             cv: Condvar::new(),
         });
         let failed = Arc::new(Mutex::new(None));
-        let live = Arc::new(LiveCounters::default());
+        let live = opts.live.clone();
         let dtype = manifest.spec.dtype;
         let codec = manifest.spec.codec;
         let mut workers = Vec::new();
