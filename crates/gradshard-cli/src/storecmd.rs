@@ -65,6 +65,10 @@ pub struct SynthArgs {
     /// Also store MLP weights (row groups); needs the intermediate size from the preset or config.
     #[arg(long)]
     pub mlp: bool,
+    /// Draw attention frames from a pool of N pre-generated frames (benchmarks: measures the
+    /// writer, not the random number generator). 0 generates every frame.
+    #[arg(long, default_value_t = 0)]
+    pub pool: usize,
     #[command(flatten)]
     pub write: WriteArgs,
 }
@@ -237,6 +241,7 @@ pub fn synth(a: SynthArgs) -> Result<ExitCode> {
         dtype: a.write.dtype,
         codec,
         writer,
+        pool: a.pool,
     };
     let raw = opts.raw_bytes()?;
     eprintln!(

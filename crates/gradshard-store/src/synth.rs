@@ -101,6 +101,10 @@ pub struct SynthOptions {
     pub dtype: DType,
     pub codec: CodecSpec,
     pub writer: WriterOptions,
+    /// 0: every frame is generated afresh. N > 0: attention frames are drawn from a pool of
+    /// N pre-generated unit-scale frames (then scaled), so that benchmarks measure the
+    /// writer rather than the random number generator. Values keep the same distribution.
+    pub pool: usize,
 }
 
 impl SynthOptions {
@@ -276,6 +280,21 @@ pub fn synth(
     let g = order.geometry().clone();
     let table = std::sync::Arc::new(lognormal_table());
     let total = (opts.tasks.len() * opts.samples_per_task) as u64;
+    let pool: std::sync::Arc<Vec<Vec<f32>>> = std::sync::Arc::new(
+        (0..opts.pool)
+            .map(|k| {
+                let mut v = vec![0f32; g.slice_numel()];
+                fill_frame(
+                    &mut v,
+                    g.hidden,
+                    key(&[opts.seed, 0x9001, k as u64]),
+                    1.0,
+                    &table,
+                );
+                v
+            })
+            .collect(),
+    );
     let mut done = 0;
     for (ti, task) in opts.tasks.iter().enumerate() {
         for i in 0..opts.samples_per_task {
@@ -313,8 +332,17 @@ pub fn synth(
                 let stream = key(&[opts.seed, task_key(task), i as u64, f as u64]);
                 let scale = s_frame * s_sample;
                 let table = table.clone();
+                let pool = pool.clone();
+                let pooled = !pool.is_empty() && f < order.n_attn_frames();
                 w.put_frame_with(&mut h, f, move |out| {
-                    fill_frame(out, cols, stream, scale, &table)
+                    if pooled {
+                        let src = &pool[(stream % pool.len() as u64) as usize];
+                        for (o, v) in out.iter_mut().zip(src) {
+                            *o = v * scale;
+                        }
+                    } else {
+                        fill_frame(out, cols, stream, scale, &table)
+                    }
                 })?;
             }
             w.end_sample(h)?;

@@ -309,6 +309,7 @@ fn row_ranges_of_mlp_tensors_read_only_their_groups() {
         dtype: DType::F32,
         codec: CodecSpec::DEFAULT,
         writer: small_opts(),
+        pool: 0,
     };
     synth(dir.path(), &opts, &mut |_, _| {}).unwrap();
     let store = Store::open(dir.path()).unwrap();
@@ -665,6 +666,7 @@ fn shards_roll_over_and_samples_stay_whole() {
         dtype: DType::Bf16,
         codec: CodecSpec::DEFAULT,
         writer,
+        pool: 0,
     };
     synth(dir.path(), &opts, &mut |_, _| {}).unwrap();
     let rep = verify(dir.path(), &|_, _| {}).unwrap();
