@@ -11,7 +11,7 @@ mod engine;
 mod error;
 pub mod fisher;
 pub mod fixture;
-mod options;
+pub mod options;
 mod result;
 mod source;
 pub mod stats;
