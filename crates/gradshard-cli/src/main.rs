@@ -2,7 +2,9 @@
 
 mod plan;
 mod progress;
+mod scorecmd;
 mod storecmd;
+mod storesource;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -29,6 +31,8 @@ enum Cmd {
     Inspect(storecmd::InspectArgs),
     /// Check every checksum and index entry of a store; non-zero exit on any problem.
     Verify(storecmd::VerifyArgs),
+    /// Score QK-OV interference between two tasks of a store; writes Parquet, JSON, PNG and SVG.
+    Score(scorecmd::ScoreArgs),
     /// Bytes a collection will need (model config, parameter set, dtype, samples) against free disk.
     Plan(plan::PlanArgs),
 }
@@ -121,6 +125,7 @@ fn main() -> ExitCode {
         Cmd::Inspect(a) => storecmd::inspect(a),
         Cmd::Verify(a) => storecmd::verify(a),
         Cmd::Plan(a) => plan::plan(a),
+        Cmd::Score(a) => scorecmd::score(a),
     };
     match r {
         Ok(code) => code,

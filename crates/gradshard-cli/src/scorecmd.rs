@@ -1,0 +1,192 @@
+//! `score`: QK-OV interference from a saved store, exported as Parquet, JSON and heatmaps.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use gradshard_core::{Block, SampleId, TaskName};
+use gradshard_score::{Aggregate, FisherPool, ScoreOptions, ScoreProgress, Variant};
+use gradshard_store::Store;
+
+use crate::progress::counter;
+use crate::storesource::StoreSource;
+
+#[derive(Args, Debug)]
+pub struct ScoreArgs {
+    /// Store directory.
+    #[arg(long)]
+    pub store: PathBuf,
+    /// Task A (its Fisher whitens X by default).
+    #[arg(long)]
+    pub task_a: String,
+    /// Task B.
+    #[arg(long)]
+    pub task_b: String,
+    /// Output directory (written to a temporary sibling, then renamed).
+    #[arg(long, default_value = "gradshard-out")]
+    pub out: PathBuf,
+    /// Replace an existing output directory.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Layers to score, comma-separated (default: all).
+    #[arg(long, value_delimiter = ',')]
+    pub layers: Option<Vec<usize>>,
+    /// Query heads to score, comma-separated (default: all).
+    #[arg(long, value_delimiter = ',')]
+    pub heads: Option<Vec<usize>>,
+    /// Blocks, e.g. Q,K,V,O.
+    #[arg(long, value_delimiter = ',', default_value = "Q,K,V,O")]
+    pub blocks: Vec<Block>,
+    #[arg(long, default_value = "unsigned")]
+    pub variant: Variant,
+    /// Fisher used in den: A, B or pooled.
+    #[arg(long, default_value = "A")]
+    pub fisher_pool: FisherPool,
+    #[arg(long, default_value = "sum")]
+    pub aggregate: Aggregate,
+    #[arg(long, default_value_t = gradshard_score::DEFAULT_EPS)]
+    pub eps: f64,
+    #[arg(long, default_value_t = gradshard_score::DEFAULT_LAM)]
+    pub lam: f64,
+    #[arg(long, default_value_t = gradshard_score::DEFAULT_LAM_REL)]
+    pub lam_rel: f64,
+    #[arg(long, default_value_t = gradshard_score::DEFAULT_TOP_K)]
+    pub top_k: usize,
+    /// Score only these task-A sample ids (integers or strings), comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub samples_a: Option<Vec<String>>,
+    /// Score only these task-B sample ids, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub samples_b: Option<Vec<String>>,
+    /// LAYER:HEAD pairs whose full n_A × n_B matrix is exported (pairs.parquet).
+    #[arg(long, value_delimiter = ',', value_parser = parse_layer_head)]
+    pub pairs_for: Vec<(usize, usize)>,
+    #[arg(long, default_value_t = gradshard_score::DEFAULT_SEED)]
+    pub seed: u64,
+    /// Bootstrap resamples per heatmap cell.
+    #[arg(long, default_value_t = gradshard_score::DEFAULT_N_BOOT)]
+    pub n_boot: usize,
+    /// Permutations for the top-pair p-values.
+    #[arg(long, default_value_t = gradshard_score::DEFAULT_N_PERM)]
+    pub n_perm: usize,
+    /// Fewer samples than this in a task warns.
+    #[arg(long, default_value_t = gradshard_score::DEFAULT_MIN_SAMPLES)]
+    pub min_samples: usize,
+    /// Bytes of tiles in memory at once, e.g. 4GiB.
+    #[arg(long, default_value = "4GiB", value_parser = crate::parse_bytes)]
+    pub memory_budget: u64,
+    /// Also compute per-channel Fisher of stored MLP tensors.
+    #[arg(long)]
+    pub mlp_fisher: bool,
+    /// Skip the PNG/SVG pictures.
+    #[arg(long)]
+    pub no_pictures: bool,
+}
+
+fn parse_layer_head(s: &str) -> Result<(usize, usize), String> {
+    let (l, h) = s
+        .split_once(':')
+        .ok_or_else(|| format!("`{s}`: expected LAYER:HEAD"))?;
+    Ok((
+        l.parse().map_err(|_| format!("`{s}`: bad layer"))?,
+        h.parse().map_err(|_| format!("`{s}`: bad head"))?,
+    ))
+}
+
+/// Resolves user-typed ids against the stored ones: an id matches a stored integer
+/// id by its decimal form and a stored string id exactly.
+fn resolve_ids(store: &Store, task: &str, wanted: &[String]) -> Result<Vec<SampleId>> {
+    let recs = store.samples(task)?;
+    wanted
+        .iter()
+        .map(|w| {
+            recs.iter()
+                .find(|r| match &r.id {
+                    SampleId::Int(v) => v.to_string() == *w,
+                    SampleId::Str(s) => s == w,
+                })
+                .map(|r| r.id.clone())
+                .with_context(|| format!("task `{task}` has no sample with id {w:?}"))
+        })
+        .collect()
+}
+
+pub fn score(a: ScoreArgs) -> Result<ExitCode> {
+    if a.out.exists()
+        && !a.overwrite
+        && std::fs::read_dir(&a.out)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(true)
+    {
+        bail!(
+            "output directory {} exists and is not empty (use --overwrite to replace it)",
+            a.out.display()
+        );
+    }
+    let store = Store::open(&a.store)?;
+    let mut o = ScoreOptions::new(
+        TaskName::new(a.task_a.as_str())?,
+        TaskName::new(a.task_b.as_str())?,
+    );
+    o.layers = a.layers.clone();
+    o.heads = a.heads.clone();
+    o.blocks = a.blocks.clone();
+    o.variant = a.variant;
+    o.fisher_pool = a.fisher_pool;
+    o.aggregate = a.aggregate;
+    o.eps = a.eps;
+    o.lam = a.lam;
+    o.lam_rel = a.lam_rel;
+    o.top_k = a.top_k;
+    o.samples_a = a
+        .samples_a
+        .as_ref()
+        .map(|w| resolve_ids(&store, &a.task_a, w))
+        .transpose()?;
+    o.samples_b = a
+        .samples_b
+        .as_ref()
+        .map(|w| resolve_ids(&store, &a.task_b, w))
+        .transpose()?;
+    o.pairs_for = a.pairs_for.clone();
+    o.seed = a.seed;
+    o.n_boot = a.n_boot;
+    o.n_perm = a.n_perm;
+    o.min_samples = a.min_samples;
+    o.memory_budget = usize::try_from(a.memory_budget).unwrap_or(usize::MAX);
+    o.mlp_fisher = a.mlp_fisher;
+    let bar = counter(0, "score");
+    let t = std::time::Instant::now();
+    let result = gradshard_score::score(&StoreSource { store: &store }, &o, &mut |p| match p {
+        ScoreProgress::Plan { slices, .. } => bar.set_length(slices as u64),
+        ScoreProgress::Slice { done, .. } => bar.set_position(done as u64),
+        ScoreProgress::Warning(w) => bar.println(format!("warning: {w}")),
+        _ => {}
+    });
+    bar.finish_and_clear();
+    let result = result?;
+    let secs = t.elapsed().as_secs_f64();
+    let mut eo = gradshard_export::ExportOptions::new(store.manifest().store_id.clone());
+    eo.overwrite = a.overwrite;
+    eo.pictures = !a.no_pictures;
+    let written = gradshard_export::write_outputs_with(&result, &a.out, &eo)?;
+    for w in &result.warnings {
+        eprintln!("warning: {w}");
+    }
+    let read = store.stats().bytes();
+    println!(
+        "score: {} vs {}: {} slices in {secs:.2} s, {} frames ({:.3} GB) read, {:.3} GB/s",
+        a.task_a,
+        a.task_b,
+        result.cells.len(),
+        store.stats().frames(),
+        read as f64 / 1e9,
+        read as f64 / secs.max(1e-9) / 1e9
+    );
+    println!("wrote {}:", written.dir.display());
+    for f in &written.files {
+        println!("  {f}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
