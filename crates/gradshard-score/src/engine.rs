@@ -294,6 +294,14 @@ pub fn score_with_backend(
             why: "the selection contains no slice".into(),
         });
     }
+    for &(l, h) in &opts.pairs_for {
+        if !layers.contains(&l) || !q_selected(h) {
+            return Err(Error::InvalidOption {
+                name: "pairs_for",
+                why: format!("(layer {l}, head {h}) is not among the scored layers and heads"),
+            });
+        }
+    }
     let gr = &g;
     let pairs_for: HashSet<(Block, usize, usize)> = blocks
         .iter()

@@ -262,6 +262,16 @@ fn errors_name_what_is_wrong() {
         Error::InvalidOption { name: "layers", .. }
     ));
     let mut o = opts();
+    o.heads = Some(vec![0]);
+    o.pairs_for = vec![(0, 2)];
+    assert!(matches!(
+        score(&src, &o, &mut |_| {}).unwrap_err(),
+        Error::InvalidOption {
+            name: "pairs_for",
+            ..
+        }
+    ));
+    let mut o = opts();
     o.memory_budget = 1000;
     assert!(matches!(
         score(&src, &o, &mut |_| {}).unwrap_err(),
