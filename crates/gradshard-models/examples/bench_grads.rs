@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo run --release -p gradshard-models --example bench_grads -- [--shape small|large]
-//!     [--device cpu|cuda:N] [--samples N] [--seq L] [--batch B] [--params attn|attn,mlp|all-2d]
+//!     [--device cpu|cuda:N] [--samples N] [--seq L] [--batch B] [--params attn|attn,mlp|all-2d] [--reps R]
 //! ```
 //! `--device cuda:N` needs `--features cuda`. Prints samples/s for both modes.
 //! Sample lengths vary in [L/2, L] so the batched mode pays for its padding.
@@ -181,28 +181,39 @@ fn main() {
         tracked as f64 / 1e6
     );
 
-    // Warm-up (kernel compilation on CUDA, allocator on CPU).
-    let _ = model.grads_loop(&samples[0]).unwrap();
-    let _ = model.grads_batched(&samples[..batch.min(n)]).unwrap();
-
-    // A checksum is accumulated so the work cannot be optimized away and the
-    // two modes can be compared.
-    let t0 = Instant::now();
+    // Each mode runs `reps` passes over all samples; the first pass includes
+    // one-time costs (CUDA kernel compilation for every new sequence length,
+    // allocator growth), the last pass is reported as steady state.
+    let reps: usize = arg(&args, "--reps", 2);
+    // Checksums keep the work observable and let the two modes be compared.
     let mut sum_loop = 0.0f64;
-    for s in &samples {
-        let g = model.grads_loop(s).unwrap();
-        sum_loop += g.grads.iter().map(|t| t.data[0] as f64).sum::<f64>();
-    }
-    let loop_s = t0.elapsed().as_secs_f64();
-
-    let t0 = Instant::now();
     let mut sum_batch = 0.0f64;
-    for chunk in samples.chunks(batch) {
-        for g in model.grads_batched(chunk).unwrap() {
-            sum_batch += g.grads.iter().map(|t| t.data[0] as f64).sum::<f64>();
+    let (mut loop_s, mut batch_s) = (0.0, 0.0);
+    for rep in 0..reps {
+        let t0 = Instant::now();
+        sum_loop = 0.0;
+        for s in &samples {
+            let g = model.grads_loop(s).unwrap();
+            sum_loop += g.grads.iter().map(|t| t.data[0] as f64).sum::<f64>();
+        }
+        loop_s = t0.elapsed().as_secs_f64();
+        let t0 = Instant::now();
+        sum_batch = 0.0;
+        for chunk in samples.chunks(batch) {
+            for g in model.grads_batched(chunk).unwrap() {
+                sum_batch += g.grads.iter().map(|t| t.data[0] as f64).sum::<f64>();
+            }
+        }
+        batch_s = t0.elapsed().as_secs_f64();
+        if rep + 1 < reps {
+            println!(
+                "pass {}: loop {:.2} samples/s, batched/{batch} {:.2} samples/s (includes warm-up)",
+                rep + 1,
+                n as f64 / loop_s,
+                n as f64 / batch_s
+            );
         }
     }
-    let batch_s = t0.elapsed().as_secs_f64();
     println!(
         "loop:      {:8.2} samples/s ({loop_s:.2} s)",
         n as f64 / loop_s
