@@ -1,5 +1,7 @@
 //! `gradshard`: per-sample gradient stores beyond RAM.
 
+mod gradscmd;
+mod indexexport;
 mod plan;
 mod progress;
 mod scorecmd;
@@ -33,6 +35,9 @@ enum Cmd {
     Verify(storecmd::VerifyArgs),
     /// Score QK-OV interference between two tasks of a store; writes Parquet, JSON, PNG and SVG.
     Score(scorecmd::ScoreArgs),
+    /// Compute per-sample gradients of a Hugging Face checkpoint with burn and write them as
+    /// <id>.safetensors files (the layout `ingest` reads).
+    Grads(gradscmd::GradsArgs),
     /// Bytes a collection will need (model config, parameter set, dtype, samples) against free disk.
     Plan(plan::PlanArgs),
 }
@@ -126,6 +131,7 @@ fn main() -> ExitCode {
         Cmd::Verify(a) => storecmd::verify(a),
         Cmd::Plan(a) => plan::plan(a),
         Cmd::Score(a) => scorecmd::score(a),
+        Cmd::Grads(a) => gradscmd::grads(a),
     };
     match r {
         Ok(code) => code,

@@ -84,6 +84,9 @@ pub struct InspectArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Also write the index (one row per frame: key -> shard, offset, length, checksum) as Parquet.
+    #[arg(long)]
+    pub index_parquet: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -280,6 +283,10 @@ fn dir_bytes(p: &Path) -> u64 {
 
 pub fn inspect(a: InspectArgs) -> Result<ExitCode> {
     let store = Store::open(&a.store)?;
+    if let Some(p) = &a.index_parquet {
+        let rows = crate::indexexport::write_index(&store, p)?;
+        eprintln!("index: {rows} frames written to {}", p.display());
+    }
     let m = store.manifest();
     let g = &m.spec.geometry;
     let order = store.order();

@@ -358,7 +358,7 @@ impl Geometry {
                 return Err(Error::OutOfRange { what, value, limit });
             }
         }
-        if heads % kv_heads != 0 {
+        if !heads.is_multiple_of(kv_heads) {
             return Err(Error::ConfigField {
                 field: "num_key_value_heads".into(),
                 problem: format!("{kv_heads} does not divide num_attention_heads {heads}"),
