@@ -1,12 +1,15 @@
 //! `gradshard`: per-sample gradient stores beyond RAM.
 
+mod benchscore;
+mod collectcmd;
+mod democmd;
 mod gradscmd;
 mod indexexport;
+mod mergecmd;
 mod plan;
 mod progress;
 mod scorecmd;
 mod storecmd;
-mod storesource;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -38,8 +41,18 @@ enum Cmd {
     /// Compute per-sample gradients of a Hugging Face checkpoint with burn and write them as
     /// <id>.safetensors files (the layout `ingest` reads).
     Grads(gradscmd::GradsArgs),
+    /// Benchmark: scoring from the store vs from uncompressed mmap'd f32 arrays (scripts/bench_score.sh).
+    #[command(hide = true)]
+    BenchScore(benchscore::BenchScoreArgs),
     /// Bytes a collection will need (model config, parameter set, dtype, samples) against free disk.
     Plan(plan::PlanArgs),
+    /// Run a Hugging Face model over JSONL tasks and store every sample's gradients, with
+    /// running Fisher statistics; resumable, splittable with --worker K/N.
+    Collect(collectcmd::CollectArgs),
+    /// Combine stores of one model (e.g. worker shares) into one store.
+    Merge(mergecmd::MergeArgs),
+    /// The whole pipeline on a bundled tiny model, offline: collect -> score -> Parquet + heatmaps.
+    Demo(democmd::DemoArgs),
 }
 
 /// Writer settings shared by the commands that write stores.
@@ -131,7 +144,11 @@ fn main() -> ExitCode {
         Cmd::Verify(a) => storecmd::verify(a),
         Cmd::Plan(a) => plan::plan(a),
         Cmd::Score(a) => scorecmd::score(a),
+        Cmd::BenchScore(a) => benchscore::bench_score(a),
         Cmd::Grads(a) => gradscmd::grads(a),
+        Cmd::Collect(a) => collectcmd::collect(a),
+        Cmd::Merge(a) => mergecmd::merge(a),
+        Cmd::Demo(a) => democmd::demo(a),
     };
     match r {
         Ok(code) => code,

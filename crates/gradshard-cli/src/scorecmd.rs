@@ -10,7 +10,7 @@ use gradshard_score::{Aggregate, FisherPool, ScoreOptions, ScoreProgress, Varian
 use gradshard_store::Store;
 
 use crate::progress::counter;
-use crate::storesource::StoreSource;
+use gradshard_score::StoreSource;
 
 #[derive(Args, Debug)]
 pub struct ScoreArgs {
@@ -82,6 +82,78 @@ pub struct ScoreArgs {
     /// Skip the PNG/SVG pictures.
     #[arg(long)]
     pub no_pictures: bool,
+    /// Where the tile compute (Fisher, X, Y, M = X·Yᵀ) runs: cpu, cuda or cuda:N
+    /// (CUDA needs a binary built with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// GPU GEMM precision: f64 (CPU-identical) or f32 (TF32 tensor cores on Hopper, ~1e-3).
+    #[arg(long, default_value = "f64")]
+    pub gpu_precision: String,
+}
+
+/// The compute backend picked by `--device`.
+enum Compute {
+    Cpu(gradshard_score::CpuBackend),
+    #[cfg(feature = "cuda")]
+    Cuda(gradshard_score::CudaBackend),
+}
+
+impl Compute {
+    fn new(device: &str, precision: &str) -> Result<Compute> {
+        if device == "cpu" {
+            return Ok(Compute::Cpu(gradshard_score::CpuBackend::default()));
+        }
+        let ordinal: usize = match device {
+            "cuda" => 0,
+            d => d
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .with_context(|| format!("unknown --device {d:?} (use cpu, cuda or cuda:N)"))?,
+        };
+        #[cfg(feature = "cuda")]
+        {
+            let p: gradshard_score::GpuPrecision =
+                precision.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+            Ok(Compute::Cuda(gradshard_score::CudaBackend::new(
+                ordinal, p,
+            )?))
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (ordinal, precision);
+            bail!(
+                "--device {device}: this gradshard was built without CUDA support; rebuild with \
+                 `cargo build --release -p gradshard-cli --features cuda` (or use --device cpu)"
+            )
+        }
+    }
+
+    fn backend(&self) -> &dyn gradshard_score::Backend {
+        match self {
+            Compute::Cpu(b) => b,
+            #[cfg(feature = "cuda")]
+            Compute::Cuda(b) => b,
+        }
+    }
+
+    /// A line about the device work (uploads), if any.
+    fn report(&self) -> Option<String> {
+        match self {
+            Compute::Cpu(_) => None,
+            #[cfg(feature = "cuda")]
+            Compute::Cuda(b) => {
+                let st = b.stats();
+                Some(format!(
+                    "gpu: {:.3} GB uploaded in {:.3} s ({:.2} GB/s host->device incl. staging), {} tiles reused, {} GEMMs",
+                    st.upload_bytes as f64 / 1e9,
+                    st.upload_s,
+                    st.upload_bytes as f64 / st.upload_s.max(1e-9) / 1e9,
+                    st.reused_tiles,
+                    st.gemms
+                ))
+            }
+        }
+    }
 }
 
 fn parse_layer_head(s: &str) -> Result<(usize, usize), String> {
@@ -124,6 +196,7 @@ pub fn score(a: ScoreArgs) -> Result<ExitCode> {
             a.out.display()
         );
     }
+    let compute = Compute::new(&a.device, &a.gpu_precision)?;
     let store = Store::open(&a.store)?;
     let mut o = ScoreOptions::new(
         TaskName::new(a.task_a.as_str())?,
@@ -158,12 +231,24 @@ pub fn score(a: ScoreArgs) -> Result<ExitCode> {
     o.mlp_fisher = a.mlp_fisher;
     let bar = counter(0, "score");
     let t = std::time::Instant::now();
-    let result = gradshard_score::score(&StoreSource { store: &store }, &o, &mut |p| match p {
-        ScoreProgress::Plan { slices, .. } => bar.set_length(slices as u64),
-        ScoreProgress::Slice { done, .. } => bar.set_position(done as u64),
-        ScoreProgress::Warning(w) => bar.println(format!("warning: {w}")),
-        _ => {}
-    });
+    let mut timing = None;
+    let result = gradshard_score::score_with_backend(
+        &StoreSource { store: &store },
+        &o,
+        compute.backend(),
+        &mut |p| match p {
+            ScoreProgress::Plan { slices, .. } => bar.set_length(slices as u64),
+            ScoreProgress::Slice { done, .. } => bar.set_position(done as u64),
+            ScoreProgress::Warning(w) => bar.println(format!("warning: {w}")),
+            ScoreProgress::Timing {
+                read_s,
+                compute_s,
+                wait_s,
+                overlapped,
+            } => timing = Some((read_s, compute_s, wait_s, overlapped)),
+            _ => {}
+        },
+    );
     bar.finish_and_clear();
     let result = result?;
     let secs = t.elapsed().as_secs_f64();
@@ -184,6 +269,17 @@ pub fn score(a: ScoreArgs) -> Result<ExitCode> {
         read as f64 / 1e9,
         read as f64 / secs.max(1e-9) / 1e9
     );
+    if let Some((read_s, compute_s, wait_s, overlapped)) = timing {
+        println!(
+            "timing ({}): tile read {read_s:.3} s, tile compute {compute_s:.3} s ({:.1}% of read), waiting for reads {wait_s:.3} s, {}",
+            compute.backend().name(),
+            100.0 * compute_s / read_s.max(1e-12),
+            if overlapped { "read overlapped with compute" } else { "sequential" }
+        );
+    }
+    if let Some(r) = compute.report() {
+        println!("{r}");
+    }
     println!("wrote {}:", written.dir.display());
     for f in &written.files {
         println!("  {f}");

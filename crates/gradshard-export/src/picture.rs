@@ -91,7 +91,13 @@ fn draw<DB: DrawingBackend>(
         (lo, hi) = (lo - pad, hi + pad);
     }
     root.fill(&WHITE).map_err(|x| e(&x))?;
-    let root = root.titled(title, ("sans-serif", 18)).map_err(|x| e(&x))?;
+    let (head, sub) = title.split_once('\n').unwrap_or((title, ""));
+    let root = root.titled(head, ("sans-serif", 18)).map_err(|x| e(&x))?;
+    let root = if sub.is_empty() {
+        root
+    } else {
+        root.titled(sub, ("sans-serif", 13)).map_err(|x| e(&x))?
+    };
     let (w, _) = root.dim_in_pixel();
     let (main, bar) = root.split_horizontally(w - BAR_PANEL);
     // Half-cell integer coordinates: cell (h, l) occupies [2h, 2h+2] × [2l, 2l+2];
@@ -180,8 +186,9 @@ pub fn write_pictures(result: &ScoreResult, block: Block, dir: &Path) -> Result<
     } else {
         String::new()
     };
+    // Two lines, so long task names and settings never run off the picture.
     let title = format!(
-        "{block} interference: {} vs {} ({}, {}{shared})",
+        "{block} interference: {} vs {}\n{}, {}{shared}",
         o.task_a,
         o.task_b,
         o.variant.as_str(),

@@ -7,6 +7,8 @@
 //! seeded and reproducible; see `docs/scoring.md` for every definition.
 
 mod backend;
+#[cfg(feature = "cuda")]
+mod backend_cuda;
 mod engine;
 mod error;
 pub mod fisher;
@@ -15,8 +17,11 @@ pub mod options;
 mod result;
 mod source;
 pub mod stats;
+mod store_source;
 
 pub use backend::{transform_value, Backend, CpuBackend, Role};
+#[cfg(feature = "cuda")]
+pub use backend_cuda::{CudaBackend, GpuPrecision, GpuStats};
 pub use engine::{lower_median, score, score_with_backend, ScoreProgress};
 pub use error::{Error, Result};
 pub use options::{
@@ -30,3 +35,4 @@ pub use result::{
     ReadStats, ScoreResult, SliceDiagnostics, TopPair,
 };
 pub use source::TileSource;
+pub use store_source::StoreSource;

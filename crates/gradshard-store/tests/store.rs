@@ -675,3 +675,62 @@ fn shards_roll_over_and_samples_stay_whole() {
     assert_eq!(rep.samples, 24);
     assert!(rep.warnings.is_empty(), "{:?}", rep.warnings);
 }
+
+#[test]
+fn manifest_conforms_to_its_json_schema() {
+    let schema: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../schemas/manifest.schema.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    for model in ["llama-gqa", "gpt2"] {
+        let dir = tempfile::tempdir().unwrap();
+        ingest_fixture(model, DType::Bf16, dir.path());
+        let m: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.path().join("manifest.json")).unwrap(),
+        )
+        .unwrap();
+        // Required keys present, no key outside `properties`, enums respected, one level down too.
+        fn check(value: &serde_json::Value, schema: &serde_json::Value, at: &str) {
+            if let Some(req) = schema["required"].as_array() {
+                for k in req {
+                    assert!(
+                        value.get(k.as_str().unwrap()).is_some(),
+                        "{at}: missing {k}"
+                    );
+                }
+            }
+            if let (Some(obj), Some(props)) = (value.as_object(), schema["properties"].as_object())
+            {
+                for (k, v) in obj {
+                    let p = props
+                        .get(k)
+                        .unwrap_or_else(|| panic!("{at}: `{k}` is not in the schema"));
+                    if let Some(e) = p["enum"].as_array() {
+                        assert!(e.contains(v), "{at}.{k} = {v} not in {e:?}");
+                    }
+                    if p["type"] == "object" {
+                        check(v, p, &format!("{at}.{k}"));
+                    }
+                    if let Some(items) = p.get("items").filter(|_| v.is_array()) {
+                        for x in v.as_array().unwrap() {
+                            if let Some(e) = items["enum"].as_array() {
+                                assert!(e.contains(x), "{at}.{k}: {x} not in {e:?}");
+                            }
+                            if items["type"] == "object" {
+                                check(x, items, &format!("{at}.{k}[]"));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        check(&m, &schema, "manifest");
+        assert!(
+            m["other_tensors"].as_array().unwrap().len() >= 4,
+            "MLP tensors recorded"
+        );
+    }
+}

@@ -1,9 +1,9 @@
-//! The scorer's read seam implemented for a store.
+//! The scorer's read seam implemented for a gradshard store.
 
 use std::ops::Range;
 
+use crate::{Error, Result, TileSource};
 use gradshard_core::{Block, Geometry, OtherTensor, SampleId, TaskName};
-use gradshard_score::{Error, Result, TileSource};
 use gradshard_store::Store;
 
 /// A [`Store`] seen by the scorer.
