@@ -43,9 +43,9 @@ pub fn grads(a: GradsArgs) -> Result<ExitCode> {
     let bar = counter(0, "grads");
     let r = write_grads(&o, &mut |p| match p {
         Progress::Sample { done, .. } => bar.set_position(done as u64),
-        Progress::Skipped { id, line, tokens } => {
-            bar.println(format!("skipped sample {id} (line {line}): {tokens} token(s), at least 2 needed"))
-        }
+        Progress::Skipped { id, line, tokens } => bar.println(format!(
+            "skipped sample {id} (line {line}): {tokens} token(s), at least 2 needed"
+        )),
         _ => {}
     });
     bar.finish_and_clear();

@@ -39,18 +39,40 @@ pub fn index_schema() -> Schema {
 pub fn write_index(store: &Store, path: &Path) -> Result<u64> {
     let schema = Arc::new(index_schema());
     let tmp = path.with_extension("parquet.tmp");
-    let file = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let file =
+        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     let mut w = ArrowWriter::try_new(file, schema.clone(), None)?;
     let order = store.order();
     let frames: Vec<usize> = (0..order.n_frames()).collect();
     let mut rows = 0u64;
     let records: Vec<_> = store.index().records().collect();
     for chunk in records.chunks(64) {
-        let (mut task, mut sid, mut kind_id) = (StringBuilder::new(), StringBuilder::new(), StringBuilder::new());
-        let (mut tokens, mut frame, mut kind) = (Int64Builder::new(), Int32Builder::new(), StringBuilder::new());
-        let (mut layer, mut block, mut head) = (Int32Builder::new(), StringBuilder::new(), Int32Builder::new());
-        let (mut tensor, mut r0, mut r1) = (StringBuilder::new(), Int32Builder::new(), Int32Builder::new());
-        let (mut shard, mut off, mut len, mut raw) = (Int32Builder::new(), Int64Builder::new(), Int64Builder::new(), Int64Builder::new());
+        let (mut task, mut sid, mut kind_id) = (
+            StringBuilder::new(),
+            StringBuilder::new(),
+            StringBuilder::new(),
+        );
+        let (mut tokens, mut frame, mut kind) = (
+            Int64Builder::new(),
+            Int32Builder::new(),
+            StringBuilder::new(),
+        );
+        let (mut layer, mut block, mut head) = (
+            Int32Builder::new(),
+            StringBuilder::new(),
+            Int32Builder::new(),
+        );
+        let (mut tensor, mut r0, mut r1) = (
+            StringBuilder::new(),
+            Int32Builder::new(),
+            Int32Builder::new(),
+        );
+        let (mut shard, mut off, mut len, mut raw) = (
+            Int32Builder::new(),
+            Int64Builder::new(),
+            Int64Builder::new(),
+            Int64Builder::new(),
+        );
         let mut sum = StringBuilder::new();
         for r in chunk {
             let plan = store.plan(&[r], &frames)?;
@@ -71,7 +93,11 @@ pub fn write_index(store: &Store, path: &Path) -> Result<u64> {
                 tokens.append_value(r.tokens as i64);
                 frame.append_value(p.frame as i32);
                 match order.key(p.frame).expect("planned frame") {
-                    FrameKey::Attn { layer: l, block: b, head: h } => {
+                    FrameKey::Attn {
+                        layer: l,
+                        block: b,
+                        head: h,
+                    } => {
                         kind.append_value("attn");
                         layer.append_value(l as i32);
                         block.append_value(b.as_str());

@@ -268,9 +268,22 @@ fn index_parquet_matches_its_schema_and_the_store() {
     use parquet::file::reader::{FileReader, SerializedFileReader};
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("s");
-    ok(&["synth", "--store", store.to_str().unwrap(), "--samples", "3", "--mlp"]);
+    ok(&[
+        "synth",
+        "--store",
+        store.to_str().unwrap(),
+        "--samples",
+        "3",
+        "--mlp",
+    ]);
     let out = dir.path().join("index.parquet");
-    ok(&["inspect", "--store", store.to_str().unwrap(), "--index-parquet", out.to_str().unwrap()]);
+    ok(&[
+        "inspect",
+        "--store",
+        store.to_str().unwrap(),
+        "--index-parquet",
+        out.to_str().unwrap(),
+    ]);
     let reader = SerializedFileReader::new(std::fs::File::open(&out).unwrap()).unwrap();
     let rows = reader.metadata().file_metadata().num_rows();
     let s = gradshard_store::Store::open(&store).unwrap();
@@ -281,7 +294,10 @@ fn index_parquet_matches_its_schema_and_the_store() {
     )
     .unwrap();
     let doc: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../schemas/store/index.arrow.json")).unwrap(),
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../schemas/store/index.arrow.json"),
+        )
+        .unwrap(),
     )
     .unwrap();
     gradshard_export::check_against_json("index", &schema, &doc).unwrap();
