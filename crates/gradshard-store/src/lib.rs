@@ -37,6 +37,16 @@ pub fn shard_path(dir: &Path, no: u32) -> PathBuf {
     shards_dir(dir).join(format!("shard-{no:06}.gss"))
 }
 
+/// Maps a whole file read-only. Shard files are only appended to (or, by a recovering
+/// writer holding the lock, truncated past uncommitted bytes), so bytes a committed
+/// record points at do not change while mapped.
+pub(crate) fn map_file(path: &Path) -> Result<memmap2::Mmap> {
+    use error::IoContext;
+    let f = std::fs::File::open(path).at(path)?;
+    // SAFETY: see above; readers only touch committed byte ranges.
+    unsafe { memmap2::Mmap::map(&f) }.at(path)
+}
+
 pub(crate) fn parse_shard_name(name: &str) -> Option<u32> {
     let digits = name.strip_prefix("shard-")?.strip_suffix(".gss")?;
     if digits.len() < 6 || !digits.bytes().all(|b| b.is_ascii_digit()) {

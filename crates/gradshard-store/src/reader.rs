@@ -65,12 +65,7 @@ impl Store {
         let mut shards = HashMap::new();
         for r in &scan.records {
             if let std::collections::hash_map::Entry::Vacant(e) = shards.entry(r.shard) {
-                let p = shard_path(dir, r.shard);
-                let f = std::fs::File::open(&p).at(&p)?;
-                // SAFETY: shards are append-only while a writer runs and are only truncated
-                // past committed data by a recovering writer; readers map committed bytes.
-                let m = unsafe { Mmap::map(&f) }.at(&p)?;
-                e.insert(m);
+                e.insert(crate::map_file(&shard_path(dir, r.shard))?);
             }
         }
         let index = Index::from_records(scan.records)?;

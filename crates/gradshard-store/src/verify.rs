@@ -76,14 +76,14 @@ pub fn verify(dir: &Path, progress: &(dyn Fn(u64, u64) + Sync)) -> Result<Verify
 
     // Shard files: header, name, footer.
     let sd = shards_dir(dir);
-    let mut files: BTreeMap<u32, Vec<u8>> = BTreeMap::new();
+    let mut files: BTreeMap<u32, memmap2::Mmap> = BTreeMap::new();
     for e in std::fs::read_dir(&sd).at(&sd)? {
         let e = e.at(&sd)?;
         let name = e.file_name().to_string_lossy().into_owned();
         match parse_shard_name(&name) {
             Some(no) => {
                 let p = e.path();
-                files.insert(no, std::fs::read(&p).at(&p)?);
+                files.insert(no, crate::map_file(&p)?);
             }
             None => rep
                 .warnings

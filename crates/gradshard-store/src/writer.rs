@@ -898,7 +898,8 @@ fn recover(dir: &Path, manifest: &Manifest) -> Result<(Vec<LogRecord>, u32)> {
         };
         next = next.max(no + 1);
         let path = e.path();
-        let data = std::fs::read(&path).at(&path)?;
+        // Mapped, not read: only the header and the footer pages are touched.
+        let data = crate::map_file(&path)?;
         let header = ShardHeader::parse(&data).at(&path);
         let tables: Vec<(u64, u32)> = scan
             .records
@@ -919,8 +920,8 @@ fn recover(dir: &Path, manifest: &Manifest) -> Result<(Vec<LogRecord>, u32)> {
                     },
                 })
             }
-            Err(_) if tables.is_empty() && data.len() < SHARD_HEADER_LEN => {
-                // A shard whose header never reached the disk holds nothing committed.
+            Err(_) if tables.is_empty() => {
+                // A shard whose header never became durable (a crash while it was created) holds nothing committed.
                 std::fs::remove_file(&path).at(&path)?;
                 continue;
             }
@@ -944,6 +945,8 @@ fn recover(dir: &Path, manifest: &Manifest) -> Result<(Vec<LogRecord>, u32)> {
                 },
             });
         }
+        // Unmap before truncating: no access may reach past the new end.
+        drop(data);
         let mut f = OpenOptions::new().write(true).open(&path).at(&path)?;
         f.set_len(end).at(&path)?;
         f.seek(SeekFrom::End(0)).at(&path)?;
