@@ -1,0 +1,229 @@
+//! `collect`: a Hugging Face checkpoint and JSONL task files → per-sample
+//! gradients (burn) → a store, with running Fisher statistics; resumable,
+//! splittable into `--worker k/N` shares.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use gradshard_collect::{CollectEvent, CollectOptions, CollectReport, NanPolicy, WorkerSplit};
+use gradshard_core::TaskName;
+use gradshard_models::{Device, ParamSet};
+use gradshard_store::{fsutil, CodecName, CodecSpec, LiveCounters, WriterOptions};
+use serde_json::json;
+
+use crate::progress::WriteBar;
+use crate::{human, WriteArgs};
+
+#[derive(Args, Debug, Clone)]
+pub struct CollectArgs {
+    /// Model directory: config.json, model.safetensors (or sharded), tokenizer.json.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// NAME=FILE.jsonl: a task and its samples ({"id", "text" | "input_ids"} per line). Repeatable.
+    #[arg(long = "task", required = true, value_parser = parse_task_file)]
+    pub tasks: Vec<(TaskName, PathBuf)>,
+    /// Store directory (created if absent; rerunning the same command resumes).
+    #[arg(long)]
+    pub store: PathBuf,
+    /// Weights whose per-sample gradients are stored: attn, attn,mlp or all-2d.
+    #[arg(long, default_value = "attn", value_parser = parse_params)]
+    pub params: ParamSet,
+    /// cpu, cuda or cuda:N (CUDA needs a build with --features cuda).
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    pub device: Device,
+    /// Only the first N samples of each task file (before the worker split).
+    #[arg(long)]
+    pub max_samples: Option<usize>,
+    /// Truncate every sample to this many tokens.
+    #[arg(long)]
+    pub max_tokens: Option<usize>,
+    /// Samples per backward pass (per-sample gradients from one batched pass).
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// A NaN/inf gradient: `error` stops naming task, sample and tensor; `skip` leaves the sample out.
+    #[arg(long, default_value = "error")]
+    pub nan_policy: NanPolicy,
+    /// K/N: take the samples whose index in their task file is ≡ K mod N (job arrays, several GPUs).
+    #[arg(long, default_value = "0/1")]
+    pub worker: WorkerSplit,
+    /// Also write the full-resolution Fisher mean per task (stats/<task>.fisher.safetensors).
+    #[arg(long)]
+    pub full_fisher: bool,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+    #[command(flatten)]
+    pub write: WriteArgs,
+}
+
+fn parse_task_file(s: &str) -> Result<(TaskName, PathBuf), String> {
+    let (name, file) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}`: expected NAME=FILE.jsonl"))?;
+    let name = TaskName::new(name).map_err(|e| e.to_string())?;
+    if file.is_empty() {
+        return Err(format!("`{s}`: empty file name"));
+    }
+    Ok((name, PathBuf::from(file)))
+}
+
+fn parse_params(s: &str) -> Result<ParamSet, String> {
+    s.parse()
+        .map_err(|e: gradshard_models::Error| e.to_string())
+}
+
+fn parse_device(s: &str) -> Result<Device, String> {
+    s.parse()
+        .map_err(|e: gradshard_models::Error| e.to_string())
+}
+
+/// Writer options and codec from the shared writer flags.
+pub fn writer_opts(w: &WriteArgs, live: Arc<LiveCounters>) -> Result<(WriterOptions, CodecSpec)> {
+    if w.zstd_level < 0 || w.zstd_level > 22 {
+        bail!("--zstd-level {} is out of range 0..=22", w.zstd_level);
+    }
+    let codec = CodecSpec {
+        name: if w.zstd_level == 0 {
+            CodecName::None
+        } else {
+            CodecName::Zstd
+        },
+        level: w.zstd_level,
+        shuffle: !w.no_shuffle,
+    };
+    let opts = WriterOptions {
+        workers: w
+            .workers
+            .unwrap_or_else(WriterOptions::default_workers)
+            .max(1),
+        memory_budget: w.memory_budget,
+        shard_target_bytes: w.shard_size,
+        source: serde_json::Value::Null,
+        live,
+    };
+    Ok((opts, codec))
+}
+
+/// Runs collect and prints its report; returns the report.
+pub fn run_collect(a: &CollectArgs) -> Result<CollectReport> {
+    let live = Arc::new(LiveCounters::default());
+    let (writer, codec) = writer_opts(&a.write, live.clone())?;
+    let mut o = CollectOptions::new(&a.model, &a.store);
+    o.tasks = a.tasks.clone();
+    o.params = a.params;
+    o.dtype = a.write.dtype;
+    o.codec = codec;
+    o.device = a.device;
+    o.max_samples = a.max_samples;
+    o.max_tokens = a.max_tokens;
+    o.batch = a.batch;
+    o.nan_policy = a.nan_policy;
+    o.worker = a.worker;
+    o.full_fisher = a.full_fisher;
+    o.writer = writer;
+    let mut bar: Option<WriteBar> = None;
+    let r = gradshard_collect::collect(&o, &mut |e| match e {
+        CollectEvent::Started { planned, .. } if !a.quiet => {
+            bar = Some(WriteBar::new(planned, "collect"));
+        }
+        CollectEvent::Sample { done, .. } => {
+            if let Some(b) = &bar {
+                b.update(done, Some(&live));
+            }
+        }
+        CollectEvent::Finishing => {
+            if let Some(b) = &bar {
+                b.finish();
+            }
+        }
+        _ => {}
+    });
+    if let Some(b) = &bar {
+        b.finish();
+    }
+    let r = r.with_context(|| format!("collect into {}", a.store.display()))?;
+    print_report(&r, a)?;
+    Ok(r)
+}
+
+fn print_report(r: &CollectReport, a: &CollectArgs) -> Result<()> {
+    let w = &r.write;
+    let secs = r.elapsed.as_secs_f64().max(1e-9);
+    let ratio = if w.stored_bytes > 0 {
+        w.raw_bytes as f64 / w.stored_bytes as f64
+    } else {
+        0.0
+    };
+    let peak = fsutil::peak_rss_bytes();
+    println!(
+        "collect: {} samples stored, {} already in the store (resumed), {} skipped",
+        r.stored,
+        r.resumed,
+        r.skipped.len()
+    );
+    for s in r.skipped.iter().take(20) {
+        println!("  skipped: task `{}` sample {}: {}", s.task, s.id, s.why);
+    }
+    if r.skipped.len() > 20 {
+        println!("  … and {} more skipped", r.skipped.len() - 20);
+    }
+    println!(
+        "  {:.2} samples/s; raw {} -> on disk {} (ratio {ratio:.3}x) in {secs:.2} s: {:.3} GB/s raw, {:.3} GB/s to disk",
+        r.stored as f64 / secs,
+        human(w.raw_bytes),
+        human(w.stored_bytes),
+        w.raw_bytes as f64 / secs / 1e9,
+        w.stored_bytes as f64 / secs / 1e9
+    );
+    println!(
+        "  time: model {:.2} s, frames+stats {:.2} s, waited on the writer {:.2} s | compression {:.2} s (summed over workers), write+fsync {:.2} s; peak RSS {}",
+        r.compute_time.as_secs_f64(),
+        r.prepare_time.as_secs_f64(),
+        r.blocked_time.as_secs_f64(),
+        w.compress_time.as_secs_f64(),
+        w.io_time.as_secs_f64(),
+        peak.map(human).unwrap_or_else(|| "n/a".into())
+    );
+    println!(
+        "  statistics: {} task file(s) rebuilt from {} side-log records and {} samples re-read from the store",
+        r.stats.files.len(),
+        r.stats.from_side_log,
+        r.stats.from_store
+    );
+    for f in r.stats.files.iter().chain(&r.full_fisher) {
+        println!("    {}", f.display());
+    }
+    println!("store: {}", a.store.display());
+    if let Some(p) = &a.write.report_json {
+        let v = json!({
+            "stored": r.stored,
+            "resumed": r.resumed,
+            "skipped": r.skipped.iter().map(|s| json!({"task": s.task.as_str(), "id": s.id, "why": s.why})).collect::<Vec<_>>(),
+            "samples_per_s": r.stored as f64 / secs,
+            "raw_bytes": w.raw_bytes,
+            "stored_bytes": w.stored_bytes,
+            "ratio": ratio,
+            "seconds": secs,
+            "raw_gb_per_s": w.raw_bytes as f64 / secs / 1e9,
+            "disk_gb_per_s": w.stored_bytes as f64 / secs / 1e9,
+            "model_seconds": r.compute_time.as_secs_f64(),
+            "prepare_seconds": r.prepare_time.as_secs_f64(),
+            "blocked_on_writer_seconds": r.blocked_time.as_secs_f64(),
+            "compress_seconds": w.compress_time.as_secs_f64(),
+            "io_seconds": w.io_time.as_secs_f64(),
+            "peak_rss_bytes": peak,
+            "stats_files": r.stats.files,
+        });
+        std::fs::write(p, serde_json::to_string_pretty(&v)?)
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(())
+}
+
+pub fn collect(a: CollectArgs) -> Result<ExitCode> {
+    run_collect(&a)?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,607 @@
+//! `gradshard collect`: model → per-sample gradients → frames → the store's
+//! writer pipeline (bounded queue → compression workers → appender), with the
+//! per-sample Fisher sums logged for the statistics.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use gradshard_core::{Block, DType, Geometry, OtherTensor, SampleId, TaskName};
+use gradshard_models::{
+    load_tokenizer, Device, GradModel, ParamInfo, ParamSet, ReaderOptions, SampleGrads,
+    SampleReader,
+};
+use gradshard_store::{CodecSpec, SampleMeta, StoreSpec, StoreWriter, WriteReport, WriterOptions};
+
+use crate::error::{Error, Result};
+use crate::stats::{self, SideLog, StatsLayout};
+
+/// What to do with a sample whose gradient holds NaN or ±inf.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NanPolicy {
+    /// Stop with an error naming the task, sample and tensor.
+    #[default]
+    Error,
+    /// Leave the sample out of the store and count it.
+    Skip,
+}
+
+impl std::str::FromStr for NanPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "error" => Ok(NanPolicy::Error),
+            "skip" => Ok(NanPolicy::Skip),
+            _ => Err(format!("unknown NaN policy `{s}` (use error or skip)")),
+        }
+    }
+}
+
+/// `k/N`: this worker takes the samples whose 0-based index in their task file
+/// (among the samples the reader yields) is ≡ k mod N.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkerSplit {
+    pub k: usize,
+    pub n: usize,
+}
+
+impl Default for WorkerSplit {
+    fn default() -> Self {
+        WorkerSplit { k: 0, n: 1 }
+    }
+}
+
+impl std::str::FromStr for WorkerSplit {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let (k, n) = s
+            .split_once('/')
+            .ok_or_else(|| format!("`{s}`: expected K/N, e.g. 0/4"))?;
+        let k: usize = k.trim().parse().map_err(|_| format!("`{s}`: bad K"))?;
+        let n: usize = n.trim().parse().map_err(|_| format!("`{s}`: bad N"))?;
+        if n == 0 || k >= n {
+            return Err(format!("`{s}`: need 0 <= K < N"));
+        }
+        Ok(WorkerSplit { k, n })
+    }
+}
+
+/// Settings of one collect run (the CLI flags).
+#[derive(Debug, Clone)]
+pub struct CollectOptions {
+    pub model_dir: PathBuf,
+    /// (task, JSONL file), in order.
+    pub tasks: Vec<(TaskName, PathBuf)>,
+    pub store: PathBuf,
+    pub params: ParamSet,
+    pub dtype: DType,
+    pub codec: CodecSpec,
+    pub device: Device,
+    /// Only the first N samples of each task file (before the worker split).
+    pub max_samples: Option<usize>,
+    /// Truncate each sample to this many tokens.
+    pub max_tokens: Option<usize>,
+    /// Samples per backward pass.
+    pub batch: usize,
+    pub nan_policy: NanPolicy,
+    pub worker: WorkerSplit,
+    /// Also write `stats/<task>.fisher.safetensors`.
+    pub full_fisher: bool,
+    pub writer: WriterOptions,
+}
+
+impl CollectOptions {
+    pub fn new(model_dir: impl Into<PathBuf>, store: impl Into<PathBuf>) -> CollectOptions {
+        CollectOptions {
+            model_dir: model_dir.into(),
+            tasks: Vec::new(),
+            store: store.into(),
+            params: ParamSet::Attn,
+            dtype: DType::Bf16,
+            codec: CodecSpec::DEFAULT,
+            device: Device::Cpu,
+            max_samples: None,
+            max_tokens: None,
+            batch: 1,
+            nan_policy: NanPolicy::Error,
+            worker: WorkerSplit::default(),
+            full_fisher: false,
+            writer: WriterOptions::default(),
+        }
+    }
+}
+
+/// Events for a progress display.
+#[derive(Debug, Clone)]
+pub enum CollectEvent {
+    /// The model is loaded and the store open.
+    Started {
+        /// Samples of this worker's share (non-empty lines after the worker split
+        /// and --max-samples), including those already committed.
+        planned: u64,
+        values_per_sample: u64,
+    },
+    /// A sample was handed to the writer.
+    Sample {
+        task: TaskName,
+        id: SampleId,
+        done: u64,
+    },
+    /// A sample was left out.
+    Skipped {
+        task: TaskName,
+        id: SampleId,
+        why: String,
+    },
+    /// The writer finished; statistics are being rebuilt.
+    Finishing,
+}
+
+/// A sample that was not stored, and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SkippedSample {
+    pub task: TaskName,
+    pub id: SampleId,
+    pub why: String,
+}
+
+/// What a collect run did.
+#[derive(Debug, Clone)]
+pub struct CollectReport {
+    pub write: WriteReport,
+    /// Samples computed and stored by this run.
+    pub stored: u64,
+    /// Samples of this worker's share already in the store (resume).
+    pub resumed: u64,
+    /// Samples left out: fewer than 2 tokens, non-finite gradients.
+    pub skipped: Vec<SkippedSample>,
+    /// Time in the model (forward + backward, including reading the input).
+    pub compute_time: Duration,
+    /// Time cutting frames and summing Fisher statistics on the model thread.
+    pub prepare_time: Duration,
+    /// Time the model thread waited on the writer (budget full): 0 means the
+    /// disk never held the model back.
+    pub blocked_time: Duration,
+    pub elapsed: Duration,
+    pub stats: stats::RebuildReport,
+    pub full_fisher: Vec<PathBuf>,
+}
+
+fn to_core_id(task: &TaskName, id: &gradshard_models::SampleId, line: usize) -> Result<SampleId> {
+    Ok(match id {
+        gradshard_models::SampleId::Int(v) => SampleId::Int(*v),
+        gradshard_models::SampleId::Str(v) => SampleId::string(v.clone())
+            .map_err(|e| Error::InvalidArgument(format!("task `{task}` line {line}: {e}")))?,
+    })
+}
+
+/// The store spec of a model's tracked parameters: every attention tensor of the
+/// geometry (all must be tracked), plus every other tracked 2-D tensor as row
+/// groups, sorted by name (the order `ingest` uses).
+pub fn spec_from_params(
+    model_dir: &Path,
+    tracked: &[ParamInfo],
+    dtype: DType,
+    codec: CodecSpec,
+) -> Result<StoreSpec> {
+    let mut g = Geometry::from_config_path(model_dir)?;
+    g.detect_root(tracked.iter().map(|p| p.name.as_str()));
+    let attn = g.all_attn_tensors();
+    for t in &attn {
+        let p = tracked.iter().find(|p| p.name == t.name).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "{}: attention tensor `{}` is not among the model's tracked parameters",
+                model_dir.display(),
+                t.name
+            ))
+        })?;
+        g.check_shape(t, &p.shape)?;
+    }
+    let mut others: Vec<OtherTensor> = tracked
+        .iter()
+        .filter(|p| !attn.iter().any(|t| t.name == p.name))
+        .filter_map(|p| match p.shape.as_slice() {
+            [r, c] if *r > 0 && *c > 0 => Some(OtherTensor::new(
+                p.name.clone(),
+                [*r, *c],
+                g.out_axis_of(&p.name),
+            )),
+            _ => None,
+        })
+        .collect();
+    others.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(StoreSpec {
+        geometry: g,
+        dtype,
+        codec,
+        blocks: Block::ALL.to_vec(),
+        other_tensors: others,
+    })
+}
+
+/// Non-empty lines of a JSONL file (an upper bound of its samples, for ETA).
+fn count_lines(path: &Path) -> Result<u64> {
+    use std::io::BufRead;
+    let f = std::fs::File::open(path).map_err(crate::error::io(path))?;
+    let mut n = 0;
+    for l in std::io::BufReader::new(f).lines() {
+        if !l.map_err(crate::error::io(path))?.trim().is_empty() {
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+fn first_non_finite(v: &[f32]) -> Option<(usize, f32)> {
+    v.iter().position(|x| !x.is_finite()).map(|i| (i, v[i]))
+}
+
+struct Sink<'a> {
+    w: &'a RefCell<StoreWriter>,
+    side: SideLog,
+    layout: StatsLayout,
+    attn_of: HashMap<String, gradshard_core::AttnTensor>,
+    geometry: Geometry,
+    nan_policy: NanPolicy,
+    stored: u64,
+    skipped: Vec<SkippedSample>,
+    prepare: Duration,
+    blocked: Duration,
+}
+
+impl Sink<'_> {
+    fn put(&mut self, task: &TaskName, id: SampleId, g: SampleGrads) -> Result<bool> {
+        let t0 = Instant::now();
+        for t in &g.grads {
+            if let Some((index, value)) = first_non_finite(&t.data) {
+                match self.nan_policy {
+                    NanPolicy::Error => {
+                        return Err(Error::NonFinite {
+                            task: task.clone(),
+                            id,
+                            tensor: t.name.clone(),
+                            index,
+                            value,
+                        })
+                    }
+                    NanPolicy::Skip => {
+                        let why = format!(
+                            "non-finite gradient {value} in tensor `{}` at flat index {index}",
+                            t.name
+                        );
+                        tracing::warn!("task `{task}` sample {id}: skipped: {why}");
+                        self.skipped.push(SkippedSample {
+                            task: task.clone(),
+                            id,
+                            why,
+                        });
+                        return Ok(false);
+                    }
+                }
+            }
+        }
+        let order = self.layout.order().clone();
+        // The gradient set must be exactly the store's tensor set.
+        let n_expected = self.attn_of.len() + order.others().len();
+        if g.grads.len() != n_expected {
+            return Err(Error::Sample {
+                task: task.clone(),
+                id,
+                what: format!(
+                    "the model returned {} tensors, the store holds {n_expected}",
+                    g.grads.len()
+                ),
+            });
+        }
+        let tokens = u32::try_from(g.tokens).map_err(|_| Error::Sample {
+            task: task.clone(),
+            id: id.clone(),
+            what: format!("T = {} does not fit in u32", g.tokens),
+        })?;
+        let mut sums = vec![0f64; self.layout.len()];
+        let mut h = self.w.borrow_mut().begin_sample(SampleMeta {
+            task: task.clone(),
+            id: id.clone(),
+            tokens,
+            loss_sum: g.loss_sum,
+        })?;
+        for t in g.grads {
+            if let Some(at) = self.attn_of.get(&t.name) {
+                if t.shape != at.shape {
+                    return Err(Error::Sample {
+                        task: task.clone(),
+                        id,
+                        what: format!(
+                            "tensor `{}` has shape {:?}, the store holds {:?}",
+                            t.name, t.shape, at.shape
+                        ),
+                    });
+                }
+                for b in &at.blocks {
+                    for head in 0..self.geometry.heads_of(*b) {
+                        let frame = order.attn(at.layer, *b, head).expect("all blocks stored");
+                        let slice = self.geometry.slice_spec(at.layer, *b, head)?.cut(&t.data)?;
+                        self.layout.accumulate(frame, &slice, &mut sums);
+                        let tb = Instant::now();
+                        self.w.borrow_mut().put_frame(&mut h, frame, slice)?;
+                        self.blocked += tb.elapsed();
+                    }
+                }
+            } else if let Some(ti) = order.other_index(&t.name) {
+                let o = &order.others()[ti];
+                if t.shape.as_slice() != o.shape {
+                    return Err(Error::Sample {
+                        task: task.clone(),
+                        id,
+                        what: format!(
+                            "tensor `{}` has shape {:?}, the store holds {:?}",
+                            t.name, t.shape, o.shape
+                        ),
+                    });
+                }
+                for gi in 0..o.groups() {
+                    let (a, b) = o.group_rows(gi);
+                    let frame = order.other(ti, gi).expect("group in range");
+                    let part = t.data[a * o.shape[1]..b * o.shape[1]].to_vec();
+                    self.layout.accumulate(frame, &part, &mut sums);
+                    let tb = Instant::now();
+                    self.w.borrow_mut().put_frame(&mut h, frame, part)?;
+                    self.blocked += tb.elapsed();
+                }
+            } else {
+                return Err(Error::Sample {
+                    task: task.clone(),
+                    id,
+                    what: format!(
+                        "the model returned tensor `{}`, which this store does not hold",
+                        t.name
+                    ),
+                });
+            }
+        }
+        self.layout.finish_sample(&mut sums, tokens);
+        // The sums are logged before the sample can commit.
+        self.side.append(task, &id, tokens, &sums)?;
+        self.w.borrow_mut().end_sample(h)?;
+        self.stored += 1;
+        self.prepare += t0.elapsed();
+        Ok(true)
+    }
+}
+
+/// Runs a collection; see the module docs. Rerunning the same options after a
+/// crash continues: committed (task, id) pairs are not recomputed.
+pub fn collect(
+    opts: &CollectOptions,
+    progress: &mut dyn FnMut(CollectEvent),
+) -> Result<CollectReport> {
+    let start = Instant::now();
+    if opts.tasks.is_empty() {
+        return Err(Error::InvalidArgument(
+            "at least one --task is needed".into(),
+        ));
+    }
+    for (i, (t, _)) in opts.tasks.iter().enumerate() {
+        if opts.tasks[..i].iter().any(|(u, _)| u == t) {
+            return Err(Error::InvalidArgument(format!("task `{t}` is given twice")));
+        }
+    }
+    if opts.batch == 0 {
+        return Err(Error::InvalidArgument("--batch must be >= 1".into()));
+    }
+    if matches!(opts.max_tokens, Some(0 | 1)) {
+        return Err(Error::InvalidArgument(
+            "--max-tokens must be >= 2 (one input and one label)".into(),
+        ));
+    }
+    for (t, f) in &opts.tasks {
+        if !f.is_file() {
+            return Err(Error::InvalidArgument(format!(
+                "task `{t}`: {} is not a file",
+                f.display()
+            )));
+        }
+    }
+    let model = GradModel::load(&opts.model_dir, opts.device, opts.params)?;
+    let tracked = model.tracked_params();
+    let spec = spec_from_params(&opts.model_dir, &tracked, opts.dtype, opts.codec)?;
+    let mut wopts = opts.writer.clone();
+    if wopts.source.is_null() {
+        wopts.source = serde_json::json!({
+            "kind": "collect",
+            "model": opts.model_dir.display().to_string(),
+            "params": format!("{:?}", opts.params),
+            "tasks": opts.tasks.iter().map(|(t, f)| (t.to_string(), f.display().to_string())).collect::<std::collections::BTreeMap<_, _>>(),
+            "max_tokens": opts.max_tokens,
+            "max_samples": opts.max_samples,
+        });
+    }
+    let writer = StoreWriter::open_or_create(&opts.store, &spec, wopts)?;
+    let dtype = writer.manifest().spec.dtype;
+    let layout = StatsLayout::new(writer.order(), dtype);
+    // Opened (and a torn tail cut) while this process holds the store's LOCK.
+    let side = SideLog::open(&opts.store, layout.len(), true)?;
+    let geometry = writer.order().geometry().clone();
+    let attn_of = geometry
+        .all_attn_tensors()
+        .into_iter()
+        .map(|t| (t.name.clone(), t))
+        .collect();
+    let writer = RefCell::new(writer);
+
+    // Plan for the progress display: lines per task after split and cap.
+    let mut planned = 0u64;
+    for (_, f) in &opts.tasks {
+        let lines = count_lines(f)?;
+        let lines = opts.max_samples.map_or(lines, |m| lines.min(m as u64));
+        let (k, n) = (opts.worker.k as u64, opts.worker.n as u64);
+        planned += lines / n + u64::from(lines % n > k);
+    }
+    let tok_path = opts.model_dir.join("tokenizer.json");
+    let values_per_sample: u64 = tracked
+        .iter()
+        .map(|p| p.shape.iter().product::<usize>() as u64)
+        .sum();
+
+    let mut sink = Sink {
+        w: &writer,
+        side,
+        layout,
+        attn_of,
+        geometry,
+        nan_policy: opts.nan_policy,
+        stored: 0,
+        skipped: Vec::new(),
+        prepare: Duration::ZERO,
+        blocked: Duration::ZERO,
+    };
+    let mut resumed = 0u64;
+    let mut started = false;
+    let mut compute_total = Duration::ZERO;
+    for (task, file) in &opts.tasks {
+        let tokenizer = if tok_path.exists() {
+            Some((load_tokenizer(&tok_path)?, tok_path.clone()))
+        } else {
+            None
+        };
+        let mut reader = SampleReader::open(
+            file,
+            tokenizer,
+            ReaderOptions {
+                max_tokens: opts.max_tokens,
+                vocab_size: Some(model.config().vocab_size()),
+                max_positions: model.config().max_positions(),
+            },
+        )?;
+        // Decide which samples this run computes: index cap, worker share, resume.
+        let mut idx = 0usize;
+        let mut id_err: Option<Error> = None;
+        {
+            let mut resumed_here = 0u64;
+            let iter = std::iter::from_fn(|| loop {
+                let item = reader.next()?;
+                let s = match item {
+                    Err(e) => return Some(Err(e)),
+                    Ok(s) => s,
+                };
+                let i = idx;
+                idx += 1;
+                if opts.max_samples.is_some_and(|m| i >= m) {
+                    return None;
+                }
+                if i % opts.worker.n != opts.worker.k {
+                    continue;
+                }
+                let id = match to_core_id(task, &s.id, s.line) {
+                    Ok(id) => id,
+                    Err(e) => {
+                        id_err = Some(e);
+                        return None;
+                    }
+                };
+                if writer.borrow().is_committed(task, &id) {
+                    resumed_here += 1;
+                    continue;
+                }
+                return Some(Ok(s));
+            });
+            if !started {
+                started = true;
+                progress(CollectEvent::Started {
+                    planned,
+                    values_per_sample,
+                });
+            }
+            let mut sink_err: Option<Error> = None;
+            let t_task = Instant::now();
+            let mut in_sink = Duration::ZERO;
+            let r = model.for_each_grads(iter, opts.batch, |g| {
+                let ts = Instant::now();
+                let res = (|| -> Result<()> {
+                    let id = to_core_id(task, &g.id, 0)?;
+                    let done_id = id.clone();
+                    if sink.put(task, id, g)? {
+                        progress(CollectEvent::Sample {
+                            task: task.clone(),
+                            id: done_id,
+                            done: sink.stored,
+                        });
+                    } else if let Some(s) = sink.skipped.last() {
+                        progress(CollectEvent::Skipped {
+                            task: s.task.clone(),
+                            id: s.id.clone(),
+                            why: s.why.clone(),
+                        });
+                    }
+                    Ok(())
+                })();
+                in_sink += ts.elapsed();
+                res.map_err(|e| {
+                    let msg = e.to_string();
+                    sink_err = Some(e);
+                    gradshard_models::Error::InvalidArgument(msg)
+                })
+            });
+            compute_total += t_task.elapsed().saturating_sub(in_sink);
+            if let Some(e) = sink_err {
+                return Err(e);
+            }
+            if let Some(e) = id_err.take() {
+                return Err(e);
+            }
+            r?;
+            resumed += resumed_here;
+        }
+        for s in reader.skipped() {
+            let id = match &s.id {
+                gradshard_models::SampleId::Int(v) => SampleId::Int(*v),
+                gradshard_models::SampleId::Str(v) => SampleId::Str(v.clone()),
+            };
+            let why = format!(
+                "{} token(s) at line {}: needs at least 2 (one input, one label)",
+                s.tokens, s.line
+            );
+            progress(CollectEvent::Skipped {
+                task: task.clone(),
+                id: id.clone(),
+                why: why.clone(),
+            });
+            sink.skipped.push(SkippedSample {
+                task: task.clone(),
+                id,
+                why,
+            });
+        }
+    }
+    progress(CollectEvent::Finishing);
+    sink.side.sync()?;
+    let Sink {
+        stored,
+        skipped,
+        prepare,
+        blocked,
+        ..
+    } = sink;
+    let write = writer.into_inner().finish()?;
+    let stats = stats::rebuild(&opts.store)?;
+    let mut full_fisher = Vec::new();
+    if opts.full_fisher {
+        let store = gradshard_store::Store::open(&opts.store)?;
+        for t in store.tasks() {
+            full_fisher.push(crate::fisher::write_full_fisher(&store, &t)?);
+        }
+    }
+    Ok(CollectReport {
+        write,
+        stored,
+        resumed,
+        skipped,
+        compute_time: compute_total,
+        prepare_time: prepare.saturating_sub(blocked),
+        blocked_time: blocked,
+        elapsed: start.elapsed(),
+        stats,
+        full_fisher,
+    })
+}

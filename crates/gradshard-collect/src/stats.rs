@@ -1,0 +1,712 @@
+//! Running Fisher statistics of a store, per task (docs/format.md, "Statistics").
+//!
+//! For every committed sample i the collector records a vector of per-sample
+//! sums s_i of C_i = g_i²/T_i:
+//! - one entry per attention frame (layer, block, head): the sum of C_i over the
+//!   slice's d·D elements;
+//! - one entry per output channel of each other stored 2-D tensor (MLP): the
+//!   sum of C_i over that channel's row (out_axis 0) or column (out_axis 1).
+//!
+//! The group Fisher is the sum over the group's elements of E[C] = the mean of
+//! s_i over the task's samples, so Welford mean and M2 of s_i give it with its
+//! spread. (E[g])² is never formed.
+//!
+//! Crash safety: the per-sample vectors go to an append-only, checksummed side
+//! log (`stats/samples.bin`), written before the sample is handed to the store
+//! writer. The per-task files `stats/<task>.json` are always *rebuilt* from the
+//! committed samples of the store (in store order): the side-log record of a
+//! sample when there is one, else the sums recomputed from the sample's stored
+//! frames. A sample that never committed is therefore never counted, and one
+//! that committed is counted exactly once, whatever was killed when.
+//! C is computed from g *as stored* (bf16-rounded in a bf16 store), so the
+//! two sources agree bit for bit.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use gradshard_core::{bf16_bits_to_f32, f32_to_bf16_bits, DType, OtherTensor, SampleId, TaskName};
+use gradshard_format::LogRecord;
+use gradshard_index::{FrameKey, FrameOrder};
+use gradshard_store::{fsutil, Store};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{io, Error, Result};
+
+/// Folder of the statistics inside a store.
+pub const STATS_DIR: &str = "stats";
+/// Per-sample sums, append-only.
+pub const SIDE_LOG: &str = "samples.bin";
+const SIDE_MAGIC: &[u8; 8] = b"GSSTATS1";
+const SIDE_HEADER_LEN: u64 = 16;
+/// Version of `stats/<task>.json`.
+pub const STATS_VERSION: u32 = 1;
+
+pub fn stats_dir(store: &Path) -> PathBuf {
+    store.join(STATS_DIR)
+}
+
+/// `stats/<task>.json`.
+pub fn task_stats_path(store: &Path, task: &TaskName) -> PathBuf {
+    stats_dir(store).join(format!("{task}.json"))
+}
+
+/// `stats/<task>.fisher.safetensors`.
+pub fn full_fisher_path(store: &Path, task: &TaskName) -> PathBuf {
+    stats_dir(store).join(format!("{task}.fisher.safetensors"))
+}
+
+/// Where each per-sample sum lives in the stats vector of a store.
+#[derive(Debug, Clone)]
+pub struct StatsLayout {
+    order: FrameOrder,
+    dtype: DType,
+    n_attn: usize,
+    /// First entry of each other tensor's channels.
+    chan_base: Vec<usize>,
+    len: usize,
+}
+
+fn channels(t: &OtherTensor) -> usize {
+    t.shape[usize::from(t.out_axis)]
+}
+
+impl StatsLayout {
+    pub fn new(order: &FrameOrder, dtype: DType) -> StatsLayout {
+        let n_attn = order.n_attn_frames();
+        let mut chan_base = Vec::with_capacity(order.others().len());
+        let mut len = n_attn;
+        for t in order.others() {
+            chan_base.push(len);
+            len += channels(t);
+        }
+        StatsLayout {
+            order: order.clone(),
+            dtype,
+            n_attn,
+            chan_base,
+            len,
+        }
+    }
+
+    /// Entries per sample.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn order(&self) -> &FrameOrder {
+        &self.order
+    }
+
+    /// Adds Σ g² of frame `frame` (values in canonical order, f32) into `sums`,
+    /// with g rounded to the store's dtype first. Call [`Self::finish_sample`] after
+    /// the sample's last frame.
+    pub fn accumulate(&self, frame: usize, values: &[f32], sums: &mut [f64]) {
+        let bf16 = self.dtype == DType::Bf16;
+        let sq = |v: f32| {
+            let v = if bf16 {
+                bf16_bits_to_f32(f32_to_bf16_bits(v))
+            } else {
+                v
+            } as f64;
+            v * v
+        };
+        match self.order.key(frame) {
+            Some(FrameKey::Attn { .. }) => {
+                sums[frame] += values.iter().map(|v| sq(*v)).sum::<f64>();
+            }
+            Some(FrameKey::Other { tensor, group }) => {
+                let t = &self.order.others()[tensor];
+                let base = self.chan_base[tensor];
+                let (a, _) = t.group_rows(group);
+                let cols = t.shape[1];
+                for (r, row) in values.chunks_exact(cols).enumerate() {
+                    if t.out_axis == 0 {
+                        sums[base + a + r] += row.iter().map(|v| sq(*v)).sum::<f64>();
+                    } else {
+                        for (c, v) in row.iter().enumerate() {
+                            sums[base + c] += sq(*v);
+                        }
+                    }
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// Σ g² → Σ g²/T.
+    pub fn finish_sample(&self, sums: &mut [f64], tokens: u32) {
+        let t = f64::from(tokens);
+        for s in sums.iter_mut() {
+            *s /= t;
+        }
+    }
+
+    /// The sums of a committed sample, recomputed from its stored frames.
+    pub fn from_store(&self, store: &Store, rec: &LogRecord) -> Result<Vec<f64>> {
+        let mut sums = vec![0f64; self.len];
+        for f in 0..self.order.n_frames() {
+            let v = store.read_frame(rec, f)?;
+            self.accumulate(f, &v, &mut sums);
+        }
+        self.finish_sample(&mut sums, rec.tokens);
+        Ok(sums)
+    }
+}
+
+/// Welford mean and M2 of a vector-valued sample, merged by Chan's formula.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Welford {
+    pub n: u64,
+    pub mean: Vec<f64>,
+    pub m2: Vec<f64>,
+}
+
+impl Welford {
+    pub fn new(len: usize) -> Welford {
+        Welford {
+            n: 0,
+            mean: vec![0.0; len],
+            m2: vec![0.0; len],
+        }
+    }
+
+    pub fn push(&mut self, x: &[f64]) {
+        self.n += 1;
+        let n = self.n as f64;
+        for ((m, m2), x) in self.mean.iter_mut().zip(&mut self.m2).zip(x) {
+            let d = x - *m;
+            *m += d / n;
+            *m2 += d * (x - *m);
+        }
+    }
+
+    /// Chan et al.: combines two disjoint sets of samples.
+    pub fn merge(&mut self, o: &Welford) {
+        if o.n == 0 {
+            return;
+        }
+        if self.n == 0 {
+            *self = o.clone();
+            return;
+        }
+        let (na, nb) = (self.n as f64, o.n as f64);
+        let n = na + nb;
+        for i in 0..self.mean.len() {
+            let d = o.mean[i] - self.mean[i];
+            self.mean[i] += d * nb / n;
+            self.m2[i] += o.m2[i] + d * d * na * nb / n;
+        }
+        self.n += o.n;
+    }
+}
+
+/// One attention group of `stats/<task>.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GroupStat {
+    pub layer: usize,
+    pub block: String,
+    /// A query head for Q/O, a kv head for K/V.
+    pub head: usize,
+    pub numel: usize,
+    /// Mean over samples of Σ_slice C: the group Fisher (sum over the group of E[C]).
+    pub mean: f64,
+    /// Welford M2 of the same per-sample sums (sample variance = m2 / (n - 1)).
+    pub m2: f64,
+}
+
+/// Per-output-channel statistics of one other (MLP) tensor.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChannelStat {
+    pub tensor: String,
+    pub shape: [usize; 2],
+    pub out_axis: u8,
+    pub mean: Vec<f64>,
+    pub m2: Vec<f64>,
+}
+
+/// `stats/<task>.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskStats {
+    pub format: String,
+    pub version: u32,
+    pub task: TaskName,
+    pub n_samples: u64,
+    pub tokens_total: u64,
+    /// XXH3-64 (hex) of the task's committed sample ids in store order: a reader
+    /// can check that the file describes exactly the samples the store holds.
+    pub ids_xxh3: String,
+    /// How the file was made: "rebuilt" (collect) or "chan-merge" (merge).
+    pub method: String,
+    pub quantity: String,
+    pub groups: Vec<GroupStat>,
+    pub channels: Vec<ChannelStat>,
+}
+
+pub const QUANTITY: &str = "per-sample sums over each group of C = g^2/T (g as stored, f64); mean = group Fisher = sum over the group of E[C]; m2 = Welford M2 of the per-sample sums";
+
+impl TaskStats {
+    pub fn from_welford(
+        layout: &StatsLayout,
+        task: &TaskName,
+        w: &Welford,
+        tokens_total: u64,
+        ids_xxh3: String,
+        method: &str,
+    ) -> TaskStats {
+        let order = &layout.order;
+        let g = order.geometry();
+        let mut groups = Vec::with_capacity(layout.n_attn);
+        for f in 0..layout.n_attn {
+            if let Some(FrameKey::Attn { layer, block, head }) = order.key(f) {
+                groups.push(GroupStat {
+                    layer,
+                    block: block.as_str().to_string(),
+                    head,
+                    numel: g.slice_numel(),
+                    mean: w.mean[f],
+                    m2: w.m2[f],
+                });
+            }
+        }
+        let channels = order
+            .others()
+            .iter()
+            .zip(&layout.chan_base)
+            .map(|(t, &b)| {
+                let n = self::channels(t);
+                ChannelStat {
+                    tensor: t.name.clone(),
+                    shape: t.shape,
+                    out_axis: t.out_axis,
+                    mean: w.mean[b..b + n].to_vec(),
+                    m2: w.m2[b..b + n].to_vec(),
+                }
+            })
+            .collect();
+        TaskStats {
+            format: "gradshard-task-stats".into(),
+            version: STATS_VERSION,
+            task: task.clone(),
+            n_samples: w.n,
+            tokens_total,
+            ids_xxh3,
+            method: method.into(),
+            quantity: QUANTITY.into(),
+            groups,
+            channels,
+        }
+    }
+
+    /// Back to the flat accumulator (for Chan merges).
+    pub fn to_welford(&self, layout: &StatsLayout, path: &Path) -> Result<Welford> {
+        let bad = |what: String| Error::Stats {
+            path: path.to_path_buf(),
+            what,
+        };
+        if self.groups.len() != layout.n_attn || self.channels.len() != layout.chan_base.len() {
+            return Err(bad(format!(
+                "{} groups and {} channel tensors, the store's layout has {} and {}",
+                self.groups.len(),
+                self.channels.len(),
+                layout.n_attn,
+                layout.chan_base.len()
+            )));
+        }
+        let mut w = Welford::new(layout.len);
+        w.n = self.n_samples;
+        for (i, gs) in self.groups.iter().enumerate() {
+            w.mean[i] = gs.mean;
+            w.m2[i] = gs.m2;
+        }
+        for ((c, t), &b) in self
+            .channels
+            .iter()
+            .zip(layout.order.others())
+            .zip(&layout.chan_base)
+        {
+            let n = channels(t);
+            if c.tensor != t.name || c.mean.len() != n || c.m2.len() != n {
+                return Err(bad(format!(
+                    "channel statistics of `{}` do not match the store's tensor `{}` ({n} channels)",
+                    c.tensor, t.name
+                )));
+            }
+            w.mean[b..b + n].copy_from_slice(&c.mean);
+            w.m2[b..b + n].copy_from_slice(&c.m2);
+        }
+        Ok(w)
+    }
+
+    pub fn load(path: &Path) -> Result<TaskStats> {
+        let text = std::fs::read_to_string(path).map_err(io(path))?;
+        let s: TaskStats = serde_json::from_str(&text).map_err(|e| Error::Stats {
+            path: path.to_path_buf(),
+            what: format!("not a statistics file: {e}"),
+        })?;
+        if s.version != STATS_VERSION {
+            return Err(Error::Stats {
+                path: path.to_path_buf(),
+                what: format!(
+                    "statistics version {} (this gradshard reads {STATS_VERSION})",
+                    s.version
+                ),
+            });
+        }
+        Ok(s)
+    }
+
+    /// Written atomically (temp file, fsync, rename).
+    pub fn save(&self, store: &Path) -> Result<PathBuf> {
+        let dir = stats_dir(store);
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let path = task_stats_path(store, &self.task);
+        let text = serde_json::to_string_pretty(self).map_err(|e| Error::Stats {
+            path: path.clone(),
+            what: e.to_string(),
+        })?;
+        fsutil::write_atomic(&path, text.as_bytes())?;
+        Ok(path)
+    }
+}
+
+fn encode_id(id: &SampleId, out: &mut Vec<u8>) {
+    match id {
+        SampleId::Int(v) => {
+            out.push(0);
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        SampleId::Str(s) => {
+            out.push(1);
+            out.extend_from_slice(&(s.len() as u16).to_le_bytes());
+            out.extend_from_slice(s.as_bytes());
+        }
+    }
+}
+
+/// XXH3-64 (hex) of the ids of `recs`, in order.
+pub fn ids_digest(recs: &[LogRecord]) -> String {
+    let mut b = Vec::new();
+    for r in recs {
+        encode_id(&r.id, &mut b);
+    }
+    format!("{:016x}", gradshard_format::checksum(&[&b]))
+}
+
+/// The side log `stats/samples.bin` (format in docs/format.md).
+pub struct SideLog {
+    path: PathBuf,
+    file: File,
+    n_values: usize,
+    /// Last valid record of each sample: (offset of its values, tokens).
+    records: HashMap<(TaskName, SampleId), (u64, u32)>,
+    end: u64,
+}
+
+fn parse_body(b: &[u8]) -> Option<(TaskName, SampleId, u32, u32, usize)> {
+    let mut p = 0usize;
+    let take = |p: &mut usize, n: usize| -> Option<&[u8]> {
+        let s = b.get(*p..*p + n)?;
+        *p += n;
+        Some(s)
+    };
+    let tl = u16::from_le_bytes(take(&mut p, 2)?.try_into().ok()?) as usize;
+    let task = TaskName::new(std::str::from_utf8(take(&mut p, tl)?).ok()?).ok()?;
+    let id = match take(&mut p, 1)?[0] {
+        0 => SampleId::Int(i64::from_le_bytes(take(&mut p, 8)?.try_into().ok()?)),
+        1 => {
+            let l = u16::from_le_bytes(take(&mut p, 2)?.try_into().ok()?) as usize;
+            SampleId::Str(std::str::from_utf8(take(&mut p, l)?).ok()?.to_string())
+        }
+        _ => return None,
+    };
+    let tokens = u32::from_le_bytes(take(&mut p, 4)?.try_into().ok()?);
+    let n = u32::from_le_bytes(take(&mut p, 4)?.try_into().ok()?);
+    if b.len() != p + 8 * n as usize {
+        return None;
+    }
+    Some((task, id, tokens, n, p))
+}
+
+impl SideLog {
+    /// Opens (creating it when `writable`) the side log of `store`. Records are
+    /// read up to the first one that is torn or fails its checksum; with
+    /// `writable` the file is cut there, so appends continue after the last good
+    /// record (what follows it is recomputed from the store when needed).
+    pub fn open(store: &Path, n_values: usize, writable: bool) -> Result<SideLog> {
+        let dir = stats_dir(store);
+        let path = dir.join(SIDE_LOG);
+        if writable && !path.exists() {
+            std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+            let mut h = SIDE_MAGIC.to_vec();
+            h.extend_from_slice(&(n_values as u64).to_le_bytes());
+            fsutil::write_atomic(&path, &h)?;
+        }
+        let file = match OpenOptions::new().read(true).write(writable).open(&path) {
+            Ok(f) => f,
+            Err(e) if !writable && e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(SideLog {
+                    path,
+                    file: File::open("/dev/null").map_err(io("/dev/null"))?,
+                    n_values,
+                    records: HashMap::new(),
+                    end: 0,
+                })
+            }
+            Err(e) => return Err(io(&path)(e)),
+        };
+        let bad = |what: String| Error::Stats {
+            path: path.clone(),
+            what,
+        };
+        let len = file.metadata().map_err(io(&path))?.len();
+        let mut r = BufReader::with_capacity(1 << 20, &file);
+        let mut head = [0u8; 16];
+        r.read_exact(&mut head)
+            .map_err(|e| bad(format!("cannot read the header: {e}")))?;
+        if &head[..8] != SIDE_MAGIC {
+            return Err(bad("not a gradshard statistics side log".into()));
+        }
+        let nv = u64::from_le_bytes(head[8..16].try_into().expect("8 bytes")) as usize;
+        if nv != n_values {
+            return Err(bad(format!(
+                "records hold {nv} values, the store's statistics layout has {n_values}"
+            )));
+        }
+        let mut records = HashMap::new();
+        let mut pos = SIDE_HEADER_LEN;
+        let mut body = Vec::new();
+        loop {
+            let mut h = [0u8; 12];
+            if pos + 12 > len || r.read_exact(&mut h).is_err() {
+                break;
+            }
+            let blen = u32::from_le_bytes(h[..4].try_into().expect("4")) as u64;
+            let sum = u64::from_le_bytes(h[4..].try_into().expect("8"));
+            if pos + 12 + blen > len {
+                break;
+            }
+            body.resize(blen as usize, 0);
+            if r.read_exact(&mut body).is_err() || gradshard_format::checksum(&[&body]) != sum {
+                break;
+            }
+            let Some((task, id, tokens, n, voff)) = parse_body(&body) else {
+                break;
+            };
+            if n as usize != n_values {
+                return Err(bad(format!(
+                    "a record of task `{task}` sample {id} holds {n} values, expected {n_values}"
+                )));
+            }
+            records.insert((task, id), (pos + 12 + voff as u64, tokens));
+            pos += 12 + blen;
+        }
+        if writable && pos < len {
+            tracing::warn!(
+                "{}: cutting {} bytes of torn or damaged records",
+                path.display(),
+                len - pos
+            );
+            file.set_len(pos).map_err(io(&path))?;
+            file.sync_all().map_err(io(&path))?;
+        }
+        drop(r);
+        Ok(SideLog {
+            path,
+            file,
+            n_values,
+            records,
+            end: pos,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    /// Appends one sample's sums (not fsynced: a lost record is recomputed from the store).
+    pub fn append(
+        &mut self,
+        task: &TaskName,
+        id: &SampleId,
+        tokens: u32,
+        sums: &[f64],
+    ) -> Result<()> {
+        debug_assert_eq!(sums.len(), self.n_values);
+        let mut body = Vec::with_capacity(32 + 8 * sums.len());
+        body.extend_from_slice(&(task.as_str().len() as u16).to_le_bytes());
+        body.extend_from_slice(task.as_str().as_bytes());
+        encode_id(id, &mut body);
+        body.extend_from_slice(&tokens.to_le_bytes());
+        body.extend_from_slice(&(sums.len() as u32).to_le_bytes());
+        let voff = body.len() as u64;
+        for s in sums {
+            body.extend_from_slice(&s.to_le_bytes());
+        }
+        let mut rec = Vec::with_capacity(12 + body.len());
+        rec.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        rec.extend_from_slice(&gradshard_format::checksum(&[&body]).to_le_bytes());
+        rec.extend_from_slice(&body);
+        self.file
+            .seek(SeekFrom::Start(self.end))
+            .map_err(io(&self.path))?;
+        self.file.write_all(&rec).map_err(io(&self.path))?;
+        self.records
+            .insert((task.clone(), id.clone()), (self.end + 12 + voff, tokens));
+        self.end += rec.len() as u64;
+        Ok(())
+    }
+
+    pub fn sync(&self) -> Result<()> {
+        self.file.sync_data().map_err(io(&self.path))
+    }
+
+    /// The recorded sums of a sample whose T matches, if any.
+    pub fn get(&self, task: &TaskName, id: &SampleId, tokens: u32) -> Result<Option<Vec<f64>>> {
+        let Some(&(off, t)) = self.records.get(&(task.clone(), id.clone())) else {
+            return Ok(None);
+        };
+        if t != tokens {
+            return Ok(None);
+        }
+        let mut b = vec![0u8; 8 * self.n_values];
+        let mut f = &self.file;
+        f.seek(SeekFrom::Start(off)).map_err(io(&self.path))?;
+        f.read_exact(&mut b).map_err(io(&self.path))?;
+        Ok(Some(
+            b.chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
+                .collect(),
+        ))
+    }
+}
+
+/// What a rebuild used.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RebuildReport {
+    pub tasks: Vec<TaskStats>,
+    pub files: Vec<PathBuf>,
+    /// Samples whose sums came from the side log.
+    pub from_side_log: u64,
+    /// Samples whose sums were recomputed from their stored frames.
+    pub from_store: u64,
+}
+
+/// Welford accumulator of one task.
+pub struct TaskAccum {
+    pub task: TaskName,
+    pub welford: Welford,
+    pub tokens: u64,
+}
+
+/// Per-task accumulators over a store, and where the sums came from.
+pub struct StoreAccum {
+    pub tasks: Vec<TaskAccum>,
+    pub from_side_log: u64,
+    pub from_store: u64,
+}
+
+/// Per-task Welford accumulators over the committed samples of `store`, in store order.
+pub fn accumulate_store(store: &Store, side: Option<&SideLog>) -> Result<StoreAccum> {
+    let layout = StatsLayout::new(store.order(), store.manifest().spec.dtype);
+    let mut acc = StoreAccum {
+        tasks: Vec::new(),
+        from_side_log: 0,
+        from_store: 0,
+    };
+    for task in store.tasks() {
+        let mut w = Welford::new(layout.len());
+        let mut tokens = 0u64;
+        for rec in store.samples(task.as_str())? {
+            let sums = match side
+                .map(|s| s.get(&task, &rec.id, rec.tokens))
+                .transpose()?
+            {
+                Some(Some(v)) => {
+                    acc.from_side_log += 1;
+                    v
+                }
+                _ => {
+                    acc.from_store += 1;
+                    layout.from_store(store, rec)?
+                }
+            };
+            w.push(&sums);
+            tokens += u64::from(rec.tokens);
+        }
+        acc.tasks.push(TaskAccum {
+            task,
+            welford: w,
+            tokens,
+        });
+    }
+    Ok(acc)
+}
+
+/// Rebuilds `stats/<task>.json` of every task of the store at `dir` from its
+/// committed samples (side log first, stored frames otherwise) and writes them.
+pub fn rebuild(dir: &Path) -> Result<RebuildReport> {
+    let store = Store::open(dir)?;
+    let layout = StatsLayout::new(store.order(), store.manifest().spec.dtype);
+    let side = SideLog::open(dir, layout.len(), false)?;
+    let acc = accumulate_store(&store, Some(&side))?;
+    let mut rep = RebuildReport {
+        from_side_log: acc.from_side_log,
+        from_store: acc.from_store,
+        ..Default::default()
+    };
+    for t in acc.tasks {
+        let digest = ids_digest(store.samples(t.task.as_str())?);
+        let s = TaskStats::from_welford(&layout, &t.task, &t.welford, t.tokens, digest, "rebuilt");
+        rep.files.push(s.save(dir)?);
+        rep.tasks.push(s);
+    }
+    Ok(rep)
+}
+
+/// Loads `stats/<task>.json` if it describes exactly the store's committed
+/// samples of the task; otherwise recomputes it (without writing).
+pub fn load_or_compute(store: &Store, task: &TaskName) -> Result<TaskStats> {
+    let layout = StatsLayout::new(store.order(), store.manifest().spec.dtype);
+    let recs = store.samples(task.as_str())?;
+    let digest = ids_digest(recs);
+    let path = task_stats_path(store.dir(), task);
+    if path.exists() {
+        let s = TaskStats::load(&path)?;
+        if s.ids_xxh3 == digest && s.n_samples == recs.len() as u64 {
+            s.to_welford(&layout, &path)?;
+            return Ok(s);
+        }
+        tracing::warn!(
+            "{} does not describe the store's committed samples; recomputing",
+            path.display()
+        );
+    }
+    let side = SideLog::open(store.dir(), layout.len(), false)?;
+    let mut w = Welford::new(layout.len());
+    let mut tokens = 0u64;
+    for rec in recs {
+        let sums = match side.get(task, &rec.id, rec.tokens)? {
+            Some(v) => v,
+            None => layout.from_store(store, rec)?,
+        };
+        w.push(&sums);
+        tokens += u64::from(rec.tokens);
+    }
+    Ok(TaskStats::from_welford(
+        &layout, task, &w, tokens, digest, "rebuilt",
+    ))
+}
