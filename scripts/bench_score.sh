@@ -5,16 +5,16 @@
 #
 #   scripts/bench_score.sh [DIR] [SAMPLES_PER_TASK] [PRESET]
 #
-# Defaults: DIR=target/bench-score, 10 samples per task of the `llama-0.9b`
+# Defaults: DIR=target/bench-score, 11 samples per task of the `llama-0.9b`
 # preset (16 layers, D = 2048, 16 heads: 537 MB of bf16 attention gradients per
-# sample, so 20 samples make a store of about 8.7 GB on disk; the f32 baseline
+# sample, so 22 samples make a store of about 8.4 GB on disk; the f32 baseline
 # takes 2x the raw size again). Uses target/release/gradshard or $GRADSHARD_BIN.
 # Page cache is dropped between measurements where the kernel allows it (root);
 # otherwise the script says the reads may be warm.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=${1:-target/bench-score}
-N=${2:-10}
+N=${2:-11}
 PRESET=${3:-llama-0.9b}
 BIN=${GRADSHARD_BIN:-target/release/gradshard}
 [ -x "$BIN" ] || cargo build --release -p gradshard-cli
@@ -28,7 +28,7 @@ if [ ! -f "$DIR/store/manifest.json" ] || [ "$(du -sb "$DIR/store" | cut -f1)" -
   "$BIN" synth --store "$DIR/store" --preset "$PRESET" --samples "$N" --pool 32 --shard-size 2GiB >/dev/null
 fi
 STORE_BYTES=$(du -sb "$DIR/store" | cut -f1)
-printf "store:   %.2f GB on disk (%s, %s samples per task)\n" "$(echo "$STORE_BYTES/1e9" | bc -l)" "$PRESET" "$N"
+printf "store:   %.2f GB on disk (%s, %s samples per task)\n" "$(python3 -c "print($STORE_BYTES/1e9)")" "$PRESET" "$N"
 
 # Build the f32 baseline once (not timed).
 "$BIN" bench-score --store "$DIR/store" --raw "$DIR/raw" --only raw >/dev/null
@@ -39,7 +39,7 @@ t0=$(date +%s.%N)
 dd if="$SHARD" of=/dev/null bs=16M iflag=direct status=none
 t1=$(date +%s.%N)
 SB=$(stat -c %s "$SHARD")
-RAWREAD=$(echo "$SB / ($t1 - $t0) / 1e9" | bc -l)
+RAWREAD=$(python3 -c "print($SB / ($t1 - $t0) / 1e9)")
 printf "raw disk read (O_DIRECT, %s): %.3f GB/s\n" "$(basename "$SHARD")" "$RAWREAD"
 
 state=$(drop)

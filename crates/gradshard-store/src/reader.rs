@@ -15,6 +15,24 @@ use crate::error::{Error, IoContext, Result};
 use crate::manifest::Manifest;
 use crate::{log_path, shard_path};
 
+/// Drops the mapped pages lying wholly inside `[start, end)` from this process's page
+/// tables once a frame is decoded, so that a pass over a store larger than RAM keeps its
+/// resident set bounded (the pages stay in the kernel's page cache; a later read simply
+/// maps them again). Advisory: where the kernel refuses (another page size), memory use is
+/// higher but nothing read changes, so the refusal is not an error.
+fn release_pages(m: &Mmap, start: usize, end: usize) {
+    const PAGE: usize = 4096;
+    let a = start.div_ceil(PAGE) * PAGE;
+    let b = end / PAGE * PAGE;
+    if b > a {
+        // SAFETY: the mapping is read-only and file-backed; MADV_DONTNEED only unmaps the
+        // pages, and any later access faults the same file bytes back in. Frames never
+        // overlap, so these whole pages belong to this frame alone, whose bytes are no
+        // longer borrowed.
+        let _ = unsafe { m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, a, b - a) };
+    }
+}
+
 /// I/O counters, for tests and benchmarks ("reading one slice performs one frame read").
 #[derive(Debug, Default)]
 pub struct IoStats {
@@ -199,7 +217,9 @@ impl Store {
             ),
             source,
         };
-        let h = decode_frame(bytes, Some(entry.checksum), scratch).map_err(corrupt)?;
+        let decoded = decode_frame(bytes, Some(entry.checksum), scratch);
+        release_pages(m, entry.offset as usize, end as usize);
+        let h = decoded.map_err(corrupt)?;
         let want =
             self.order.frame_numel(frame).expect("planned frame") * self.manifest.spec.dtype.size();
         if h.raw_len as usize != want
