@@ -52,6 +52,9 @@ pub struct CollectArgs {
     /// Also write the full-resolution Fisher mean per task (stats/<task>.fisher.safetensors).
     #[arg(long)]
     pub full_fisher: bool,
+    /// Benchmark: compute gradients, frames and statistics but store nothing (model-only speed).
+    #[arg(long, hide = true)]
+    pub model_only: bool,
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
@@ -123,6 +126,7 @@ pub fn run_collect(a: &CollectArgs) -> Result<CollectReport> {
     o.nan_policy = a.nan_policy;
     o.worker = a.worker;
     o.full_fisher = a.full_fisher;
+    o.model_only = a.model_only;
     o.writer = writer;
     let mut bar: Option<WriteBar> = None;
     let r = gradshard_collect::collect(&o, &mut |e| match e {
@@ -158,19 +162,32 @@ fn print_report(r: &CollectReport, a: &CollectArgs) -> Result<()> {
         0.0
     };
     let peak = fsutil::peak_rss_bytes();
-    println!(
-        "collect: {} samples stored, {} already in the store (resumed), {} skipped",
-        r.stored,
-        r.resumed,
-        r.skipped.len()
-    );
-    for s in r.skipped.iter().take(20) {
-        println!("  skipped: task `{}` sample {}: {}", s.task, s.id, s.why);
-    }
-    if r.skipped.len() > 20 {
-        println!("  … and {} more skipped", r.skipped.len() - 20);
-    }
-    println!(
+    if a.model_only {
+        let bytes = r.stored * r.values_per_sample * r.dtype_bytes;
+        println!(
+            "collect --model-only: {} samples in {secs:.2} s: {:.2} samples/s, {:.3} GB/s of {}-B gradients (nothing stored); model {:.2} s, frames+stats {:.2} s; peak RSS {}",
+            r.stored,
+            r.stored as f64 / secs,
+            bytes as f64 / secs / 1e9,
+            r.dtype_bytes,
+            r.compute_time.as_secs_f64(),
+            r.prepare_time.as_secs_f64(),
+            peak.map(human).unwrap_or_else(|| "n/a".into())
+        );
+    } else {
+        println!(
+            "collect: {} samples stored, {} already in the store (resumed), {} skipped",
+            r.stored,
+            r.resumed,
+            r.skipped.len()
+        );
+        for s in r.skipped.iter().take(20) {
+            println!("  skipped: task `{}` sample {}: {}", s.task, s.id, s.why);
+        }
+        if r.skipped.len() > 20 {
+            println!("  … and {} more skipped", r.skipped.len() - 20);
+        }
+        println!(
         "  {:.2} samples/s; raw {} -> on disk {} (ratio {ratio:.3}x) in {secs:.2} s: {:.3} GB/s raw, {:.3} GB/s to disk",
         r.stored as f64 / secs,
         human(w.raw_bytes),
@@ -178,7 +195,7 @@ fn print_report(r: &CollectReport, a: &CollectArgs) -> Result<()> {
         w.raw_bytes as f64 / secs / 1e9,
         w.stored_bytes as f64 / secs / 1e9
     );
-    println!(
+        println!(
         "  time: model {:.2} s, frames+stats {:.2} s, waited on the writer {:.2} s | compression {:.2} s (summed over workers), write+fsync {:.2} s; peak RSS {}",
         r.compute_time.as_secs_f64(),
         r.prepare_time.as_secs_f64(),
@@ -187,22 +204,26 @@ fn print_report(r: &CollectReport, a: &CollectArgs) -> Result<()> {
         w.io_time.as_secs_f64(),
         peak.map(human).unwrap_or_else(|| "n/a".into())
     );
-    println!(
+        println!(
         "  statistics: {} task file(s) rebuilt from {} side-log records and {} samples re-read from the store",
         r.stats.files.len(),
         r.stats.from_side_log,
         r.stats.from_store
     );
-    for f in r.stats.files.iter().chain(&r.full_fisher) {
-        println!("    {}", f.display());
+        for f in r.stats.files.iter().chain(&r.full_fisher) {
+            println!("    {}", f.display());
+        }
+        println!("store: {}", a.store.display());
     }
-    println!("store: {}", a.store.display());
     if let Some(p) = &a.write.report_json {
         let v = json!({
             "stored": r.stored,
             "resumed": r.resumed,
             "skipped": r.skipped.iter().map(|s| json!({"task": s.task.as_str(), "id": s.id, "why": s.why})).collect::<Vec<_>>(),
             "samples_per_s": r.stored as f64 / secs,
+            "model_only": a.model_only,
+            "gradient_bytes": r.stored * r.values_per_sample * r.dtype_bytes,
+            "gradient_gb_per_s": (r.stored * r.values_per_sample * r.dtype_bytes) as f64 / secs / 1e9,
             "raw_bytes": w.raw_bytes,
             "stored_bytes": w.stored_bytes,
             "ratio": ratio,

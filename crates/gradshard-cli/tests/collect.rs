@@ -263,10 +263,46 @@ fn group_fisher_equals_the_fixtures_mean_of_g2_over_t() {
     collect(
         &store,
         &tasks_dir(),
-        &["--dtype", "f32", "--params", "attn,mlp"],
+        &["--dtype", "f32", "--params", "attn,mlp", "--full-fisher"],
     );
     let g = Geometry::from_config_path(&fixture().join("model")).unwrap();
     let mut worst = 0f64;
+    // --full-fisher: the elementwise mean of g²/T, per tensor, normwise within 1e-5.
+    for task in ["math", "general"] {
+        let samples = fixture_grads(task);
+        let bytes = std::fs::read(
+            store
+                .join("stats")
+                .join(format!("{task}.fisher.safetensors")),
+        )
+        .unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        assert_eq!(st.len(), samples[0].1.len());
+        for (name, (shape, _)) in &samples[0].1 {
+            let v = st.tensor(name).unwrap();
+            assert_eq!(v.shape(), shape.as_slice(), "{name}");
+            let got: Vec<f32> = v
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            let (mut d2, mut n2) = (0f64, 0f64);
+            for (k, x) in got.iter().enumerate() {
+                let want = samples
+                    .iter()
+                    .map(|(t, m)| (m[name].1[k] as f64).powi(2) / *t as f64)
+                    .sum::<f64>()
+                    / samples.len() as f64;
+                d2 += (*x as f64 - want).powi(2);
+                n2 += want * want;
+            }
+            assert!(
+                d2.sqrt() <= 1e-5 * n2.sqrt(),
+                "{task} {name}: full Fisher off by {}",
+                (d2 / n2).sqrt()
+            );
+        }
+    }
     for task in ["math", "general"] {
         let s = stats(&store, task);
         let samples = fixture_grads(task);

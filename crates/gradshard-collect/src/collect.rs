@@ -88,6 +88,9 @@ pub struct CollectOptions {
     pub worker: WorkerSplit,
     /// Also write `stats/<task>.fisher.safetensors`.
     pub full_fisher: bool,
+    /// Benchmark mode: compute gradients, cut frames and sum statistics, but
+    /// store nothing (the model-only speed).
+    pub model_only: bool,
     pub writer: WriterOptions,
 }
 
@@ -107,6 +110,7 @@ impl CollectOptions {
             nan_policy: NanPolicy::Error,
             worker: WorkerSplit::default(),
             full_fisher: false,
+            model_only: false,
             writer: WriterOptions::default(),
         }
     }
@@ -166,6 +170,10 @@ pub struct CollectReport {
     pub elapsed: Duration,
     pub stats: stats::RebuildReport,
     pub full_fisher: Vec<PathBuf>,
+    /// Gradient values per sample (all tracked tensors).
+    pub values_per_sample: u64,
+    /// Bytes per stored value (the store's dtype).
+    pub dtype_bytes: u64,
 }
 
 fn to_core_id(task: &TaskName, id: &gradshard_models::SampleId, line: usize) -> Result<SampleId> {
@@ -238,8 +246,9 @@ fn first_non_finite(v: &[f32]) -> Option<(usize, f32)> {
 }
 
 struct Sink<'a> {
-    w: &'a RefCell<StoreWriter>,
-    side: SideLog,
+    /// None: `model_only` (gradients, frames and sums are computed, then dropped).
+    w: Option<&'a RefCell<StoreWriter>>,
+    side: Option<SideLog>,
     layout: StatsLayout,
     attn_of: HashMap<String, gradshard_core::AttnTensor>,
     geometry: Geometry,
@@ -300,12 +309,15 @@ impl Sink<'_> {
             what: format!("T = {} does not fit in u32", g.tokens),
         })?;
         let mut sums = vec![0f64; self.layout.len()];
-        let mut h = self.w.borrow_mut().begin_sample(SampleMeta {
-            task: task.clone(),
-            id: id.clone(),
-            tokens,
-            loss_sum: g.loss_sum,
-        })?;
+        let mut h = match self.w {
+            Some(w) => Some(w.borrow_mut().begin_sample(SampleMeta {
+                task: task.clone(),
+                id: id.clone(),
+                tokens,
+                loss_sum: g.loss_sum,
+            })?),
+            None => None,
+        };
         for t in g.grads {
             if let Some(at) = self.attn_of.get(&t.name) {
                 if t.shape != at.shape {
@@ -323,9 +335,11 @@ impl Sink<'_> {
                         let frame = order.attn(at.layer, *b, head).expect("all blocks stored");
                         let slice = self.geometry.slice_spec(at.layer, *b, head)?.cut(&t.data)?;
                         self.layout.accumulate(frame, &slice, &mut sums);
-                        let tb = Instant::now();
-                        self.w.borrow_mut().put_frame(&mut h, frame, slice)?;
-                        self.blocked += tb.elapsed();
+                        if let (Some(w), Some(h)) = (self.w, h.as_mut()) {
+                            let tb = Instant::now();
+                            w.borrow_mut().put_frame(h, frame, slice)?;
+                            self.blocked += tb.elapsed();
+                        }
                     }
                 }
             } else if let Some(ti) = order.other_index(&t.name) {
@@ -345,9 +359,11 @@ impl Sink<'_> {
                     let frame = order.other(ti, gi).expect("group in range");
                     let part = t.data[a * o.shape[1]..b * o.shape[1]].to_vec();
                     self.layout.accumulate(frame, &part, &mut sums);
-                    let tb = Instant::now();
-                    self.w.borrow_mut().put_frame(&mut h, frame, part)?;
-                    self.blocked += tb.elapsed();
+                    if let (Some(w), Some(h)) = (self.w, h.as_mut()) {
+                        let tb = Instant::now();
+                        w.borrow_mut().put_frame(h, frame, part)?;
+                        self.blocked += tb.elapsed();
+                    }
                 }
             } else {
                 return Err(Error::Sample {
@@ -362,8 +378,12 @@ impl Sink<'_> {
         }
         self.layout.finish_sample(&mut sums, tokens);
         // The sums are logged before the sample can commit.
-        self.side.append(task, &id, tokens, &sums)?;
-        self.w.borrow_mut().end_sample(h)?;
+        if let Some(side) = &mut self.side {
+            side.append(task, &id, tokens, &sums)?;
+        }
+        if let (Some(w), Some(h)) = (self.w, h) {
+            w.borrow_mut().end_sample(h)?;
+        }
         self.stored += 1;
         self.prepare += t0.elapsed();
         Ok(true)
@@ -417,18 +437,28 @@ pub fn collect(
             "max_samples": opts.max_samples,
         });
     }
-    let writer = StoreWriter::open_or_create(&opts.store, &spec, wopts)?;
-    let dtype = writer.manifest().spec.dtype;
-    let layout = StatsLayout::new(writer.order(), dtype);
+    let writer = if opts.model_only {
+        None
+    } else {
+        Some(StoreWriter::open_or_create(&opts.store, &spec, wopts)?)
+    };
+    let (order, dtype) = match &writer {
+        Some(w) => (w.order().clone(), w.manifest().spec.dtype),
+        None => (spec.frame_order(), spec.dtype),
+    };
+    let layout = StatsLayout::new(&order, dtype);
     // Opened (and a torn tail cut) while this process holds the store's LOCK.
-    let side = SideLog::open(&opts.store, layout.len(), true)?;
-    let geometry = writer.order().geometry().clone();
+    let side = match &writer {
+        Some(_) => Some(SideLog::open(&opts.store, layout.len(), true)?),
+        None => None,
+    };
+    let geometry = order.geometry().clone();
     let attn_of = geometry
         .all_attn_tensors()
         .into_iter()
         .map(|t| (t.name.clone(), t))
         .collect();
-    let writer = RefCell::new(writer);
+    let writer = writer.map(RefCell::new);
 
     // Plan for the progress display: lines per task after split and cap.
     let mut planned = 0u64;
@@ -445,7 +475,7 @@ pub fn collect(
         .sum();
 
     let mut sink = Sink {
-        w: &writer,
+        w: writer.as_ref(),
         side,
         layout,
         attn_of,
@@ -500,7 +530,10 @@ pub fn collect(
                         return None;
                     }
                 };
-                if writer.borrow().is_committed(task, &id) {
+                if writer
+                    .as_ref()
+                    .is_some_and(|w| w.borrow().is_committed(task, &id))
+                {
                     resumed_here += 1;
                     continue;
                 }
@@ -575,7 +608,9 @@ pub fn collect(
         }
     }
     progress(CollectEvent::Finishing);
-    sink.side.sync()?;
+    if let Some(side) = &sink.side {
+        side.sync()?;
+    }
     let Sink {
         stored,
         skipped,
@@ -583,13 +618,17 @@ pub fn collect(
         blocked,
         ..
     } = sink;
-    let write = writer.into_inner().finish()?;
-    let stats = stats::rebuild(&opts.store)?;
+    let mut write = WriteReport::default();
+    let mut stats = stats::RebuildReport::default();
     let mut full_fisher = Vec::new();
-    if opts.full_fisher {
-        let store = gradshard_store::Store::open(&opts.store)?;
-        for t in store.tasks() {
-            full_fisher.push(crate::fisher::write_full_fisher(&store, &t)?);
+    if let Some(w) = writer {
+        write = w.into_inner().finish()?;
+        stats = stats::rebuild(&opts.store)?;
+        if opts.full_fisher {
+            let store = gradshard_store::Store::open(&opts.store)?;
+            for t in store.tasks() {
+                full_fisher.push(crate::fisher::write_full_fisher(&store, &t)?);
+            }
         }
     }
     Ok(CollectReport {
@@ -603,5 +642,7 @@ pub fn collect(
         elapsed: start.elapsed(),
         stats,
         full_fisher,
+        values_per_sample,
+        dtype_bytes: dtype.size() as u64,
     })
 }

@@ -710,3 +710,75 @@ pub fn load_or_compute(store: &Store, task: &TaskName) -> Result<TaskStats> {
         &layout, task, &w, tokens, digest, "rebuilt",
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chan_merge_equals_one_pass_and_m2_is_the_spread_not_the_squared_mean() {
+        let xs: Vec<Vec<f64>> = (0..11)
+            .map(|i| vec![(i as f64 * 0.37).sin() + 2.0, 1e-6 * (i * i) as f64])
+            .collect();
+        let mut all = Welford::new(2);
+        xs.iter().for_each(|x| all.push(x));
+        let (mut a, mut b) = (Welford::new(2), Welford::new(2));
+        xs.iter().step_by(2).for_each(|x| a.push(x));
+        xs.iter().skip(1).step_by(2).for_each(|x| b.push(x));
+        a.merge(&b);
+        assert_eq!(a.n, 11);
+        for j in 0..2 {
+            let mean = xs.iter().map(|x| x[j]).sum::<f64>() / 11.0;
+            let m2: f64 = xs.iter().map(|x| (x[j] - mean).powi(2)).sum();
+            assert!((all.mean[j] - mean).abs() <= 1e-14 * mean.abs());
+            assert!((a.mean[j] - mean).abs() <= 1e-14 * mean.abs());
+            assert!((all.m2[j] - m2).abs() <= 1e-12 * m2);
+            assert!((a.m2[j] - m2).abs() <= 1e-12 * m2);
+        }
+        let mut e = Welford::new(2);
+        e.merge(&all);
+        assert_eq!(e, all);
+    }
+
+    #[test]
+    fn side_log_keeps_the_last_record_and_cuts_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = TaskName::new("math").unwrap();
+        {
+            let mut s = SideLog::open(dir.path(), 3, true).unwrap();
+            s.append(&t, &SampleId::Int(1), 5, &[1.0, 2.0, 3.0]).unwrap();
+            s.append(&t, &SampleId::Str("a b".into()), 7, &[4.0, 5.0, 6.0])
+                .unwrap();
+            s.append(&t, &SampleId::Int(1), 5, &[7.0, 8.0, 9.0]).unwrap();
+            s.sync().unwrap();
+        }
+        let path = dir.path().join(STATS_DIR).join(SIDE_LOG);
+        let good = std::fs::metadata(&path).unwrap().len();
+        // A torn record at the tail (as a SIGKILL mid-write leaves it).
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(&[200, 0, 0, 0, 1, 2, 3]).unwrap();
+        drop(f);
+        let ro = SideLog::open(dir.path(), 3, false).unwrap();
+        assert_eq!(ro.len(), 2);
+        assert_eq!(
+            ro.get(&t, &SampleId::Int(1), 5).unwrap(),
+            Some(vec![7.0, 8.0, 9.0])
+        );
+        // A different T (the sample was recomputed with other settings) is not trusted.
+        assert_eq!(ro.get(&t, &SampleId::Int(1), 6).unwrap(), None);
+        drop(ro);
+        let mut rw = SideLog::open(dir.path(), 3, true).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), good);
+        rw.append(&t, &SampleId::Int(2), 1, &[0.5, 0.5, 0.5]).unwrap();
+        drop(rw);
+        let ro = SideLog::open(dir.path(), 3, false).unwrap();
+        assert_eq!(ro.len(), 3);
+        assert_eq!(
+            ro.get(&t, &SampleId::Str("a b".into()), 7).unwrap(),
+            Some(vec![4.0, 5.0, 6.0])
+        );
+        // A layout of another size is an error naming the file.
+        let e = SideLog::open(dir.path(), 4, false).err().unwrap().to_string();
+        assert!(e.contains("samples.bin") && e.contains("3"), "{e}");
+    }
+}
