@@ -746,10 +746,12 @@ mod tests {
         let t = TaskName::new("math").unwrap();
         {
             let mut s = SideLog::open(dir.path(), 3, true).unwrap();
-            s.append(&t, &SampleId::Int(1), 5, &[1.0, 2.0, 3.0]).unwrap();
+            s.append(&t, &SampleId::Int(1), 5, &[1.0, 2.0, 3.0])
+                .unwrap();
             s.append(&t, &SampleId::Str("a b".into()), 7, &[4.0, 5.0, 6.0])
                 .unwrap();
-            s.append(&t, &SampleId::Int(1), 5, &[7.0, 8.0, 9.0]).unwrap();
+            s.append(&t, &SampleId::Int(1), 5, &[7.0, 8.0, 9.0])
+                .unwrap();
             s.sync().unwrap();
         }
         let path = dir.path().join(STATS_DIR).join(SIDE_LOG);
@@ -769,7 +771,8 @@ mod tests {
         drop(ro);
         let mut rw = SideLog::open(dir.path(), 3, true).unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().len(), good);
-        rw.append(&t, &SampleId::Int(2), 1, &[0.5, 0.5, 0.5]).unwrap();
+        rw.append(&t, &SampleId::Int(2), 1, &[0.5, 0.5, 0.5])
+            .unwrap();
         drop(rw);
         let ro = SideLog::open(dir.path(), 3, false).unwrap();
         assert_eq!(ro.len(), 3);
@@ -778,7 +781,10 @@ mod tests {
             Some(vec![4.0, 5.0, 6.0])
         );
         // A layout of another size is an error naming the file.
-        let e = SideLog::open(dir.path(), 4, false).err().unwrap().to_string();
+        let e = SideLog::open(dir.path(), 4, false)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("samples.bin") && e.contains("3"), "{e}");
     }
 }
