@@ -43,8 +43,11 @@ pub struct BenchScoreArgs {
 struct RawSource {
     geometry: Geometry,
     order: gradshard_index::FrameOrder,
-    samples: Vec<(TaskName, Vec<(SampleId, u32)>, Vec<Mmap>)>,
+    samples: Vec<RawTask>,
 }
+
+/// One task of the baseline: its name, (id, T) per sample, and one mapped file per sample.
+type RawTask = (TaskName, Vec<(SampleId, u32)>, Vec<Mmap>);
 
 impl TileSource for RawSource {
     fn geometry(&self) -> &Geometry {

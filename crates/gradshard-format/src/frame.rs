@@ -90,7 +90,7 @@ pub fn parse_frame_header(bytes: &[u8]) -> Result<FrameHeader> {
             });
         }
     }
-    if raw_len as usize % dtype.size() != 0 {
+    if !(raw_len as usize).is_multiple_of(dtype.size()) {
         return Err(Error::Invalid {
             what: "frame raw_len",
             detail: format!("{raw_len} is not a multiple of the {dtype} size"),
@@ -146,7 +146,7 @@ impl Encoder {
                 limit: MAX_FRAME_BYTES,
             });
         }
-        if raw.len() % dtype.size() != 0 {
+        if !raw.len().is_multiple_of(dtype.size()) {
             return Err(Error::Invalid {
                 what: "frame raw_len",
                 detail: format!("{} is not a multiple of the {dtype} size", raw.len()),

@@ -18,7 +18,7 @@ pub use log::{
     decode_log, encode_log_record, LogRecord, LogScan, LOG_HEADER, LOG_HEADER_LEN, MAX_RECORD_BODY,
 };
 pub use shard::{
-    encode_footer, encode_sample_table, parse_footer, ShardHeader, TableEntry, TableView,
+    encode_footer, encode_sample_table, parse_footer, Footer, ShardHeader, TableEntry, TableView,
     FOOTER_ENTRY_LEN, MAX_FRAMES_PER_SAMPLE, SHARD_HEADER_LEN, SHARD_MAGIC, TABLE_ENTRY_LEN,
     TRAILER_LEN,
 };

@@ -237,9 +237,18 @@ pub fn encode_footer(footer_offset: u64, tables: &[(u64, u32)]) -> Vec<u8> {
     b
 }
 
+/// The footer of a sealed shard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Footer {
+    /// Where the footer body starts (= the end of the last sample table).
+    pub offset: u64,
+    /// (table_offset, table_len) of every sample table in the shard.
+    pub tables: Vec<(u64, u32)>,
+}
+
 /// Parses the footer of a whole shard file. `Ok(None)`: the shard is not sealed
 /// (no trailer magic at the end).
-pub fn parse_footer(file: &[u8]) -> Result<Option<(u64, Vec<(u64, u32)>)>> {
+pub fn parse_footer(file: &[u8]) -> Result<Option<Footer>> {
     let len = file.len();
     if len < SHARD_HEADER_LEN + TRAILER_LEN || &file[len - 8..] != FOOTER_MAGIC {
         return Ok(None);
@@ -278,7 +287,10 @@ pub fn parse_footer(file: &[u8]) -> Result<Option<(u64, Vec<(u64, u32)>)>> {
         .chunks_exact(FOOTER_ENTRY_LEN)
         .map(|c| (u64_at(c, 0), u32_at(c, 8)))
         .collect();
-    Ok(Some((footer_offset, tables)))
+    Ok(Some(Footer {
+        offset: footer_offset,
+        tables,
+    }))
 }
 
 #[cfg(test)]
@@ -352,9 +364,9 @@ mod tests {
         file.extend_from_slice(&[0u8; 100]);
         let off = file.len() as u64;
         file.extend(encode_footer(off, &[(64, 10), (74, 90)]));
-        let (o, t) = parse_footer(&file).unwrap().unwrap();
-        assert_eq!(o, off);
-        assert_eq!(t, vec![(64, 10), (74, 90)]);
+        let f = parse_footer(&file).unwrap().unwrap();
+        assert_eq!(f.offset, off);
+        assert_eq!(f.tables, vec![(64, 10), (74, 90)]);
         // An unsealed shard has no footer.
         assert_eq!(parse_footer(&file[..164]).unwrap(), None);
         // A footer whose offset points past its trailer is rejected.

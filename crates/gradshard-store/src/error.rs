@@ -17,7 +17,7 @@ pub enum Error {
     Format {
         path: PathBuf,
         #[source]
-        source: gradshard_format::Error,
+        source: Box<gradshard_format::Error>,
     },
     #[error(transparent)]
     Core(#[from] gradshard_core::Error),
@@ -61,7 +61,7 @@ pub enum Error {
         id: SampleId,
         slice: String,
         #[source]
-        source: gradshard_format::Error,
+        source: Box<gradshard_format::Error>,
     },
     #[error("{path}: {what}")]
     Input { path: PathBuf, what: String },
@@ -90,7 +90,7 @@ impl<T> IoContext<T> for gradshard_format::Result<T> {
     fn at(self, path: &std::path::Path) -> Result<T> {
         self.map_err(|source| Error::Format {
             path: path.to_path_buf(),
-            source,
+            source: Box::new(source),
         })
     }
 }

@@ -256,7 +256,7 @@ pub fn put_file(w: &mut StoreWriter, file: &SampleFile) -> Result<()> {
             .tensor(n)
             .map_err(|e| input_err(path, format!("tensor `{n}`: {e}")))?;
         if v.shape().len() == 2
-            && !attn.iter().any(|t| &t.name == n)
+            && !attn.iter().any(|t| t.name == *n)
             && order.other_index(n).is_none()
         {
             return Err(input_err(

@@ -151,21 +151,18 @@ impl Store {
             task: r.task.clone(),
             id: r.id.clone(),
             slice: what.to_string(),
-            source: gradshard_format::Error::Truncated {
+            source: Box::new(gradshard_format::Error::Truncated {
                 what: "index entry past end of file",
                 need: end,
                 have: len as u64,
-            },
+            }),
         }
     }
 
     /// The bytes of a sample's table (bounds-checked against the shard file).
     pub fn table_bytes(&self, r: &LogRecord) -> Result<&[u8]> {
         let m = self.shard(r)?;
-        let end = r
-            .table_offset
-            .checked_add(r.table_len as u64)
-            .unwrap_or(u64::MAX);
+        let end = r.table_offset.saturating_add(r.table_len as u64);
         if end > m.len() as u64 {
             return Err(self.past_end(r, "sample table", end, m.len()));
         }
@@ -194,10 +191,7 @@ impl Store {
         out: &mut Vec<f32>,
     ) -> Result<()> {
         let m = self.shard(r)?;
-        let end = entry
-            .offset
-            .checked_add(entry.frame_len as u64)
-            .unwrap_or(u64::MAX);
+        let end = entry.offset.saturating_add(entry.frame_len as u64);
         if end > m.len() as u64 {
             return Err(self.past_end(r, &self.order.describe(frame), end, m.len()));
         }
@@ -215,7 +209,7 @@ impl Store {
                 self.order.describe(frame),
                 entry.offset
             ),
-            source,
+            source: Box::new(source),
         };
         let decoded = decode_frame(bytes, Some(entry.checksum), scratch);
         release_pages(m, entry.offset as usize, end as usize);

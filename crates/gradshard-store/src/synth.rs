@@ -12,9 +12,20 @@ use crate::error::{Error, Result};
 use crate::manifest::{CodecSpec, StoreSpec};
 use crate::writer::{SampleMeta, StoreWriter, WriteReport, WriterOptions};
 
+/// A named geometry: (name, model_type, layers, hidden, heads, kv_heads, head_dim, intermediate).
+pub type Preset = (
+    &'static str,
+    &'static str,
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+);
+
 /// Named geometries for `synth --preset` (attention shapes of public checkpoints).
-/// (name, model_type, layers, hidden, heads, kv_heads, head_dim, intermediate)
-pub const PRESETS: &[(&str, &str, usize, usize, usize, usize, usize, usize)] = &[
+pub const PRESETS: &[Preset] = &[
     ("tiny", "llama", 2, 64, 4, 2, 16, 96),
     ("small", "llama", 4, 512, 8, 4, 64, 1376),
     ("llama-0.9b", "llama", 16, 2048, 16, 16, 128, 5632),
@@ -178,6 +189,8 @@ fn lognormal_table() -> [f32; 256] {
 }
 
 /// Inverse standard normal CDF (Acklam's rational approximation, |error| < 1.2e-9).
+/// The published coefficients are kept digit for digit.
+#[allow(clippy::excessive_precision)]
 fn normal_quantile(p: f64) -> f64 {
     const A: [f64; 6] = [
         -3.969683028665376e1,

@@ -121,7 +121,10 @@ pub fn verify(dir: &Path, progress: &(dyn Fn(u64, u64) + Sync)) -> Result<Verify
             .unwrap_or_default();
         logged.sort_unstable();
         match parse_footer(data) {
-            Ok(Some((off, mut tables))) => {
+            Ok(Some(gradshard_format::Footer {
+                offset: off,
+                mut tables,
+            })) => {
                 footer_len.insert(*no, data.len() as u64 - off);
                 tables.sort_unstable();
                 if tables != logged {
@@ -146,7 +149,9 @@ pub fn verify(dir: &Path, progress: &(dyn Fn(u64, u64) + Sync)) -> Result<Verify
     let bytes = AtomicU64::new(0);
     let done = AtomicU64::new(0);
     let total = records.len() as u64;
-    let per_sample: Vec<(Vec<String>, Vec<(u32, u64, u64)>)> = records
+    // Per sample: its problems, and the (shard, start, end) byte ranges it references.
+    type Checked = (Vec<String>, Vec<(u32, u64, u64)>);
+    let per_sample: Vec<Checked> = records
         .par_iter()
         .map(|r| {
             let mut probs = Vec::new();

@@ -133,9 +133,12 @@ impl Budget {
     }
 }
 
+/// Fills a frame's values on a worker thread.
+type Fill = Box<dyn FnOnce(&mut [f32]) + Send>;
+
 enum Payload {
     F32(Vec<f32>),
-    Gen(usize, Box<dyn FnOnce(&mut [f32]) + Send>),
+    Gen(usize, Fill),
 }
 
 struct Job {
@@ -912,12 +915,12 @@ fn recover(dir: &Path, manifest: &Manifest) -> Result<(Vec<LogRecord>, u32)> {
             Ok(_) => {
                 return Err(Error::Format {
                     path,
-                    source: gradshard_format::Error::Invalid {
+                    source: Box::new(gradshard_format::Error::Invalid {
                         what: "shard header",
                         detail:
                             "store id or shard number does not match the manifest and file name"
                                 .into(),
-                    },
+                    }),
                 })
             }
             Err(_) if tables.is_empty() => {
@@ -938,11 +941,11 @@ fn recover(dir: &Path, manifest: &Manifest) -> Result<(Vec<LogRecord>, u32)> {
         if end > data.len() as u64 {
             return Err(Error::Format {
                 path,
-                source: gradshard_format::Error::Truncated {
+                source: Box::new(gradshard_format::Error::Truncated {
                     what: "shard (a committed sample table lies past the end of the file)",
                     need: end,
                     have: data.len() as u64,
-                },
+                }),
             });
         }
         // Unmap before truncating: no access may reach past the new end.
