@@ -86,7 +86,8 @@ pub struct ScoreArgs {
     /// (CUDA needs a binary built with `--features cuda`).
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// GPU GEMM precision: f64 (CPU-identical) or f32 (TF32 tensor cores on Hopper, ~1e-3).
+    /// GPU precision of M = X·Yᵀ: f64 (CPU-identical; elementwise products, memory-bound:
+    /// for tens of samples per task) or f32 (TF32 tensor-core GEMM on Hopper, ~1e-3).
     #[arg(long, default_value = "f64")]
     pub gpu_precision: String,
 }

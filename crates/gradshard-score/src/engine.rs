@@ -53,6 +53,16 @@ pub enum ScoreProgress {
     Stage(&'static str),
     /// Something the user should know that is not an error (e.g. few samples).
     Warning(String),
+    /// After the pass over the slices: seconds spent reading tiles (`read_tile`:
+    /// I/O, checksum, decompression), computing on them (backend and bookkeeping),
+    /// and waiting for a read that the computation could not hide. `overlapped`:
+    /// tile t+1 was read on a second thread while tile t was computed.
+    Timing {
+        read_s: f64,
+        compute_s: f64,
+        wait_s: f64,
+        overlapped: bool,
+    },
 }
 
 /// Scores `opts.task_a` against `opts.task_b` on the CPU backend.
@@ -378,18 +388,99 @@ pub fn score_with_backend(
         pairs: Vec::new(),
         pairs_for,
         phase: PhaseAcc::new(&opts.sparsities),
+        read_s: 0.0,
+        preloaded: None,
     };
     let total = slices.len();
-    for (done, s) in slices.iter().enumerate() {
-        eng.slice(s)?;
-        progress(ScoreProgress::Slice {
-            done: done + 1,
-            total,
-            block: s.block,
-            layer: s.layer,
-            head: s.head,
-        });
+    // Double buffering: when a slice is one chunk and two slice tiles fit the budget,
+    // a reader thread reads tile t+1 while tile t is computed (bounded: two buffer sets).
+    let overlap = nchunks == 1
+        && slices.len() > 1
+        && fixed.saturating_add(per_col.saturating_mul(s_len).saturating_mul(2))
+            <= opts.memory_budget;
+    let (mut compute_s, mut wait_s) = (0.0, 0.0);
+    if overlap {
+        let (ra, rb) = (
+            (eng.pa.name.clone(), eng.pa.rows.clone()),
+            (eng.pb.name.clone(), eng.pb.rows.clone()),
+        );
+        let slices_ref = &slices;
+        std::thread::scope(|sc| -> Result<()> {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Prefetched>>(0);
+            let (ret_tx, ret_rx) = std::sync::mpsc::channel::<(Vec<f32>, Vec<f32>)>();
+            sc.spawn(move || {
+                for (i, s) in slices_ref.iter().enumerate() {
+                    // Two buffer sets in all: the third tile reuses the first one's.
+                    let (mut a, mut b) = if i < 2 {
+                        (Vec::new(), Vec::new())
+                    } else {
+                        match ret_rx.recv() {
+                            Ok(v) => v,
+                            Err(_) => return,
+                        }
+                    };
+                    let t0 = std::time::Instant::now();
+                    let r = read_whole_tile(source, &ra, s, s_len, &mut a)
+                        .and_then(|()| read_whole_tile(source, &rb, s, s_len, &mut b));
+                    let failed = r.is_err();
+                    let msg = r.map(|()| Prefetched {
+                        a,
+                        b,
+                        read_s: t0.elapsed().as_secs_f64(),
+                    });
+                    if tx.send(msg).is_err() || failed {
+                        return;
+                    }
+                }
+            });
+            for (done, s) in slices.iter().enumerate() {
+                let t0 = std::time::Instant::now();
+                let got = rx.recv().map_err(|_| Error::Backend {
+                    backend: "engine",
+                    message: "the tile reader thread stopped".into(),
+                })??;
+                wait_s += t0.elapsed().as_secs_f64();
+                eng.read_s += got.read_s;
+                eng.preloaded = Some((got.a, got.b));
+                let t1 = std::time::Instant::now();
+                eng.slice(s)?;
+                compute_s += t1.elapsed().as_secs_f64();
+                progress(ScoreProgress::Slice {
+                    done: done + 1,
+                    total,
+                    block: s.block,
+                    layer: s.layer,
+                    head: s.head,
+                });
+                let _ = ret_tx.send((
+                    std::mem::take(&mut eng.buf_a),
+                    std::mem::take(&mut eng.buf_b),
+                ));
+            }
+            Ok(())
+        })?;
+    } else {
+        for (done, s) in slices.iter().enumerate() {
+            let (t0, r0) = (std::time::Instant::now(), eng.read_s);
+            eng.slice(s)?;
+            let dt = t0.elapsed().as_secs_f64();
+            wait_s += eng.read_s - r0;
+            compute_s += dt - (eng.read_s - r0);
+            progress(ScoreProgress::Slice {
+                done: done + 1,
+                total,
+                block: s.block,
+                layer: s.layer,
+                head: s.head,
+            });
+        }
     }
+    progress(ScoreProgress::Timing {
+        read_s: eng.read_s,
+        compute_s,
+        wait_s,
+        overlapped: overlap,
+    });
 
     // Permutation p-values of each block's top pairs, then BH over all of them.
     progress(ScoreProgress::Stage("permutation"));
@@ -494,6 +585,29 @@ struct Engine<'a> {
     pairs: Vec<PairMatrix>,
     pairs_for: HashSet<(Block, usize, usize)>,
     phase: PhaseAcc,
+    /// Seconds inside `read_tile` (this thread, or the reader thread when overlapped).
+    read_s: f64,
+    /// Whole-slice tiles of both tasks already read by the reader thread.
+    preloaded: Option<(Vec<f32>, Vec<f32>)>,
+}
+
+/// Whole-slice tiles of both tasks read ahead by the reader thread.
+struct Prefetched {
+    a: Vec<f32>,
+    b: Vec<f32>,
+    read_s: f64,
+}
+
+/// Reads all columns of slice `s` for the rows of one task into `buf`.
+fn read_whole_tile(
+    source: &dyn TileSource,
+    (name, rows): &(TaskName, Vec<usize>),
+    s: &Slice,
+    s_len: usize,
+    buf: &mut Vec<f32>,
+) -> Result<()> {
+    buf.resize(rows.len() * s_len, 0.0);
+    source.read_tile(name, rows, s.layer, s.block, s.head, 0..s_len, buf)
 }
 
 impl Engine<'_> {
@@ -509,20 +623,36 @@ impl Engine<'_> {
         fb: &mut [f64],
     ) -> Result<()> {
         let w = c1 - c0;
-        for (plan, buf, f) in [
-            (&self.pa, &mut self.buf_a, &mut fa[c0..c1]),
-            (&self.pb, &mut self.buf_b, &mut fb[c0..c1]),
+        // The reader thread's tiles, when it read this (whole) slice ahead.
+        let pre = if c0 == 0 && c1 == self.s_len {
+            self.preloaded.take()
+        } else {
+            None
+        };
+        let (mut pre_a, mut pre_b) = match pre {
+            Some((a, b)) => (Some(a), Some(b)),
+            None => (None, None),
+        };
+        for (plan, buf, f, pre) in [
+            (&self.pa, &mut self.buf_a, &mut fa[c0..c1], &mut pre_a),
+            (&self.pb, &mut self.buf_b, &mut fb[c0..c1], &mut pre_b),
         ] {
-            buf.resize(plan.rows.len() * w, 0.0);
-            self.source.read_tile(
-                &plan.name,
-                &plan.rows,
-                s.layer,
-                s.block,
-                s.head,
-                c0..c1,
-                buf,
-            )?;
+            if let Some(p) = pre.take() {
+                *buf = p;
+            } else {
+                buf.resize(plan.rows.len() * w, 0.0);
+                let t0 = std::time::Instant::now();
+                self.source.read_tile(
+                    &plan.name,
+                    &plan.rows,
+                    s.layer,
+                    s.block,
+                    s.head,
+                    c0..c1,
+                    buf,
+                )?;
+                self.read_s += t0.elapsed().as_secs_f64();
+            }
             self.reads.tile_reads += 1;
             self.reads.frame_reads += plan.rows.len() as u64;
             if reread {

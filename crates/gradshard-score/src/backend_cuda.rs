@@ -1,0 +1,432 @@
+//! The CUDA backend (feature `cuda`): the tile compute of the scorer on an NVIDIA GPU
+//! through burn 0.21's CUDA backend (cubecl).
+//!
+//! Per slice (or column chunk) the engine hands the raw f32 tile of each task to
+//! [`Backend::column_fisher`]; this backend uploads it once, forms the column Fisher
+//! `I[k] = (1/n) Σ_r g² / T_r` on the GPU in f64, downloads only I (|S| values), and
+//! keeps the device copy. [`Backend::interference`] then forms X and Y on the GPU from
+//! that device copy (or uploads the compacted tile when a sample subset changed it),
+//! multiplies `M = X·Yᵀ` on the GPU and downloads the `nx × ny` result.
+//!
+//! Precision ([`GpuPrecision`]):
+//! - `F64` (default): X, Y, products and sums in f64 as a broadcast multiply and a
+//!   reduction over column blocks (cubecl 0.10 refuses f64 matmul on CUDA: "types
+//!   not supported"). CPU-identical to rounding; memory-bound in `nx·ny·|S|`.
+//! - `F32`: X and Y formed in f64, rounded to f32 operands, multiplied by burn's f32
+//!   matmul — on Hopper that runs on the tensor cores as **TF32** (10-bit mantissa),
+//!   about 1e-3 relative per product. Column blocks of [`CudaBackend::k_block`] are
+//!   summed in f64 on the GPU. Fast, not CPU-identical; measure before trusting.
+//!
+//! `transform` and `gram_accumulate` (top-k rows for the permutation test, bootstrap
+//! replicates: both tiny) run on the CPU backend.
+//!
+//! Uploads: a tile whose f32 values are all exactly bf16 (any bf16 store) travels as
+//! bf16 and is widened on the device (exact; half the bytes). cubecl copies every host buffer into its own pinned staging pool, then
+//! issues an async copy (`create_with_data`): one host memcpy plus a pinned DMA. burn
+//! offers no API to read directly from a caller-pinned buffer, so the rate is bounded
+//! by that extra memcpy (see README "GPU").
+
+use std::sync::Mutex;
+
+use rayon::prelude::*;
+
+use burn::backend::cuda::CudaDevice;
+use burn::tensor::{DType, Tensor, TensorData};
+
+use crate::backend::{Backend, CpuBackend, Role};
+use crate::error::{Error, Result};
+use crate::options::Variant;
+
+type B = burn::backend::Cuda<f32>;
+
+/// Bytes of f64 products per column block of the exact (`F64`) product.
+const EXACT_BLOCK_BYTES: usize = 256 << 20;
+
+/// Largest host → device copy in one piece (cubecl stages each one in pinned memory).
+const UPLOAD_PIECE_BYTES: usize = 64 << 20;
+
+/// Operand precision of the GPU GEMM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GpuPrecision {
+    /// X, Y, products and sums in f64, as a broadcast multiply and a reduction (cubecl
+    /// 0.10 has no f64 matmul on CUDA): CPU-identical to rounding, memory-bound,
+    /// `nx·ny·|S|·16` bytes of device traffic per slice — fine for tens of samples
+    /// per task, slow for hundreds.
+    F64,
+    /// f32 operands (TF32 tensor cores on Hopper), f64 sum over column blocks.
+    F32,
+}
+
+impl std::str::FromStr for GpuPrecision {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "f64" => Ok(GpuPrecision::F64),
+            "f32" | "tf32" => Ok(GpuPrecision::F32),
+            _ => Err(format!("unknown GPU precision {s:?} (use f64 or f32)")),
+        }
+    }
+}
+
+/// One device copy of a host tile, keyed by the host buffer's address and length.
+struct Cached {
+    ptr: usize,
+    len: usize,
+    rows: usize,
+    tile: Tensor<B, 2>,
+}
+
+/// The scorer's tile compute on one CUDA device.
+pub struct CudaBackend {
+    device: CudaDevice,
+    ordinal: usize,
+    precision: GpuPrecision,
+    /// Columns per f32 GEMM (their products are summed in f64).
+    pub k_block: usize,
+    /// Device copies of the last two tiles given to `column_fisher` (task A, task B).
+    cache: Mutex<Vec<Cached>>,
+    cpu: CpuBackend,
+    stats: Mutex<GpuStats>,
+}
+
+/// Counters of the GPU work (for benchmarks).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GpuStats {
+    /// Bytes copied host → device (bf16-exact tiles travel as bf16: 2 bytes a value).
+    pub upload_bytes: u64,
+    /// Seconds spent in those copies (synchronised).
+    pub upload_s: f64,
+    /// Tiles reused from `column_fisher` by `interference` (no second upload).
+    pub reused_tiles: u64,
+    /// GEMMs run.
+    pub gemms: u64,
+}
+
+impl std::fmt::Debug for CudaBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaBackend")
+            .field("ordinal", &self.ordinal)
+            .field("precision", &self.precision)
+            .finish()
+    }
+}
+
+fn gpu_err(message: impl Into<String>) -> Error {
+    Error::Backend {
+        backend: "cuda",
+        message: message.into(),
+    }
+}
+
+impl CudaBackend {
+    /// Opens CUDA device `ordinal`, checking that a small upload and download work
+    /// (no driver or no such device is an error, not a panic).
+    pub fn new(ordinal: usize, precision: GpuPrecision) -> Result<CudaBackend> {
+        let probe = std::panic::catch_unwind(|| {
+            let dev = CudaDevice::new(ordinal);
+            let t = Tensor::<B, 1>::from_data(
+                TensorData::new(vec![1.0f64, 2.0], [2]),
+                (&dev, DType::F64),
+            );
+            t.sum().into_data().to_vec::<f64>().ok()
+        });
+        match probe {
+            Ok(Some(v)) if v == [3.0] => {}
+            Ok(other) => return Err(gpu_err(format!("cuda:{ordinal}: probe returned {other:?}"))),
+            Err(_) => {
+                return Err(gpu_err(format!(
+                    "cuda:{ordinal} is not usable (no NVIDIA driver, no such device, or CUDA failed to start)"
+                )))
+            }
+        }
+        Ok(CudaBackend {
+            device: CudaDevice::new(ordinal),
+            ordinal,
+            precision,
+            k_block: 1 << 15,
+            cache: Mutex::new(Vec::new()),
+            cpu: CpuBackend::default(),
+            stats: Mutex::new(GpuStats::default()),
+        })
+    }
+
+    /// Whether CUDA device `ordinal` can be opened.
+    pub fn available(ordinal: usize) -> bool {
+        CudaBackend::new(ordinal, GpuPrecision::F64).is_ok()
+    }
+
+    pub fn precision(&self) -> GpuPrecision {
+        self.precision
+    }
+
+    pub fn stats(&self) -> GpuStats {
+        self.stats.lock().unwrap().clone()
+    }
+
+    /// Uploads a row-major `[rows × width]` f32 host tile (in pieces of at most
+    /// [`UPLOAD_PIECE_BYTES`]) and waits for the copy, timing it.
+    fn upload(&self, tile: &[f32], rows: usize, width: usize) -> Tensor<B, 2> {
+        let t0 = std::time::Instant::now();
+        let rows_per_piece = (UPLOAD_PIECE_BYTES / (4 * width.max(1))).max(1);
+        let mut pieces = Vec::new();
+        let mut sent = 0usize;
+        let mut r0 = 0;
+        while r0 < rows {
+            let r1 = (r0 + rows_per_piece).min(rows);
+            let part = &tile[r0 * width..r1 * width];
+            // A bf16 store's values widened to f32 have 16 zero low bits: send them as
+            // bf16 (exact, half the bytes) and widen on the device.
+            let t = if part.par_iter().all(|v| v.to_bits() & 0xFFFF == 0) {
+                let packed: Vec<burn::tensor::bf16> = part
+                    .par_iter()
+                    .map(|v| burn::tensor::bf16::from_bits((v.to_bits() >> 16) as u16))
+                    .collect();
+                sent += packed.len() * 2;
+                let data = TensorData::new(packed, [r1 - r0, width]);
+                Tensor::<B, 2>::from_data(data, (&self.device, DType::BF16)).cast(DType::F32)
+            } else {
+                sent += part.len() * 4;
+                let data = TensorData::new(part.to_vec(), [r1 - r0, width]);
+                Tensor::<B, 2>::from_data(data, (&self.device, DType::F32))
+            };
+            pieces.push(t);
+            r0 = r1;
+        }
+        let t = if pieces.len() == 1 {
+            pieces.pop().unwrap()
+        } else {
+            Tensor::cat(pieces, 0)
+        };
+        // Wait for the copies so the timing means something.
+        let _ = <B as burn::tensor::backend::Backend>::sync(&self.device);
+        let mut st = self.stats.lock().unwrap();
+        st.upload_bytes += sent as u64;
+        st.upload_s += t0.elapsed().as_secs_f64();
+        t
+    }
+
+    /// The device copy of `tile` cached by `column_fisher`, or a fresh upload.
+    fn device_tile(&self, tile: &[f32], rows: usize, width: usize) -> Tensor<B, 2> {
+        {
+            let cache = self.cache.lock().unwrap();
+            if let Some(c) = cache
+                .iter()
+                .find(|c| c.ptr == tile.as_ptr() as usize && c.len == tile.len() && c.rows == rows)
+            {
+                self.stats.lock().unwrap().reused_tiles += 1;
+                return c.tile.clone();
+            }
+        }
+        self.upload(tile, rows, width)
+    }
+
+    fn column_f64(&self, v: &[f64]) -> Tensor<B, 2> {
+        Tensor::<B, 2>::from_data(
+            TensorData::new(v.to_vec(), [v.len(), 1]),
+            (&self.device, DType::F64),
+        )
+    }
+
+    fn row_f64(&self, v: &[f64]) -> Tensor<B, 2> {
+        Tensor::<B, 2>::from_data(
+            TensorData::new(v.to_vec(), [1, v.len()]),
+            (&self.device, DType::F64),
+        )
+    }
+
+    /// `Σ_(i,j) xs[i]·ys[j]ᵀ`: f32 GEMMs over column blocks of `k_block`, each
+    /// block's product widened to f64 and summed in f64 on the device.
+    fn blocked_products(
+        &self,
+        xs: &[Tensor<B, 2>],
+        ys: &[Tensor<B, 2>],
+        pairs: &[(usize, usize)],
+        width: usize,
+    ) -> Tensor<B, 2> {
+        let kb = self.k_block.max(1);
+        let mut acc: Option<Tensor<B, 2>> = None;
+        let mut k0 = 0;
+        while k0 < width {
+            let w = kb.min(width - k0);
+            for &(i, j) in pairs {
+                let part = xs[i]
+                    .clone()
+                    .narrow(1, k0, w)
+                    .matmul(ys[j].clone().narrow(1, k0, w).transpose())
+                    .cast(DType::F64);
+                acc = Some(match acc {
+                    None => part,
+                    Some(a) => a.add(part),
+                });
+                self.stats.lock().unwrap().gemms += 1;
+            }
+            k0 += w;
+        }
+        acc.expect("width > 0")
+    }
+
+    /// X (role X) or Y rows in f64 on the device, from the raw tile `g` (`[n × w]` f32).
+    fn form(
+        &self,
+        g: Tensor<B, 2>,
+        inv_t: &[f64],
+        den: &Tensor<B, 2>,
+        variant: Variant,
+        role: Role,
+    ) -> Tensor<B, 2> {
+        let g = g.cast(DType::F64);
+        let it = || self.column_f64(inv_t);
+        match (variant, role) {
+            (Variant::Unsigned, Role::X) => g.square().mul(it()).div(den.clone()),
+            (Variant::Unsigned, Role::Y) => g.abs(),
+            (Variant::Signed, Role::X) => g.div(den.clone()),
+            (Variant::Signed, Role::Y) => g,
+            (Variant::Symmetric, Role::X) => g.abs().mul(it().sqrt()).div(den.clone()),
+            (Variant::Symmetric, Role::Y) => g.abs().mul(it().sqrt()),
+        }
+    }
+}
+
+fn check_len(what: &str, found: usize, expected: usize) -> Result<()> {
+    if found != expected {
+        return Err(gpu_err(format!(
+            "{what}: {found} values, expected {expected}"
+        )));
+    }
+    Ok(())
+}
+
+impl Backend for CudaBackend {
+    fn name(&self) -> &'static str {
+        match self.precision {
+            GpuPrecision::F64 => "cuda-f64",
+            GpuPrecision::F32 => "cuda-f32",
+        }
+    }
+
+    fn column_fisher(
+        &self,
+        tile: &[f32],
+        inv_t: &[f64],
+        width: usize,
+        out: &mut [f64],
+    ) -> Result<Option<(usize, usize)>> {
+        let rows = inv_t.len();
+        check_len("column_fisher tile", tile.len(), rows * width)?;
+        check_len("column_fisher out", out.len(), width)?;
+        if rows == 0 || width == 0 {
+            out.iter_mut().for_each(|v| *v = 0.0);
+            return Ok(None);
+        }
+        let dev_tile = self.upload(tile, rows, width);
+        let f = dev_tile
+            .clone()
+            .cast(DType::F64)
+            .square()
+            .mul(self.column_f64(inv_t))
+            .sum_dim(0)
+            .div_scalar(rows as f64);
+        let host = f
+            .into_data()
+            .to_vec::<f64>()
+            .map_err(|e| gpu_err(format!("download of the Fisher: {e:?}")))?;
+        out.copy_from_slice(&host);
+        {
+            let mut cache = self.cache.lock().unwrap();
+            cache.retain(|c| c.ptr != tile.as_ptr() as usize);
+            cache.push(Cached {
+                ptr: tile.as_ptr() as usize,
+                len: tile.len(),
+                rows,
+                tile: dev_tile,
+            });
+            while cache.len() > 2 {
+                cache.remove(0);
+            }
+        }
+        // Σ of non-negative terms: I[k] is non-finite exactly when a value of column k is.
+        if out.iter().any(|v| !v.is_finite()) {
+            for (r, row) in tile.chunks_exact(width).enumerate() {
+                if let Some(k) = row.iter().position(|v| !v.is_finite()) {
+                    return Ok(Some((r, k)));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    fn transform(
+        &self,
+        tile: &mut [f32],
+        inv_t: &[f64],
+        den: &[f64],
+        variant: Variant,
+        role: Role,
+    ) -> Result<()> {
+        self.cpu.transform(tile, inv_t, den, variant, role)
+    }
+
+    fn interference(
+        &self,
+        a: &[f32],
+        a_inv_t: &[f64],
+        b: &[f32],
+        b_inv_t: &[f64],
+        den: &[f64],
+        variant: Variant,
+        out: &mut [f64],
+    ) -> Result<()> {
+        let width = den.len();
+        let (nx, ny) = (a_inv_t.len(), b_inv_t.len());
+        check_len("interference a", a.len(), nx * width)?;
+        check_len("interference b", b.len(), ny * width)?;
+        check_len("interference out", out.len(), nx * ny)?;
+        if nx == 0 || ny == 0 || width == 0 {
+            return Ok(());
+        }
+        let ga = self.device_tile(a, nx, width);
+        let gb = self.device_tile(b, ny, width);
+        let den_t = self.row_f64(den);
+        let x = self.form(ga, a_inv_t, &den_t, variant, Role::X);
+        let y = self.form(gb, b_inv_t, &den_t, variant, Role::Y);
+        let m = match self.precision {
+            GpuPrecision::F64 => {
+                // f64 products and sums, elementwise: x[i,1,k] · y[1,j,k] summed over k,
+                // in column blocks of at most EXACT_BLOCK_BYTES of products.
+                let kb = (EXACT_BLOCK_BYTES / (8 * nx * ny)).clamp(1, width);
+                let mut acc: Option<Tensor<B, 2>> = None;
+                let mut k0 = 0;
+                while k0 < width {
+                    let w = kb.min(width - k0);
+                    let xb = x.clone().narrow(1, k0, w).unsqueeze_dim::<3>(1);
+                    let yb = y.clone().narrow(1, k0, w).unsqueeze_dim::<3>(0);
+                    let part: Tensor<B, 2> = xb.mul(yb).sum_dim(2).reshape([nx, ny]);
+                    acc = Some(match acc {
+                        None => part,
+                        Some(a) => a.add(part),
+                    });
+                    self.stats.lock().unwrap().gemms += 1;
+                    k0 += w;
+                }
+                acc.expect("width > 0")
+            }
+            GpuPrecision::F32 => {
+                let xs = [x.cast(DType::F32)];
+                let ys = [y.cast(DType::F32)];
+                self.blocked_products(&xs, &ys, &[(0, 0)], width)
+            }
+        };
+        let host = m
+            .into_data()
+            .to_vec::<f64>()
+            .map_err(|e| gpu_err(format!("download of M: {e:?}")))?;
+        for (o, v) in out.iter_mut().zip(&host) {
+            *o += v;
+        }
+        Ok(())
+    }
+
+    fn gram_accumulate(&self, x: &[f32], y: &[f32], width: usize, out: &mut [f64]) -> Result<()> {
+        self.cpu.gram_accumulate(x, y, width, out)
+    }
+}

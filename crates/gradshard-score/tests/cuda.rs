@@ -1,0 +1,156 @@
+//! CPU vs CUDA scores on the fixtures (issue 6): every M of every slice, the heatmap
+//! cells and the Fisher diagnostics must agree within 1e-4 relative.
+//!
+//! Runs only when built with `--features cuda` AND a CUDA device opens; otherwise the
+//! test prints `SKIPPED` to stderr (run with `--nocapture` to see it) and passes.
+
+use std::path::PathBuf;
+
+use gradshard_core::TaskName;
+use gradshard_score::fixture::FixtureSource;
+use gradshard_score::{ScoreOptions, ScoreResult, TileSource};
+
+#[allow(dead_code)]
+fn fixture(model: &str) -> FixtureSource {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(model);
+    FixtureSource::open(&dir, false).unwrap()
+}
+
+#[allow(dead_code)]
+fn options(src: &FixtureSource, setting: &str) -> ScoreOptions {
+    let mut o = ScoreOptions::new(
+        TaskName::new("math").unwrap(),
+        TaskName::new("general").unwrap(),
+    );
+    let g = src.geometry().clone();
+    o.pairs_for = (0..g.layers)
+        .flat_map(|l| (0..g.heads).map(move |h| (l, h)))
+        .collect();
+    o.n_boot = 50;
+    o.n_perm = 50;
+    o.min_samples = 0;
+    match setting {
+        "default" => {}
+        "signed" => o.variant = "signed".parse().unwrap(),
+        "symmetric" => o.variant = "symmetric".parse().unwrap(),
+        "lam_rel" => o.lam_rel = 0.1,
+        "mean_pooled" => {
+            o.aggregate = "mean".parse().unwrap();
+            o.fisher_pool = "pooled".parse().unwrap();
+        }
+        // Column chunks (several uploads per slice, M accumulated over chunks).
+        "chunked" => o.memory_budget = 200_000,
+        // A subset of task A: the compacted tile is uploaded again.
+        "subset" => {
+            let ids: Vec<_> = src
+                .samples(&o.task_a)
+                .unwrap()
+                .into_iter()
+                .take(5)
+                .map(|s| s.0)
+                .collect();
+            o.samples_a = Some(ids);
+        }
+        _ => unreachable!(),
+    }
+    o
+}
+
+/// Worst relative difference of every M entry — elementwise (unsigned, symmetric: sums
+/// of non-negative terms), normwise against the slice's largest |M| for signed (whose
+/// sums cancel by up to 1e4, as in tests/oracle.rs) — and of the cells and Fisher
+/// diagnostics.
+#[allow(dead_code)]
+fn worst_difference(cpu: &ScoreResult, gpu: &ScoreResult) -> f64 {
+    let signed = cpu.options.variant == gradshard_score::Variant::Signed;
+    let mut worst: f64 = 0.0;
+    let mut see = |a: f64, b: f64, floor: f64| {
+        let r = (a - b).abs() / a.abs().max(floor).max(f64::MIN_POSITIVE);
+        worst = worst.max(r);
+    };
+    assert_eq!(cpu.pairs.len(), gpu.pairs.len());
+    for (p, q) in cpu.pairs.iter().zip(&gpu.pairs) {
+        assert_eq!((p.block, p.layer, p.head), (q.block, q.layer, q.head));
+        let max = p.values.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        for (a, b) in p.values.iter().zip(&q.values) {
+            see(*a, *b, if signed { max } else { 1e-9 * max });
+        }
+    }
+    for (c, d) in cpu.cells.iter().zip(&gpu.cells) {
+        see(c.score_mean, d.score_mean, 1e-12);
+    }
+    for (c, d) in cpu.diagnostics.iter().zip(&gpu.diagnostics) {
+        see(c.fisher_min, d.fisher_min, 1e-30);
+        see(c.fisher_median, d.fisher_median, 1e-30);
+        see(c.fisher_max, d.fisher_max, 1e-30);
+        see(c.lam_applied, d.lam_applied, 1e-30);
+    }
+    let tops = |r: &ScoreResult| -> Vec<(usize, usize, usize, usize)> {
+        r.top
+            .iter()
+            .map(|t| (t.index_a, t.index_b, t.layer, t.head))
+            .collect()
+    };
+    if worst < 1e-9 {
+        assert_eq!(tops(cpu), tops(gpu), "top pairs differ");
+    }
+    worst
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_scores_match_cpu_on_fixtures() {
+    use gradshard_score::{score, score_with_backend, CudaBackend, GpuPrecision};
+    let f64_backend = match CudaBackend::new(0, GpuPrecision::F64) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("SKIPPED cuda_scores_match_cpu_on_fixtures: no usable CUDA device ({e})");
+            return;
+        }
+    };
+    let f32_backend = CudaBackend::new(0, GpuPrecision::F32).unwrap();
+    let mut worst_f64: f64 = 0.0;
+    let mut worst_f32: f64 = 0.0;
+    for model in ["llama-gqa", "gpt2"] {
+        let src = fixture(model);
+        for setting in [
+            "default",
+            "signed",
+            "symmetric",
+            "lam_rel",
+            "mean_pooled",
+            "chunked",
+            "subset",
+        ] {
+            let o = options(&src, setting);
+            let cpu = score(&src, &o, &mut |_| {}).unwrap();
+            let g64 = score_with_backend(&src, &o, &f64_backend, &mut |_| {}).unwrap();
+            let g32 = score_with_backend(&src, &o, &f32_backend, &mut |_| {}).unwrap();
+            let (d64, d32) = (worst_difference(&cpu, &g64), worst_difference(&cpu, &g32));
+            eprintln!(
+                "cuda parity {model:9} {setting:12}: cuda-f64 {d64:.2e}   cuda-f32(TF32) {d32:.2e}"
+            );
+            worst_f64 = worst_f64.max(d64);
+            worst_f32 = worst_f32.max(d32);
+            assert!(
+                d64 <= 1e-4,
+                "{model} {setting}: cuda-f64 differs by {d64:e}"
+            );
+        }
+    }
+    eprintln!(
+        "cuda parity: worst relative difference cuda-f64 {worst_f64:.2e} (limit 1e-4), cuda-f32 {worst_f32:.2e} (reported only); stats {:?}",
+        f64_backend.stats()
+    );
+}
+
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn cuda_scores_match_cpu_on_fixtures() {
+    eprintln!(
+        "SKIPPED cuda_scores_match_cpu_on_fixtures: built without the `cuda` feature \
+         (run `cargo test -p gradshard-score --features cuda` on a machine with an NVIDIA GPU)"
+    );
+}
