@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# GPU benchmark (issue 6). Builds nothing: takes a prebuilt `gradshard` built with
+# `--features cuda` (argument 1 or $GRADSHARD_BIN) and, optionally, the prebuilt
+# `bench_grads` example (argument 2 or $BENCH_GRADS_BIN) for the models on the GPU.
+#
+#   scripts/bench_gpu.sh [GRADSHARD_BIN] [BENCH_GRADS_BIN]
+#
+# Environment: BENCH_DIR (default /tmp/gradshard-bench-gpu), SAMPLES per task
+# (default: 4, or 2 when the disk has < 60 GB free), LAYERS (layers scored, default
+# 0-7 of 32: a quarter of the store, to keep the run short), DEVICE (default cuda:0).
+#
+# Makes a 7B-shaped synthetic store (`synth --preset llama-2-7b --pool 32`: 4.3 GB
+# of bf16 attention gradients per sample), then prints one table:
+#   score throughput CPU vs GPU (exact f64 and f32/TF32 GEMM), store GB/s vs the disk's
+#   raw read speed (dd, page cache dropped when allowed), tile compute vs tile I/O
+#   time, host->device copy rate, and per-sample gradient throughput with the
+#   models on the GPU vs PyTorch's 17.5 samples/s (DESIGN §6).
+set -euo pipefail
+BIN=${1:-${GRADSHARD_BIN:-}}
+GRADS_BIN=${2:-${BENCH_GRADS_BIN:-}}
+[ -n "$BIN" ] && [ -x "$BIN" ] || { echo "usage: $0 GRADSHARD_BIN [BENCH_GRADS_BIN] (a binary built with --features cuda)" >&2; exit 2; }
+DIR=${BENCH_DIR:-/tmp/gradshard-bench-gpu}
+DEVICE=${DEVICE:-cuda:0}
+LAYERS=${LAYERS:-0,1,2,3,4,5,6,7}
+mkdir -p "$DIR"
+FREE_GB=$(df -Pk "$DIR" | awk 'NR==2 {printf "%d", $4/1048576}')
+N=${SAMPLES:-$([ "$FREE_GB" -ge 60 ] && echo 4 || echo 2)}
+LOG="$DIR/log.txt"; : >"$LOG"
+
+gpu=$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | head -1 || echo "no nvidia-smi")
+echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'); GPU: $gpu; ${FREE_GB} GB free in $DIR"
+
+calc() { awk "BEGIN { printf \"%.6f\", $1 }"; }
+drop() { sync; if echo 3 > /proc/sys/vm/drop_caches 2>/dev/null; then echo cold; else echo warm; fi; }
+
+t0=$(date +%s.%N)
+"$BIN" synth --store "$DIR/store" --preset llama-2-7b --samples "$N" --pool 32 --shard-size 8GiB >>"$LOG" 2>&1
+t1=$(date +%s.%N)
+STORE_BYTES=$(du -sb "$DIR/store" | cut -f1)
+printf "store: llama-2-7b, %s samples per task, %.2f GB on disk, written in %.1f s\n" "$N" "$(calc "$STORE_BYTES/1e9")" "$(calc "$t1-$t0")"
+
+# Raw disk read: one shard, O_DIRECT, cache dropped.
+SHARD=$(ls -S "$DIR"/store/shards/* | head -1)
+SB=$(stat -c %s "$SHARD")
+state=$(drop); a=$(date +%s.%N)
+dd if="$SHARD" of=/dev/null bs=16M iflag=direct status=none 2>/dev/null || dd if="$SHARD" of=/dev/null bs=16M status=none
+b=$(date +%s.%N)
+DD=$(calc "$SB/($b-$a)/1e9")
+
+# One score pass; prints "GB GB/s read_s compute_s wait_s secs upload_line".
+score() { # $1 label, rest: extra args
+  local label=$1; shift
+  local st; st=$(drop)
+  local out
+  out=$("$BIN" score --store "$DIR/store" --task-a math --task-b general --layers "$LAYERS" \
+        --n-boot 0 --n-perm 0 --min-samples 0 --no-pictures --memory-budget 16GiB \
+        --out "$DIR/out-$label" --overwrite "$@" 2>&1) || { echo "$out" >>"$LOG"; echo "FAILED"; return; }
+  echo "== $label ($st)" >>"$LOG"; echo "$out" >>"$LOG"
+  local line tline gline
+  line=$(echo "$out" | grep '^score:')
+  tline=$(echo "$out" | grep '^timing')
+  gline=$(echo "$out" | grep '^gpu:' || true)
+  local secs gb gbs rs cs ws h2d
+  secs=$(echo "$line" | sed -E 's/.* in ([0-9.]+) s,.*/\1/')
+  gb=$(echo "$line" | sed -E 's/.*\(([0-9.]+) GB\) read.*/\1/')
+  gbs=$(echo "$line" | sed -E 's/.*, ([0-9.]+) GB\/s$/\1/')
+  rs=$(echo "$tline" | sed -E 's/.*tile read ([0-9.]+) s.*/\1/')
+  cs=$(echo "$tline" | sed -E 's/.*tile compute ([0-9.]+) s.*/\1/')
+  ws=$(echo "$tline" | sed -E 's/.*waiting for reads ([0-9.]+) s.*/\1/')
+  h2d=$(echo "$gline" | sed -nE 's/.*\(([0-9.]+) GB\/s host->device.*/\1/p')
+  echo "$label|$st|$secs|$gb|$gbs|$rs|$cs|$ws|${h2d:--}"
+}
+
+rows=()
+rows+=("$(score cpu --device cpu)")
+rows+=("$(score gpu-f64 --device "$DEVICE" --gpu-precision f64)")
+rows+=("$(score gpu-f32 --device "$DEVICE" --gpu-precision f32)")
+
+# Per-sample gradients with the models on the GPU (burn, bf16 weights, random LLaMA shape).
+GR="-"
+if [ -n "$GRADS_BIN" ] && [ -x "$GRADS_BIN" ]; then
+  timeout "${GRADS_TIMEOUT:-180}" "$GRADS_BIN" --shape large --device "$DEVICE" >"$DIR/grads.txt" 2>&1 || true
+  cat "$DIR/grads.txt" >>"$LOG"
+  GR=$(grep -iE 'samples/s' "$DIR/grads.txt" | tr '\n' ';' || true)
+fi
+
+echo
+echo "| pass | page cache | wall s | store GB read | store GB/s | tile read s | tile compute s | compute / read | waiting for reads s | host->device GB/s |"
+echo "|---|---|---|---|---|---|---|---|---|---|"
+for r in "${rows[@]}"; do
+  IFS='|' read -r l st secs gb gbs rs cs ws h2d <<<"$r"
+  if [ "$l" = FAILED ] || [ -z "$cs" ]; then echo "| $r | FAILED (see $LOG) |"; continue; fi
+  pct=$(calc "100*$cs/($rs+1e-12)")
+  printf "| %s | %s | %.2f | %.2f | %.2f | %.2f | %.2f | %.1f%% | %.2f | %s |\n" "$l" "$st" "$secs" "$gb" "$gbs" "$rs" "$cs" "$pct" "$ws" "$h2d"
+done
+printf "\nraw disk read (dd, O_DIRECT, %s): %.2f GB/s\n" "$state" "$DD"
+echo "per-sample gradients, models on $DEVICE (bench_grads --shape large: D 1024, 8 layers, seq <= 256): $GR"
+echo "PyTorch reference (DESIGN §6, 0.89 B LLaMA shape, seq 512, H100): 17.5 samples/s"
+echo "full log: $LOG"
