@@ -6,12 +6,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::Args;
 use gradshard_collect::{CollectEvent, CollectOptions, CollectReport, NanPolicy, WorkerSplit};
 use gradshard_core::TaskName;
 use gradshard_models::{Device, ParamSet};
-use gradshard_store::{fsutil, CodecName, CodecSpec, LiveCounters, WriterOptions};
+use gradshard_store::{fsutil, LiveCounters};
 use serde_json::json;
 
 use crate::progress::WriteBar;
@@ -83,37 +83,10 @@ fn parse_device(s: &str) -> Result<Device, String> {
         .map_err(|e: gradshard_models::Error| e.to_string())
 }
 
-/// Writer options and codec from the shared writer flags.
-pub fn writer_opts(w: &WriteArgs, live: Arc<LiveCounters>) -> Result<(WriterOptions, CodecSpec)> {
-    if w.zstd_level < 0 || w.zstd_level > 22 {
-        bail!("--zstd-level {} is out of range 0..=22", w.zstd_level);
-    }
-    let codec = CodecSpec {
-        name: if w.zstd_level == 0 {
-            CodecName::None
-        } else {
-            CodecName::Zstd
-        },
-        level: w.zstd_level,
-        shuffle: !w.no_shuffle,
-    };
-    let opts = WriterOptions {
-        workers: w
-            .workers
-            .unwrap_or_else(WriterOptions::default_workers)
-            .max(1),
-        memory_budget: w.memory_budget,
-        shard_target_bytes: w.shard_size,
-        source: serde_json::Value::Null,
-        live,
-    };
-    Ok((opts, codec))
-}
-
 /// Runs collect and prints its report; returns the report.
 pub fn run_collect(a: &CollectArgs) -> Result<CollectReport> {
     let live = Arc::new(LiveCounters::default());
-    let (writer, codec) = writer_opts(&a.write, live.clone())?;
+    let (writer, codec) = crate::storecmd::writer_options(&a.write, live.clone())?;
     let mut o = CollectOptions::new(&a.model, &a.store);
     o.tasks = a.tasks.clone();
     o.params = a.params;

@@ -96,7 +96,11 @@ pub struct VerifyArgs {
     pub store: PathBuf,
 }
 
-fn writer_options(w: &WriteArgs, live: Arc<LiveCounters>) -> Result<(WriterOptions, CodecSpec)> {
+/// Writer options and codec from the shared writer flags (every command that writes a store).
+pub(crate) fn writer_options(
+    w: &WriteArgs,
+    live: Arc<LiveCounters>,
+) -> Result<(WriterOptions, CodecSpec)> {
     if w.zstd_level < 0 || w.zstd_level > 22 {
         bail!("--zstd-level {} is out of range 0..=22", w.zstd_level);
     }
