@@ -38,6 +38,39 @@ pub fn checksum(parts: &[&[u8]]) -> u64 {
     h.digest()
 }
 
+/// Checks the start of a file that opens with an 8-byte magic and a u16 version
+/// (shard files, the commit log): length at least `header_len`, the magic, a readable
+/// version. Returns the version.
+pub(crate) fn check_file_prefix(
+    bytes: &[u8],
+    what: &'static str,
+    header_len: usize,
+    magic: &[u8; 8],
+) -> Result<u16> {
+    if bytes.len() < header_len {
+        return Err(Error::Truncated {
+            what,
+            need: header_len as u64,
+            have: bytes.len() as u64,
+        });
+    }
+    if &bytes[..8] != magic {
+        return Err(Error::BadMagic {
+            expected: String::from_utf8_lossy(magic).into_owned(),
+            found: String::from_utf8_lossy(&bytes[..8]).into_owned(),
+        });
+    }
+    let version = u16_at(bytes, 8);
+    if !(OLDEST_READABLE..=FORMAT_VERSION).contains(&version) {
+        return Err(Error::UnsupportedVersion {
+            found: version,
+            oldest: OLDEST_READABLE,
+            newest: FORMAT_VERSION,
+        });
+    }
+    Ok(version)
+}
+
 pub(crate) fn u16_at(b: &[u8], off: usize) -> u16 {
     u16::from_le_bytes([b[off], b[off + 1]])
 }

@@ -3,7 +3,7 @@
 use gradshard_core::{SampleId, TaskName};
 
 use crate::error::{Error, Result};
-use crate::{checksum, u16_at, u32_at, u64_at, FORMAT_VERSION, OLDEST_READABLE};
+use crate::{check_file_prefix, checksum, u16_at, u32_at, u64_at, FORMAT_VERSION};
 
 /// File header: magic + version + 6 reserved bytes.
 pub const LOG_HEADER_LEN: usize = 16;
@@ -149,27 +149,7 @@ pub struct LogScan {
 /// tail (reported in [`LogScan::torn_tail`], not an error); a bad record followed
 /// by more bytes is corruption (an error naming its offset).
 pub fn decode_log(bytes: &[u8]) -> Result<LogScan> {
-    if bytes.len() < LOG_HEADER_LEN {
-        return Err(Error::Truncated {
-            what: "log header",
-            need: LOG_HEADER_LEN as u64,
-            have: bytes.len() as u64,
-        });
-    }
-    if &bytes[..8] != LOG_MAGIC {
-        return Err(Error::BadMagic {
-            expected: String::from_utf8_lossy(LOG_MAGIC).into_owned(),
-            found: String::from_utf8_lossy(&bytes[..8]).into_owned(),
-        });
-    }
-    let version = u16_at(bytes, 8);
-    if !(OLDEST_READABLE..=FORMAT_VERSION).contains(&version) {
-        return Err(Error::UnsupportedVersion {
-            found: version,
-            oldest: OLDEST_READABLE,
-            newest: FORMAT_VERSION,
-        });
-    }
+    check_file_prefix(bytes, "log header", LOG_HEADER_LEN, LOG_MAGIC)?;
     let mut records = Vec::new();
     let mut p = LOG_HEADER_LEN;
     while p < bytes.len() {

@@ -1,7 +1,7 @@
 //! Shard file header, sample tables and the sealed-shard footer.
 
 use crate::error::{Error, Result};
-use crate::{checksum, u16_at, u32_at, u64_at, FORMAT_VERSION, OLDEST_READABLE};
+use crate::{check_file_prefix, checksum, u16_at, u32_at, u64_at, FORMAT_VERSION};
 
 pub const SHARD_MAGIC: &[u8; 8] = b"GRADSHRD";
 pub const SHARD_HEADER_LEN: usize = 64;
@@ -47,27 +47,7 @@ impl ShardHeader {
     }
 
     pub fn parse(bytes: &[u8]) -> Result<ShardHeader> {
-        if bytes.len() < SHARD_HEADER_LEN {
-            return Err(Error::Truncated {
-                what: "shard header",
-                need: SHARD_HEADER_LEN as u64,
-                have: bytes.len() as u64,
-            });
-        }
-        if &bytes[..8] != SHARD_MAGIC {
-            return Err(Error::BadMagic {
-                expected: String::from_utf8_lossy(SHARD_MAGIC).into_owned(),
-                found: String::from_utf8_lossy(&bytes[..8]).into_owned(),
-            });
-        }
-        let version = u16_at(bytes, 8);
-        if !(OLDEST_READABLE..=FORMAT_VERSION).contains(&version) {
-            return Err(Error::UnsupportedVersion {
-                found: version,
-                oldest: OLDEST_READABLE,
-                newest: FORMAT_VERSION,
-            });
-        }
+        let version = check_file_prefix(bytes, "shard header", SHARD_HEADER_LEN, SHARD_MAGIC)?;
         let stored = u64_at(bytes, 56);
         let computed = checksum(&[&bytes[..56]]);
         if stored != computed {
