@@ -63,14 +63,7 @@ pub struct CollectArgs {
 }
 
 fn parse_task_file(s: &str) -> Result<(TaskName, PathBuf), String> {
-    let (name, file) = s
-        .split_once('=')
-        .ok_or_else(|| format!("`{s}`: expected NAME=FILE.jsonl"))?;
-    let name = TaskName::new(name).map_err(|e| e.to_string())?;
-    if file.is_empty() {
-        return Err(format!("`{s}`: empty file name"));
-    }
-    Ok((name, PathBuf::from(file)))
+    crate::storecmd::parse_task_path(s, "FILE.jsonl")
 }
 
 fn parse_params(s: &str) -> Result<ParamSet, String> {

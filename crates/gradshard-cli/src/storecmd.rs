@@ -32,15 +32,20 @@ pub struct IngestArgs {
     pub write: WriteArgs,
 }
 
-fn parse_task(s: &str) -> Result<(TaskName, PathBuf), String> {
-    let (name, dir) = s
+/// Parses `NAME=PATH` (a task and where its data is); `path_kind` names PATH in messages.
+pub(crate) fn parse_task_path(s: &str, path_kind: &str) -> Result<(TaskName, PathBuf), String> {
+    let (name, path) = s
         .split_once('=')
-        .ok_or_else(|| format!("`{s}`: expected NAME=DIR"))?;
+        .ok_or_else(|| format!("`{s}`: expected NAME={path_kind}"))?;
     let name = TaskName::new(name).map_err(|e| e.to_string())?;
-    if dir.is_empty() {
-        return Err(format!("`{s}`: empty directory"));
+    if path.is_empty() {
+        return Err(format!("`{s}`: empty {path_kind}"));
     }
-    Ok((name, PathBuf::from(dir)))
+    Ok((name, PathBuf::from(path)))
+}
+
+fn parse_task(s: &str) -> Result<(TaskName, PathBuf), String> {
+    parse_task_path(s, "DIR")
 }
 
 #[derive(Args, Debug)]
