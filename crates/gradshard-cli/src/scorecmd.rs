@@ -241,12 +241,7 @@ pub fn score(a: ScoreArgs) -> Result<ExitCode> {
             ScoreProgress::Plan { slices, .. } => bar.set_length(slices as u64),
             ScoreProgress::Slice { done, .. } => bar.set_position(done as u64),
             ScoreProgress::Warning(w) => bar.println(format!("warning: {w}")),
-            ScoreProgress::Timing {
-                read_s,
-                compute_s,
-                wait_s,
-                overlapped,
-            } => timing = Some((read_s, compute_s, wait_s, overlapped)),
+            t @ ScoreProgress::Timing { .. } => timing = Some(t),
             _ => {}
         },
     );
@@ -270,12 +265,29 @@ pub fn score(a: ScoreArgs) -> Result<ExitCode> {
         read as f64 / 1e9,
         read as f64 / secs.max(1e-9) / 1e9
     );
-    if let Some((read_s, compute_s, wait_s, overlapped)) = timing {
+    if let Some(ScoreProgress::Timing {
+        read_s,
+        compute_s,
+        wait_s,
+        overlapped,
+        post_s,
+        post_wait_s,
+        post_threaded,
+    }) = timing
+    {
         println!(
             "timing ({}): tile read {read_s:.3} s, tile compute {compute_s:.3} s ({:.1}% of read), waiting for reads {wait_s:.3} s, {}",
             compute.backend().name(),
             100.0 * compute_s / read_s.max(1e-12),
             if overlapped { "read overlapped with compute" } else { "sequential" }
+        );
+        println!(
+            "after-slice statistics: {post_s:.3} s {}",
+            if post_threaded {
+                format!("on a second thread (queue full for {post_wait_s:.3} s)")
+            } else {
+                "inline (the memory budget has no room for a queue)".to_string()
+            }
         );
     }
     if let Some(r) = compute.report() {

@@ -27,7 +27,8 @@ use crate::backend::{Backend, CpuBackend, Role};
 use crate::error::{Error, Result};
 use crate::fisher::{self, PhaseAcc};
 use crate::options::{Aggregate, FisherPool, ScoreOptions};
-use crate::result::{Cell, PairMatrix, ReadStats, ScoreResult, SliceDiagnostics, TopPair};
+use crate::post::{Post, PostJob, Sink, POST_DEPTH};
+use crate::result::{ReadStats, ScoreResult, TopPair};
 use crate::source::TileSource;
 use crate::stats;
 
@@ -57,11 +58,19 @@ pub enum ScoreProgress {
     /// I/O, checksum, decompression), computing on them (backend and bookkeeping),
     /// and waiting for a read that the computation could not hide. `overlapped`:
     /// tile t+1 was read on a second thread while tile t was computed.
+    ///
+    /// `compute_s` is the critical path only (Fisher, denominator, X, Y, M, top-k).
+    /// `post_s`: seconds of after-slice statistics (cell and bootstrap, diagnostics,
+    /// masks; see `post.rs`), on a second thread when `post_threaded`, where
+    /// `post_wait_s` is how long the engine waited for that thread's queue.
     Timing {
         read_s: f64,
         compute_s: f64,
         wait_s: f64,
         overlapped: bool,
+        post_s: f64,
+        post_wait_s: f64,
+        post_threaded: bool,
     },
 }
 
@@ -210,10 +219,11 @@ impl TopK {
     }
 }
 
-struct Slice {
-    block: Block,
-    layer: usize,
-    head: usize,
+/// One head slice of the pass.
+pub(crate) struct Slice {
+    pub block: Block,
+    pub layer: usize,
+    pub head: usize,
 }
 
 /// Scores with an explicit backend.
@@ -222,6 +232,18 @@ pub fn score_with_backend(
     opts: &ScoreOptions,
     backend: &dyn Backend,
     progress: &mut dyn FnMut(ScoreProgress),
+) -> Result<ScoreResult> {
+    score_impl(source, opts, backend, progress, true)
+}
+
+/// [`score_with_backend`]; `post_thread = false` keeps the after-slice statistics
+/// inline whatever the budget (tests compare the two).
+fn score_impl(
+    source: &dyn TileSource,
+    opts: &ScoreOptions,
+    backend: &dyn Backend,
+    progress: &mut dyn FnMut(ScoreProgress),
+    post_thread: bool,
 ) -> Result<ScoreResult> {
     opts.validate()?;
     let g: Geometry = source.geometry().clone();
@@ -383,33 +405,205 @@ pub fn score_with_backend(
                 )
             })
             .collect(),
-        cells: Vec::new(),
-        diagnostics: Vec::new(),
-        pairs: Vec::new(),
-        pairs_for,
-        phase: PhaseAcc::new(&opts.sparsities),
+        sink: Sink::Done,
         read_s: 0.0,
         preloaded: None,
     };
-    let total = slices.len();
+    let post = Post {
+        opts,
+        backend,
+        na,
+        nb,
+        n_fisher: match opts.fisher_pool {
+            FisherPool::A => eng.pa.all.len(),
+            FisherPool::B => eng.pb.all.len(),
+            FisherPool::Pooled => eng.pa.all.len() + eng.pb.all.len(),
+        },
+        chunks: nchunks,
+        pairs_for,
+        cells: Vec::new(),
+        diagnostics: Vec::new(),
+        pairs: Vec::new(),
+        phase: PhaseAcc::new(&opts.sparsities),
+        secs: 0.0,
+    };
     // Double buffering: when a slice is one chunk and two slice tiles fit the budget,
     // a reader thread reads tile t+1 while tile t is computed (bounded: two buffer sets).
+    let tile_bytes = per_col.saturating_mul(s_len);
     let overlap = nchunks == 1
         && slices.len() > 1
-        && fixed.saturating_add(per_col.saturating_mul(s_len).saturating_mul(2))
-            <= opts.memory_budget;
+        && fixed.saturating_add(tile_bytes.saturating_mul(2)) <= opts.memory_budget;
+    // The after-slice statistics move to a second thread when its queue fits too.
+    let in_use = fixed.saturating_add(
+        per_col
+            .saturating_mul(width)
+            .saturating_mul(1 + overlap as usize),
+    );
+    let post_bytes = (POST_DEPTH + 1) * PostJob::bytes(s_len, na, nb) + Post::scratch_bytes(s_len);
+    let threaded =
+        post_thread && slices.len() > 1 && in_use.saturating_add(post_bytes) <= opts.memory_budget;
+
+    let (post, compute_s, wait_s, post_wait_s) = std::thread::scope(|sc| -> Result<_> {
+        let handle = if threaded {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<PostJob>(POST_DEPTH);
+            let mut p = post;
+            eng.sink = Sink::Thread { tx, wait_s: 0.0 };
+            Some(sc.spawn(move || -> Result<Post<'_>> {
+                for job in rx {
+                    p.run(job)?;
+                }
+                Ok(p)
+            }))
+        } else {
+            eng.sink = Sink::Inline(Box::new(post));
+            None
+        };
+        let pass = run_pass(&mut eng, &slices, overlap, progress);
+        match (std::mem::replace(&mut eng.sink, Sink::Done), handle) {
+            (Sink::Inline(p), _) => {
+                let (compute_s, wait_s) = pass?;
+                // Inline statistics ran inside `slice`: not tile compute.
+                let secs = p.secs;
+                Ok((*p, compute_s - secs, wait_s, 0.0))
+            }
+            (Sink::Thread { tx, wait_s: pw }, Some(h)) => {
+                drop(tx);
+                let joined = h.join().map_err(|_| Error::Backend {
+                    backend: "engine",
+                    message: "the after-slice statistics thread panicked".into(),
+                })?;
+                // A failed statistics thread holds the real error; the engine only saw
+                // the queue close.
+                let p = joined?;
+                let (compute_s, wait_s) = pass?;
+                Ok((p, compute_s - pw, wait_s, pw))
+            }
+            _ => unreachable!("the sink is set before the pass"),
+        }
+    })?;
+    progress(ScoreProgress::Timing {
+        read_s: eng.read_s,
+        compute_s,
+        wait_s,
+        overlapped: overlap,
+        post_s: post.secs,
+        post_wait_s,
+        post_threaded: threaded,
+    });
+
+    // Permutation p-values of each block's top pairs, then BH over all of them.
+    progress(ScoreProgress::Stage("permutation"));
+    let mut top = Vec::new();
+    let mut p_all = Vec::new();
+    for (block, tk) in &eng.tops {
+        let mut ps = vec![None; tk.entries.len()];
+        if opts.n_perm > 0 && !tk.entries.is_empty() {
+            let rows: Vec<stats::PairRows<'_>> = tk
+                .entries
+                .iter()
+                .map(|e| {
+                    let (x, y) = e.rows.as_ref().expect("rows are kept when n_perm > 0");
+                    stats::PairRows { x, y }
+                })
+                .collect();
+            let p = stats::permutation_p_values(
+                &rows,
+                opts.variant,
+                opts.n_perm,
+                opts.seed,
+                &[stats::PURPOSE_PERM, block.index() as u64],
+            );
+            ps = p.into_iter().map(Some).collect();
+        }
+        for (rank, (e, p)) in tk.entries.iter().zip(ps).enumerate() {
+            if let Some(p) = p {
+                p_all.push(p);
+            }
+            top.push(TopPair {
+                block: *block,
+                rank: rank + 1,
+                layer: e.layer,
+                head: e.head,
+                sample_a: eng.pa.all[eng.pa.stored_index_of_selected(e.i)].0.clone(),
+                sample_b: eng.pb.all[eng.pb.stored_index_of_selected(e.j)].0.clone(),
+                index_a: eng.pa.stored_index_of_selected(e.i),
+                index_b: eng.pb.stored_index_of_selected(e.j),
+                score: e.score,
+                p_value: p,
+                q_value: None,
+            });
+        }
+    }
+    let q_all = stats::bh_q_values(&p_all);
+    let mut qi = q_all.into_iter();
+    for t in &mut top {
+        if t.p_value.is_some() {
+            t.q_value = qi.next();
+        }
+    }
+
+    let Post {
+        cells,
+        diagnostics,
+        pairs,
+        phase,
+        ..
+    } = post;
+    let (mut group_fisher, masks, overlap) = if opts.group_fisher {
+        phase.finish(&eng.pa.name, &eng.pb.name)
+    } else {
+        (Vec::new(), Vec::new(), Vec::new())
+    };
+    if opts.mlp_fisher {
+        progress(ScoreProgress::Stage("mlp_fisher"));
+        for t in [&opts.task_a, &opts.task_b] {
+            let (rows, reads) = fisher::mlp_channel_fisher(source, t)?;
+            eng.reads.other_reads += reads;
+            group_fisher.extend(rows);
+        }
+    }
+
+    Ok(ScoreResult {
+        options: opts.clone(),
+        geometry: g,
+        backend: backend.name().to_string(),
+        samples_a: eng.pa.scored(),
+        samples_b: eng.pb.scored(),
+        stored_a: eng.pa.all.len(),
+        stored_b: eng.pb.all.len(),
+        cells,
+        top,
+        diagnostics,
+        pairs,
+        group_fisher,
+        masks,
+        overlap,
+        warnings,
+        reads: eng.reads,
+    })
+}
+
+/// The pass over the slices; returns (tile compute seconds, seconds waiting for reads).
+/// With `overlap`, a reader thread reads tile t+1 while tile t is computed.
+fn run_pass(
+    eng: &mut Engine<'_>,
+    slices: &[Slice],
+    overlap: bool,
+    progress: &mut dyn FnMut(ScoreProgress),
+) -> Result<(f64, f64)> {
+    let total = slices.len();
+    let (source, s_len) = (eng.source, eng.s_len);
     let (mut compute_s, mut wait_s) = (0.0, 0.0);
     if overlap {
         let (ra, rb) = (
             (eng.pa.name.clone(), eng.pa.rows.clone()),
             (eng.pb.name.clone(), eng.pb.rows.clone()),
         );
-        let slices_ref = &slices;
         std::thread::scope(|sc| -> Result<()> {
             let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Prefetched>>(0);
             let (ret_tx, ret_rx) = std::sync::mpsc::channel::<(Vec<f32>, Vec<f32>)>();
             sc.spawn(move || {
-                for (i, s) in slices_ref.iter().enumerate() {
+                for (i, s) in slices.iter().enumerate() {
                     // Two buffer sets in all: the third tile reuses the first one's.
                     let (mut a, mut b) = if i < 2 {
                         (Vec::new(), Vec::new())
@@ -475,96 +669,7 @@ pub fn score_with_backend(
             });
         }
     }
-    progress(ScoreProgress::Timing {
-        read_s: eng.read_s,
-        compute_s,
-        wait_s,
-        overlapped: overlap,
-    });
-
-    // Permutation p-values of each block's top pairs, then BH over all of them.
-    progress(ScoreProgress::Stage("permutation"));
-    let mut top = Vec::new();
-    let mut p_all = Vec::new();
-    for (block, tk) in &eng.tops {
-        let mut ps = vec![None; tk.entries.len()];
-        if opts.n_perm > 0 && !tk.entries.is_empty() {
-            let rows: Vec<stats::PairRows<'_>> = tk
-                .entries
-                .iter()
-                .map(|e| {
-                    let (x, y) = e.rows.as_ref().expect("rows are kept when n_perm > 0");
-                    stats::PairRows { x, y }
-                })
-                .collect();
-            let p = stats::permutation_p_values(
-                &rows,
-                opts.variant,
-                opts.n_perm,
-                opts.seed,
-                &[stats::PURPOSE_PERM, block.index() as u64],
-            );
-            ps = p.into_iter().map(Some).collect();
-        }
-        for (rank, (e, p)) in tk.entries.iter().zip(ps).enumerate() {
-            if let Some(p) = p {
-                p_all.push(p);
-            }
-            top.push(TopPair {
-                block: *block,
-                rank: rank + 1,
-                layer: e.layer,
-                head: e.head,
-                sample_a: eng.pa.all[eng.pa.stored_index_of_selected(e.i)].0.clone(),
-                sample_b: eng.pb.all[eng.pb.stored_index_of_selected(e.j)].0.clone(),
-                index_a: eng.pa.stored_index_of_selected(e.i),
-                index_b: eng.pb.stored_index_of_selected(e.j),
-                score: e.score,
-                p_value: p,
-                q_value: None,
-            });
-        }
-    }
-    let q_all = stats::bh_q_values(&p_all);
-    let mut qi = q_all.into_iter();
-    for t in &mut top {
-        if t.p_value.is_some() {
-            t.q_value = qi.next();
-        }
-    }
-
-    let (mut group_fisher, masks, overlap) = if opts.group_fisher {
-        eng.phase.finish(&eng.pa.name, &eng.pb.name)
-    } else {
-        (Vec::new(), Vec::new(), Vec::new())
-    };
-    if opts.mlp_fisher {
-        progress(ScoreProgress::Stage("mlp_fisher"));
-        for t in [&opts.task_a, &opts.task_b] {
-            let (rows, reads) = fisher::mlp_channel_fisher(source, t)?;
-            eng.reads.other_reads += reads;
-            group_fisher.extend(rows);
-        }
-    }
-
-    Ok(ScoreResult {
-        options: opts.clone(),
-        geometry: g,
-        backend: backend.name().to_string(),
-        samples_a: eng.pa.scored(),
-        samples_b: eng.pb.scored(),
-        stored_a: eng.pa.all.len(),
-        stored_b: eng.pb.all.len(),
-        cells: eng.cells,
-        top,
-        diagnostics: eng.diagnostics,
-        pairs: eng.pairs,
-        group_fisher,
-        masks,
-        overlap,
-        warnings,
-        reads: eng.reads,
-    })
+    Ok((compute_s, wait_s))
 }
 
 struct Engine<'a> {
@@ -580,11 +685,8 @@ struct Engine<'a> {
     buf_b: Vec<f32>,
     reads: ReadStats,
     tops: Vec<(Block, TopK)>,
-    cells: Vec<Cell>,
-    diagnostics: Vec<SliceDiagnostics>,
-    pairs: Vec<PairMatrix>,
-    pairs_for: HashSet<(Block, usize, usize)>,
-    phase: PhaseAcc,
+    /// Where finished slices go for their statistics.
+    sink: Sink<'a>,
     /// Seconds inside `read_tile` (this thread, or the reader thread when overlapped).
     read_s: f64,
     /// Whole-slice tiles of both tasks already read by the reader thread.
@@ -744,79 +846,20 @@ impl Engine<'_> {
             });
         }
 
-        // Heatmap cell and its bootstrap interval.
-        let n_pairs = (na * nb) as u64;
-        let mean = m.iter().sum::<f64>() / n_pairs as f64;
-        let (ci_low, ci_high) = if opts.n_boot > 0 {
-            let rng = stats::rng_for(
-                opts.seed,
-                &[
-                    stats::PURPOSE_BOOT,
-                    s.block.index() as u64,
-                    s.layer as u64,
-                    s.head as u64,
-                ],
-            );
-            let (lo, hi) =
-                stats::bootstrap_ci(self.backend, &m, na, nb, opts.n_boot, opts.ci_level, rng)?;
-            (Some(lo), Some(hi))
-        } else {
-            (None, None)
-        };
-        self.cells.push(Cell {
-            block: s.block,
-            layer: s.layer,
-            head: s.head,
-            score_mean: mean,
-            ci_low,
-            ci_high,
-            n_pairs,
-        });
-
-        // Diagnostics of the denominator Fisher.
-        let pool: Vec<f64> = (0..s_len).map(|k| self.pool_value(&fa, &fb, k)).collect();
-        let (mn, mx) = pool
-            .iter()
-            .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
-                (a.min(*v), b.max(*v))
-            });
-        let below = pool.iter().filter(|v| **v < opts.eps).count();
-        self.diagnostics.push(SliceDiagnostics {
-            block: s.block,
-            layer: s.layer,
-            head: s.head,
-            fisher_min: mn,
-            fisher_median: lower_median(pool),
-            fisher_max: mx,
-            frac_below_eps: below as f64 / s_len as f64,
-            lam_applied: lam,
-            n_a: na,
-            n_b: nb,
-            n_fisher: match opts.fisher_pool {
-                FisherPool::A => self.pa.all.len(),
-                FisherPool::B => self.pb.all.len(),
-                FisherPool::Pooled => self.pa.all.len() + self.pb.all.len(),
-            },
-            chunks: nchunks,
-        });
-
-        // Streaming top-k, keeping X_i / Y_j rows of admitted pairs for the permutation test.
+        // Streaming top-k, keeping X_i / Y_j rows of admitted pairs for the permutation
+        // test (needs the tiles, so it stays here); the rest needs only I and M.
         self.update_top(s, &m, &den)?;
-
-        if self.pairs_for.contains(&(s.block, s.layer, s.head)) {
-            self.pairs.push(PairMatrix {
+        self.sink.send(PostJob {
+            s: Slice {
                 block: s.block,
                 layer: s.layer,
                 head: s.head,
-                n_a: na,
-                n_b: nb,
-                values: m,
-            });
-        }
-        if opts.group_fisher {
-            self.phase.add_slice(s.block, s.layer, s.head, &fa, &fb);
-        }
-        Ok(())
+            },
+            fa,
+            fb,
+            m,
+            lam,
+        })
     }
 
     fn lam_star(&self, fa: &[f64], fb: &[f64]) -> f64 {
@@ -824,7 +867,7 @@ impl Engine<'_> {
             let pool: Vec<f64> = (0..self.s_len)
                 .map(|k| self.pool_value(fa, fb, k))
                 .collect();
-            self.opts.lam.max(self.opts.lam_rel * lower_median(pool))
+            self.opts.lam.max(self.opts.lam_rel * lower_median(&pool))
         } else {
             self.opts.lam
         }
@@ -965,20 +1008,57 @@ fn compact_rows(buf: &mut Vec<f32>, sel_pos: &[usize], w: usize) {
     buf.truncate(sel_pos.len() * w);
 }
 
-/// Lower median: the element at index `(n-1)/2` of the sorted values.
-pub fn lower_median(mut v: Vec<f64>) -> f64 {
-    let k = (v.len() - 1) / 2;
-    *v.select_nth_unstable_by(k, f64::total_cmp).1
+/// Lower median: the element at index `(n-1)/2` of the values sorted by
+/// `total_cmp` (`v` non-empty). O(n); see [`crate::select`].
+pub fn lower_median(v: &[f64]) -> f64 {
+    crate::select::lower_median(v)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// The statistics thread changes where the work runs, not what it computes:
+    /// every output equal, bit for bit, with bootstrap, masks, pooled Fisher, lam_rel.
+    #[test]
+    fn statistics_thread_and_inline_give_identical_results() {
+        let root =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/llama-gqa");
+        let src = crate::fixture::FixtureSource::open(&root, false).unwrap();
+        let task = |t| TaskName::new(t).unwrap();
+        let mut o = ScoreOptions::new(task("math"), task("general"));
+        o.n_boot = 50;
+        o.n_perm = 20;
+        o.min_samples = 0;
+        o.lam_rel = 0.1;
+        o.fisher_pool = FisherPool::Pooled;
+        o.pairs_for = vec![(0, 0), (1, 1)];
+        let mut timings = Vec::new();
+        let mut runs = Vec::new();
+        for threaded in [true, false] {
+            let r = score_impl(
+                &src,
+                &o,
+                &CpuBackend::default(),
+                &mut |p| {
+                    if let ScoreProgress::Timing { post_threaded, .. } = p {
+                        timings.push(post_threaded)
+                    }
+                },
+                threaded,
+            )
+            .unwrap();
+            runs.push(r);
+        }
+        assert_eq!(timings, vec![true, false], "both paths were taken");
+        assert!(!runs[0].masks.is_empty() && !runs[0].pairs.is_empty());
+        assert_eq!(runs[0], runs[1]);
+    }
+
     #[test]
     fn lower_median_of_even_length_takes_lower() {
-        assert_eq!(lower_median(vec![4.0, 1.0, 3.0, 2.0]), 2.0);
-        assert_eq!(lower_median(vec![5.0, 1.0, 3.0]), 3.0);
+        assert_eq!(lower_median(&[4.0, 1.0, 3.0, 2.0]), 2.0);
+        assert_eq!(lower_median(&[5.0, 1.0, 3.0]), 3.0);
     }
 
     #[test]

@@ -15,6 +15,7 @@ use gradshard_core::{Block, TaskName};
 
 use crate::error::{Error, Result};
 use crate::result::{GroupFisherRow, GroupKind, MaskLevel, MaskRow, OverlapRow};
+use crate::select::{self, Threshold};
 use crate::source::TileSource;
 
 struct GroupStat {
@@ -123,7 +124,10 @@ impl PhaseAcc {
         }
     }
 
-    /// One slice's Fishers of task A and task B (each over all its stored samples).
+    /// One slice's Fishers of task A and task B (each over all its stored samples),
+    /// with each task's element keep-mask threshold per sparsity (`None`: the mask
+    /// keeps nothing; see [`crate::select`]). Masks are counted, never stored.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn add_slice(
         &mut self,
         block: Block,
@@ -131,12 +135,16 @@ impl PhaseAcc {
         head: usize,
         fa: &[f64],
         fb: &[f64],
+        ta: &[Option<Threshold>],
+        tb: &[Option<Threshold>],
     ) {
-        let (mut dot, mut na, mut nb) = (0.0, 0.0, 0.0);
+        let (mut dot, mut na, mut nb, mut sum_a, mut sum_b) = (0.0, 0.0, 0.0, 0.0, 0.0);
         for (a, b) in fa.iter().zip(fb) {
             dot += a * b;
             na += a * a;
             nb += b * b;
+            sum_a += a;
+            sum_b += b;
         }
         self.dot += dot;
         self.norm_a += na;
@@ -147,18 +155,25 @@ impl PhaseAcc {
             layer,
             head,
             numel: fa.len() as u64,
-            sum_a: fa.iter().sum(),
-            sum_b: fb.iter().sum(),
+            sum_a,
+            sum_b,
         });
-        for (si, &s) in self.sparsities.iter().enumerate() {
-            let ma = keep_mask(fa, s);
-            let mb = keep_mask(fb, s);
-            let c = Counts {
-                numel: fa.len() as u64,
-                kept_a: ma.iter().filter(|x| **x).count() as u64,
-                kept_b: mb.iter().filter(|x| **x).count() as u64,
-                inter: ma.iter().zip(&mb).filter(|(x, y)| **x && **y).count() as u64,
-            };
+        let n = fa.len();
+        let counts: Vec<Counts> = self
+            .sparsities
+            .iter()
+            .enumerate()
+            .map(|(si, &s)| {
+                let keep = kept_count(n, s) as u64;
+                Counts {
+                    numel: n as u64,
+                    kept_a: keep,
+                    kept_b: keep,
+                    inter: select::intersection(fa, ta[si], fb, tb[si]),
+                }
+            })
+            .collect();
+        for (si, (c, &s)) in counts.into_iter().zip(&self.sparsities).enumerate() {
             let t = &mut self.totals[si];
             t.numel += c.numel;
             t.kept_a += c.kept_a;
@@ -337,8 +352,16 @@ mod tests {
     #[test]
     fn overlap_counts() {
         let mut acc = PhaseAcc::new(&[0.5]);
-        acc.add_slice(Block::Q, 0, 0, &[1.0, 2.0, 3.0, 4.0], &[4.0, 3.0, 2.0, 1.0]);
-        acc.add_slice(Block::Q, 0, 1, &[1.0, 1.0, 1.0, 1.0], &[2.0, 2.0, 2.0, 2.0]);
+        let add = |acc: &mut PhaseAcc, head, fa: &[f64], fb: &[f64]| {
+            let th = |v: &[f64]| {
+                let keep = kept_count(v.len(), 0.5);
+                let at = select::Ranker::new(v).at_ranks(&[select::keep_rank(v.len(), keep)]);
+                vec![Some(Threshold::new(keep, at[0]))]
+            };
+            acc.add_slice(Block::Q, 0, head, fa, fb, &th(fa), &th(fb));
+        };
+        add(&mut acc, 0, &[1.0, 2.0, 3.0, 4.0], &[4.0, 3.0, 2.0, 1.0]);
+        add(&mut acc, 1, &[1.0, 1.0, 1.0, 1.0], &[2.0, 2.0, 2.0, 2.0]);
         let a = TaskName::new("a").unwrap();
         let b = TaskName::new("b").unwrap();
         let (rows, masks, overlap) = acc.finish(&a, &b);

@@ -1,0 +1,246 @@
+//! After-slice statistics: what the engine derives from a finished slice's Fisher
+//! vectors and pair matrix M without the tiles — the heatmap cell and its bootstrap
+//! interval, the Fisher diagnostics (min, lower median, max, fraction below eps),
+//! phases 2-4 (group sums, element masks, overlap, cosine), and kept pair matrices.
+//!
+//! None of it feeds the next slice, so when the memory budget allows the engine
+//! hands each slice to a second thread (a bounded queue of [`POST_DEPTH`] slices)
+//! and goes on with the next tile: the statistics leave the critical path of
+//! read → Fisher → X, Y → M. Slices are processed in order either way, so the
+//! result is identical inline or threaded.
+
+use std::collections::HashSet;
+
+use gradshard_core::Block;
+
+use crate::backend::Backend;
+use crate::engine::Slice;
+use crate::error::{Error, Result};
+use crate::fisher::{kept_count, PhaseAcc};
+use crate::options::{FisherPool, ScoreOptions};
+use crate::result::{Cell, PairMatrix, SliceDiagnostics};
+use crate::select::{keep_rank, lower_median, OrderStat, Ranker, Threshold};
+use crate::stats;
+
+/// Finished slices that may wait for the statistics thread.
+pub(crate) const POST_DEPTH: usize = 2;
+
+/// One finished slice: task Fishers over all stored samples, M (already scaled
+/// for `Aggregate::Mean`), and the ridge that was applied.
+pub(crate) struct PostJob {
+    pub s: Slice,
+    pub fa: Vec<f64>,
+    pub fb: Vec<f64>,
+    pub m: Vec<f64>,
+    pub lam: f64,
+}
+
+impl PostJob {
+    /// Bytes a job holds.
+    pub fn bytes(s_len: usize, na: usize, nb: usize) -> usize {
+        (2 * s_len + na * nb) * 8
+    }
+}
+
+/// Accumulates the after-slice statistics of a run.
+pub(crate) struct Post<'a> {
+    pub opts: &'a ScoreOptions,
+    pub backend: &'a dyn Backend,
+    pub na: usize,
+    pub nb: usize,
+    /// Stored samples in the denominator Fisher.
+    pub n_fisher: usize,
+    pub chunks: usize,
+    pub pairs_for: HashSet<(Block, usize, usize)>,
+    pub cells: Vec<Cell>,
+    pub diagnostics: Vec<SliceDiagnostics>,
+    pub pairs: Vec<PairMatrix>,
+    pub phase: PhaseAcc,
+    /// Seconds spent in [`Post::run`].
+    pub secs: f64,
+}
+
+impl Post<'_> {
+    /// Bytes [`Post::run`] allocates beyond its job (a pooled Fisher, key gathers).
+    pub fn scratch_bytes(s_len: usize) -> usize {
+        2 * s_len * 8
+    }
+
+    pub fn run(&mut self, job: PostJob) -> Result<()> {
+        let t0 = std::time::Instant::now();
+        let r = self.run_inner(job);
+        self.secs += t0.elapsed().as_secs_f64();
+        r
+    }
+
+    fn run_inner(&mut self, job: PostJob) -> Result<()> {
+        let PostJob { s, fa, fb, m, lam } = job;
+        let opts = self.opts;
+        let (na, nb) = (self.na, self.nb);
+        let s_len = fa.len();
+
+        // Heatmap cell and its bootstrap interval.
+        let n_pairs = (na * nb) as u64;
+        let mean = m.iter().sum::<f64>() / n_pairs as f64;
+        let (ci_low, ci_high) = if opts.n_boot > 0 {
+            let rng = stats::rng_for(
+                opts.seed,
+                &[
+                    stats::PURPOSE_BOOT,
+                    s.block.index() as u64,
+                    s.layer as u64,
+                    s.head as u64,
+                ],
+            );
+            let (lo, hi) =
+                stats::bootstrap_ci(self.backend, &m, na, nb, opts.n_boot, opts.ci_level, rng)?;
+            (Some(lo), Some(hi))
+        } else {
+            (None, None)
+        };
+        self.cells.push(Cell {
+            block: s.block,
+            layer: s.layer,
+            head: s.head,
+            score_mean: mean,
+            ci_low,
+            ci_high,
+            n_pairs,
+        });
+
+        // Order statistics: the lower median of the denominator Fisher and, for the
+        // element masks, each task's threshold per sparsity — one ranking per vector.
+        let mid = (s_len - 1) / 2;
+        let keeps: Vec<usize> = opts
+            .sparsities
+            .iter()
+            .map(|&sp| kept_count(s_len, sp))
+            .collect();
+        let ranks = |median: bool| -> Vec<usize> {
+            let mut r = Vec::new();
+            if opts.group_fisher {
+                r.extend(
+                    keeps
+                        .iter()
+                        .filter(|k| **k > 0)
+                        .map(|&k| keep_rank(s_len, k)),
+                );
+            }
+            if median {
+                r.push(mid);
+            }
+            r
+        };
+        let rank = |v: &[f64], median: bool| -> Vec<OrderStat> {
+            let r = ranks(median);
+            if r.is_empty() {
+                Vec::new()
+            } else {
+                Ranker::new(v).at_ranks(&r)
+            }
+        };
+        let pool_kind = opts.fisher_pool;
+        let (sa, sb) = rayon::join(
+            || rank(&fa, pool_kind == FisherPool::A),
+            || rank(&fb, pool_kind == FisherPool::B),
+        );
+        let pooled: Option<Vec<f64>> = (pool_kind == FisherPool::Pooled)
+            .then(|| fa.iter().zip(&fb).map(|(a, b)| 0.5 * (a + b)).collect());
+        let (pool, median): (&[f64], f64) = match pool_kind {
+            FisherPool::A => (&fa, sa.last().expect("median rank").value()),
+            FisherPool::B => (&fb, sb.last().expect("median rank").value()),
+            FisherPool::Pooled => {
+                let p = pooled.as_deref().expect("set for Pooled");
+                (p, lower_median(p))
+            }
+        };
+        let (mut mn, mut mx, mut below) = (f64::INFINITY, f64::NEG_INFINITY, 0usize);
+        for &v in pool {
+            mn = mn.min(v);
+            mx = mx.max(v);
+            below += (v < opts.eps) as usize;
+        }
+        self.diagnostics.push(SliceDiagnostics {
+            block: s.block,
+            layer: s.layer,
+            head: s.head,
+            fisher_min: mn,
+            fisher_median: median,
+            fisher_max: mx,
+            frac_below_eps: below as f64 / s_len as f64,
+            lam_applied: lam,
+            n_a: na,
+            n_b: nb,
+            n_fisher: self.n_fisher,
+            chunks: self.chunks,
+        });
+
+        if opts.group_fisher {
+            let thresholds = |stats: &[OrderStat]| -> Vec<Option<Threshold>> {
+                let mut it = stats.iter();
+                keeps
+                    .iter()
+                    .map(|&k| (k > 0).then(|| Threshold::new(k, *it.next().expect("ranked"))))
+                    .collect()
+            };
+            self.phase.add_slice(
+                s.block,
+                s.layer,
+                s.head,
+                &fa,
+                &fb,
+                &thresholds(&sa),
+                &thresholds(&sb),
+            );
+        }
+        if self.pairs_for.contains(&(s.block, s.layer, s.head)) {
+            self.pairs.push(PairMatrix {
+                block: s.block,
+                layer: s.layer,
+                head: s.head,
+                n_a: na,
+                n_b: nb,
+                values: m,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Where the engine sends finished slices.
+pub(crate) enum Sink<'a> {
+    /// Statistics computed on the engine's thread.
+    Inline(Box<Post<'a>>),
+    /// Statistics computed on a second thread; `wait_s` = seconds the engine was
+    /// blocked because the queue was full.
+    Thread {
+        tx: std::sync::mpsc::SyncSender<PostJob>,
+        wait_s: f64,
+    },
+    /// Taken back after the pass.
+    Done,
+}
+
+impl Sink<'_> {
+    pub fn send(&mut self, job: PostJob) -> Result<()> {
+        match self {
+            Sink::Inline(p) => p.run(job),
+            Sink::Thread { tx, wait_s } => {
+                let t0 = std::time::Instant::now();
+                let r = tx.send(job);
+                *wait_s += t0.elapsed().as_secs_f64();
+                r.map_err(|_| post_stopped())
+            }
+            Sink::Done => Err(post_stopped()),
+        }
+    }
+}
+
+/// The engine's error when the statistics thread has stopped (it then holds the
+/// real error, which the engine reports instead).
+pub(crate) fn post_stopped() -> Error {
+    Error::Backend {
+        backend: "engine",
+        message: "the after-slice statistics thread stopped".into(),
+    }
+}
