@@ -7,8 +7,7 @@
 //! seeded and reproducible; see `docs/scoring.md` for every definition.
 
 mod backend;
-#[cfg(feature = "cuda")]
-mod backend_cuda;
+mod backend_burn;
 mod engine;
 mod error;
 pub mod fisher;
@@ -23,7 +22,8 @@ mod store_source;
 
 pub use backend::{transform_value, Backend, CpuBackend, Role};
 #[cfg(feature = "cuda")]
-pub use backend_cuda::{CudaBackend, GpuPrecision, GpuStats};
+pub use backend_burn::CudaBackend;
+pub use backend_burn::{BurnBackend, GpuPrecision, GpuStats, NdArrayBackend};
 pub use engine::{lower_median, score, score_with_backend, ScoreProgress};
 pub use error::{Error, Result};
 pub use options::{

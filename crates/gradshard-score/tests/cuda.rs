@@ -1,8 +1,10 @@
-//! CPU vs CUDA scores on the fixtures (issue 6): every M of every slice, the heatmap
+//! CPU vs device scores on the fixtures (issue 6): every M of every slice, the heatmap
 //! cells and the Fisher diagnostics must agree within 1e-4 relative.
 //!
-//! Runs only when built with `--features cuda` AND a CUDA device opens; otherwise the
-//! test prints `SKIPPED` to stderr (run with `--nocapture` to see it) and passes.
+//! The CUDA test runs only when built with `--features cuda` AND a CUDA device opens;
+//! otherwise it prints `SKIPPED` to stderr (run with `--nocapture` to see it) and
+//! passes. The same device code path (`BurnBackend`) always runs on burn's CPU ndarray
+//! backend, so every CI run checks the GPU backend's logic (not cubecl's kernels).
 
 use std::path::PathBuf;
 
@@ -10,7 +12,16 @@ use gradshard_core::TaskName;
 use gradshard_score::fixture::FixtureSource;
 use gradshard_score::{ScoreOptions, ScoreResult, TileSource};
 
-#[allow(dead_code)]
+const SETTINGS: [&str; 7] = [
+    "default",
+    "signed",
+    "symmetric",
+    "lam_rel",
+    "mean_pooled",
+    "chunked",
+    "subset",
+];
+
 fn fixture(model: &str) -> FixtureSource {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../../tests/fixtures")
@@ -18,7 +29,6 @@ fn fixture(model: &str) -> FixtureSource {
     FixtureSource::open(&dir, false).unwrap()
 }
 
-#[allow(dead_code)]
 fn options(src: &FixtureSource, setting: &str) -> ScoreOptions {
     let mut o = ScoreOptions::new(
         TaskName::new("math").unwrap(),
@@ -62,7 +72,6 @@ fn options(src: &FixtureSource, setting: &str) -> ScoreOptions {
 /// of non-negative terms), normwise against the slice's largest |M| for signed (whose
 /// sums cancel by up to 1e4, as in tests/oracle.rs) — and of the cells and Fisher
 /// diagnostics.
-#[allow(dead_code)]
 fn worst_difference(cpu: &ScoreResult, gpu: &ScoreResult) -> f64 {
     let signed = cpu.options.variant == gradshard_score::Variant::Signed;
     let mut worst: f64 = 0.0;
@@ -115,15 +124,7 @@ fn cuda_scores_match_cpu_on_fixtures() {
     let mut worst_f32: f64 = 0.0;
     for model in ["llama-gqa", "gpt2"] {
         let src = fixture(model);
-        for setting in [
-            "default",
-            "signed",
-            "symmetric",
-            "lam_rel",
-            "mean_pooled",
-            "chunked",
-            "subset",
-        ] {
+        for setting in SETTINGS {
             let o = options(&src, setting);
             let cpu = score(&src, &o, &mut |_| {}).unwrap();
             let g64 = score_with_backend(&src, &o, &f64_backend, &mut |_| {}).unwrap();
@@ -153,4 +154,45 @@ fn cuda_scores_match_cpu_on_fixtures() {
         "SKIPPED cuda_scores_match_cpu_on_fixtures: built without the `cuda` feature \
          (run `cargo test -p gradshard-score --features cuda` on a machine with an NVIDIA GPU)"
     );
+}
+
+/// The GPU backend's code (upload, Fisher, X/Y, blocked products, tile reuse) on
+/// burn's ndarray backend: f64 mode must match the CPU backend to rounding.
+#[test]
+fn device_code_path_on_burn_ndarray_matches_cpu() {
+    use gradshard_score::{score, score_with_backend, GpuPrecision, NdArrayBackend};
+    let b64 = NdArrayBackend::ndarray(GpuPrecision::F64);
+    let mut b32 = NdArrayBackend::ndarray(GpuPrecision::F32);
+    b32.k_block = 1000; // several column blocks summed in f64
+    let (mut worst_f64, mut worst_f32): (f64, f64) = (0.0, 0.0);
+    for model in ["llama-gqa", "gpt2"] {
+        let src = fixture(model);
+        for setting in SETTINGS {
+            let mut o = options(&src, setting);
+            o.n_perm = 0; // the permutation test runs on the CPU for every backend
+            let cpu = score(&src, &o, &mut |_| {}).unwrap();
+            let g64 = score_with_backend(&src, &o, &b64, &mut |_| {}).unwrap();
+            let g32 = score_with_backend(&src, &o, &b32, &mut |_| {}).unwrap();
+            assert_eq!(g64.backend, "burn-ndarray-f64");
+            let (d64, d32) = (worst_difference(&cpu, &g64), worst_difference(&cpu, &g32));
+            eprintln!("ndarray parity {model:9} {setting:12}: f64 {d64:.2e}   f32 {d32:.2e}");
+            assert!(
+                d64 <= 1e-9,
+                "{model} {setting}: burn f64 path differs by {d64:e}"
+            );
+            assert!(
+                d32 <= 1e-2,
+                "{model} {setting}: burn f32 path differs by {d32:e}"
+            );
+            worst_f64 = worst_f64.max(d64);
+            worst_f32 = worst_f32.max(d32);
+        }
+    }
+    let st = b64.stats();
+    assert!(st.upload_bytes > 0 && st.gemms > 0, "{st:?}");
+    assert!(
+        st.reused_tiles > 0,
+        "interference reuses column_fisher's device tiles: {st:?}"
+    );
+    eprintln!("ndarray parity: worst f64 {worst_f64:.2e}, f32 {worst_f32:.2e}; {st:?}");
 }

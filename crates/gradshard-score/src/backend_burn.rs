@@ -1,12 +1,14 @@
-//! The CUDA backend (feature `cuda`): the tile compute of the scorer on an NVIDIA GPU
-//! through burn 0.21's CUDA backend (cubecl).
+//! The device backend: the tile compute of the scorer through burn 0.21, generic over
+//! burn backends. [`CudaBackend`] (feature `cuda`) runs it on an NVIDIA GPU through
+//! burn's CUDA backend (cubecl); [`BurnBackend::ndarray`] runs the very same code on
+//! burn's CPU ndarray backend, so CI tests the GPU code path without a GPU.
 //!
 //! Per slice (or column chunk) the engine hands the raw f32 tile of each task to
 //! [`Backend::column_fisher`]; this backend uploads it once, forms the column Fisher
-//! `I[k] = (1/n) Σ_r g² / T_r` on the GPU in f64, downloads only I (|S| values), and
-//! keeps the device copy. [`Backend::interference`] then forms X and Y on the GPU from
-//! that device copy (or uploads the compacted tile when a sample subset changed it),
-//! multiplies `M = X·Yᵀ` on the GPU and downloads the `nx × ny` result.
+//! `I[k] = (1/n) Σ_r g² / T_r` on the device in f64, downloads only I (|S| values), and
+//! keeps the device copy. [`Backend::interference`] then forms X and Y on the device
+//! from that copy (or uploads the compacted tile when a sample subset changed it),
+//! multiplies `M = X·Yᵀ` on the device and downloads the `nx × ny` result.
 //!
 //! Precision ([`GpuPrecision`]):
 //! - `F64` (default): X, Y, products and sums in f64 as a broadcast multiply and a
@@ -14,30 +16,38 @@
 //!   not supported"). CPU-identical to rounding; memory-bound in `nx·ny·|S|`.
 //! - `F32`: X and Y formed in f64, rounded to f32 operands, multiplied by burn's f32
 //!   matmul — on Hopper that runs on the tensor cores as **TF32** (10-bit mantissa),
-//!   about 1e-3 relative per product. Column blocks of [`CudaBackend::k_block`] are
-//!   summed in f64 on the GPU. Fast, not CPU-identical; measure before trusting.
+//!   about 1e-3 relative per product. Column blocks of [`BurnBackend::k_block`] are
+//!   summed in f64 on the device. Fast, not CPU-identical; measure before trusting.
 //!
 //! `transform` and `gram_accumulate` (top-k rows for the permutation test, bootstrap
 //! replicates: both tiny) run on the CPU backend.
 //!
 //! Uploads: a tile whose f32 values are all exactly bf16 (any bf16 store) travels as
-//! bf16 and is widened on the device (exact; half the bytes). cubecl copies every host buffer into its own pinned staging pool, then
-//! issues an async copy (`create_with_data`): one host memcpy plus a pinned DMA. burn
-//! offers no API to read directly from a caller-pinned buffer, so the rate is bounded
-//! by that extra memcpy (see README "GPU").
+//! bf16 and is widened on the device (exact; half the bytes) when the backend has
+//! bf16 tensors (CUDA does, ndarray does not). Each piece goes up as a rank-1 tensor
+//! (one contiguous copy) and is reshaped on the device. What cubecl 0.10 does with it
+//! (read in its source; see README "GPU"): `from_data` copies the host bytes into a
+//! new pageable `Vec` and the device thread issues `cuMemcpy*Async` from that pageable
+//! memory — cubecl's pinned staging pool serves downloads and file-backed bytes, not
+//! uploads, and burn 0.21 offers no upload from caller-pinned memory.
 
 use std::sync::Mutex;
 
 use rayon::prelude::*;
 
-use burn::backend::cuda::CudaDevice;
+use burn::tensor::backend::Backend as BurnB;
 use burn::tensor::{DType, Tensor, TensorData};
 
 use crate::backend::{Backend, CpuBackend, Role};
 use crate::error::{Error, Result};
 use crate::options::Variant;
 
-type B = burn::backend::Cuda<f32>;
+/// The scorer's tile compute on one CUDA device (feature `cuda`).
+#[cfg(feature = "cuda")]
+pub type CudaBackend = BurnBackend<burn::backend::Cuda<f32>>;
+
+/// The device code path on burn's CPU ndarray backend (tests, CI).
+pub type NdArrayBackend = BurnBackend<burn::backend::NdArray<f32>>;
 
 /// Bytes of f64 products per column block of the exact (`F64`) product.
 const EXACT_BLOCK_BYTES: usize = 256 << 20;
@@ -69,22 +79,27 @@ impl std::str::FromStr for GpuPrecision {
 }
 
 /// One device copy of a host tile, keyed by the host buffer's address and length.
-struct Cached {
+struct Cached<B: BurnB> {
     ptr: usize,
     len: usize,
     rows: usize,
     tile: Tensor<B, 2>,
 }
 
-/// The scorer's tile compute on one CUDA device.
-pub struct CudaBackend {
-    device: CudaDevice,
-    ordinal: usize,
+/// The scorer's tile compute on one burn device.
+pub struct BurnBackend<B: BurnB> {
+    device: B::Device,
+    /// `cuda:0`, `ndarray`, ...
+    label: String,
+    /// [`Backend::name`].
+    name: &'static str,
     precision: GpuPrecision,
+    /// Whether bf16-exact tiles travel as bf16 (the device has bf16 tensors).
+    bf16_uploads: bool,
     /// Columns per f32 GEMM (their products are summed in f64).
     pub k_block: usize,
     /// Device copies of the last two tiles given to `column_fisher` (task A, task B).
-    cache: Mutex<Vec<Cached>>,
+    cache: Mutex<Vec<Cached<B>>>,
     cpu: CpuBackend,
     stats: Mutex<GpuStats>,
 }
@@ -102,10 +117,10 @@ pub struct GpuStats {
     pub gemms: u64,
 }
 
-impl std::fmt::Debug for CudaBackend {
+impl<B: BurnB> std::fmt::Debug for BurnBackend<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CudaBackend")
-            .field("ordinal", &self.ordinal)
+        f.debug_struct("BurnBackend")
+            .field("device", &self.label)
             .field("precision", &self.precision)
             .finish()
     }
@@ -113,18 +128,21 @@ impl std::fmt::Debug for CudaBackend {
 
 fn gpu_err(message: impl Into<String>) -> Error {
     Error::Backend {
-        backend: "cuda",
+        backend: "burn",
         message: message.into(),
     }
 }
 
+#[cfg(feature = "cuda")]
 impl CudaBackend {
     /// Opens CUDA device `ordinal`, checking that a small upload and download work
     /// (no driver or no such device is an error, not a panic).
     pub fn new(ordinal: usize, precision: GpuPrecision) -> Result<CudaBackend> {
+        use burn::backend::cuda::CudaDevice;
+        type C = burn::backend::Cuda<f32>;
         let probe = std::panic::catch_unwind(|| {
             let dev = CudaDevice::new(ordinal);
-            let t = Tensor::<B, 1>::from_data(
+            let t = Tensor::<C, 1>::from_data(
                 TensorData::new(vec![1.0f64, 2.0], [2]),
                 (&dev, DType::F64),
             );
@@ -139,20 +157,59 @@ impl CudaBackend {
                 )))
             }
         }
-        Ok(CudaBackend {
-            device: CudaDevice::new(ordinal),
-            ordinal,
+        let name = match precision {
+            GpuPrecision::F64 => "cuda-f64",
+            GpuPrecision::F32 => "cuda-f32",
+        };
+        Ok(BurnBackend::on_device(
+            CudaDevice::new(ordinal),
+            format!("cuda:{ordinal}"),
+            name,
             precision,
-            k_block: 1 << 15,
-            cache: Mutex::new(Vec::new()),
-            cpu: CpuBackend::default(),
-            stats: Mutex::new(GpuStats::default()),
-        })
+        ))
     }
 
     /// Whether CUDA device `ordinal` can be opened.
     pub fn available(ordinal: usize) -> bool {
         CudaBackend::new(ordinal, GpuPrecision::F64).is_ok()
+    }
+}
+
+impl NdArrayBackend {
+    /// The device code path on the CPU (burn ndarray): for tests of that path.
+    pub fn ndarray(precision: GpuPrecision) -> NdArrayBackend {
+        let name = match precision {
+            GpuPrecision::F64 => "burn-ndarray-f64",
+            GpuPrecision::F32 => "burn-ndarray-f32",
+        };
+        BurnBackend::on_device(Default::default(), "ndarray".into(), name, precision)
+    }
+}
+
+impl<B: BurnB> BurnBackend<B> {
+    /// The backend on an opened burn device.
+    pub fn on_device(
+        device: B::Device,
+        label: String,
+        name: &'static str,
+        precision: GpuPrecision,
+    ) -> BurnBackend<B> {
+        BurnBackend {
+            bf16_uploads: B::supports_dtype(&device, DType::BF16),
+            device,
+            label,
+            name,
+            precision,
+            k_block: 1 << 15,
+            cache: Mutex::new(Vec::new()),
+            cpu: CpuBackend::default(),
+            stats: Mutex::new(GpuStats::default()),
+        }
+    }
+
+    /// The device, as given (`cuda:0`, `ndarray`).
+    pub fn label(&self) -> &str {
+        &self.label
     }
 
     pub fn precision(&self) -> GpuPrecision {
@@ -176,19 +233,23 @@ impl CudaBackend {
             let part = &tile[r0 * width..r1 * width];
             // A bf16 store's values widened to f32 have 16 zero low bits: send them as
             // bf16 (exact, half the bytes) and widen on the device.
-            let t = if part.par_iter().all(|v| v.to_bits() & 0xFFFF == 0) {
+            // Rank 1: one contiguous host → device copy (a rank-2 tensor may get
+            // padded rows and a pitched copy), reshaped on the device.
+            let n = part.len();
+            let t = if self.bf16_uploads && part.par_iter().all(|v| v.to_bits() & 0xFFFF == 0) {
                 let packed: Vec<burn::tensor::bf16> = part
                     .par_iter()
                     .map(|v| burn::tensor::bf16::from_bits((v.to_bits() >> 16) as u16))
                     .collect();
-                sent += packed.len() * 2;
-                let data = TensorData::new(packed, [r1 - r0, width]);
-                Tensor::<B, 2>::from_data(data, (&self.device, DType::BF16)).cast(DType::F32)
+                sent += n * 2;
+                let data = TensorData::new(packed, [n]);
+                Tensor::<B, 1>::from_data(data, (&self.device, DType::BF16)).cast(DType::F32)
             } else {
-                sent += part.len() * 4;
-                let data = TensorData::new(part.to_vec(), [r1 - r0, width]);
-                Tensor::<B, 2>::from_data(data, (&self.device, DType::F32))
+                sent += n * 4;
+                let data = TensorData::new(part.to_vec(), [n]);
+                Tensor::<B, 1>::from_data(data, (&self.device, DType::F32))
             };
+            let t = t.reshape([r1 - r0, width]);
             pieces.push(t);
             r0 = r1;
         }
@@ -198,7 +259,7 @@ impl CudaBackend {
             Tensor::cat(pieces, 0)
         };
         // Wait for the copies so the timing means something.
-        let _ = <B as burn::tensor::backend::Backend>::sync(&self.device);
+        let _ = B::sync(&self.device);
         let mut st = self.stats.lock().unwrap();
         st.upload_bytes += sent as u64;
         st.upload_s += t0.elapsed().as_secs_f64();
@@ -296,12 +357,9 @@ fn check_len(what: &str, found: usize, expected: usize) -> Result<()> {
     Ok(())
 }
 
-impl Backend for CudaBackend {
+impl<B: BurnB> Backend for BurnBackend<B> {
     fn name(&self) -> &'static str {
-        match self.precision {
-            GpuPrecision::F64 => "cuda-f64",
-            GpuPrecision::F32 => "cuda-f32",
-        }
+        self.name
     }
 
     fn column_fisher(
