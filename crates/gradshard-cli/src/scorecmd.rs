@@ -145,10 +145,11 @@ impl Compute {
             Compute::Cuda(b) => {
                 let st = b.stats();
                 Some(format!(
-                    "gpu: {:.3} GB uploaded in {:.3} s ({:.2} GB/s host->device incl. staging), {} tiles reused, {} GEMMs",
+                    "gpu: {:.3} GB uploaded in {:.3} s ({:.2} GB/s host->device incl. packing and a sync), {} tiles uploaded by the reader thread, {} tiles reused, {} GEMMs",
                     st.upload_bytes as f64 / 1e9,
                     st.upload_s,
                     st.upload_bytes as f64 / st.upload_s.max(1e-9) / 1e9,
+                    st.prefetched_tiles,
                     st.reused_tiles,
                     st.gemms
                 ))
@@ -267,6 +268,7 @@ pub fn score(a: ScoreArgs) -> Result<ExitCode> {
     );
     if let Some(ScoreProgress::Timing {
         read_s,
+        prefetch_s,
         compute_s,
         wait_s,
         overlapped,
@@ -281,6 +283,13 @@ pub fn score(a: ScoreArgs) -> Result<ExitCode> {
             100.0 * compute_s / read_s.max(1e-12),
             if overlapped { "read overlapped with compute" } else { "sequential" }
         );
+        if prefetch_s > 0.0 {
+            println!(
+                "host->device copies on the reader thread: {prefetch_s:.3} s (tile I/O incl. them {:.3} s; compute {:.1}% of it)",
+                read_s + prefetch_s,
+                100.0 * compute_s / (read_s + prefetch_s).max(1e-12)
+            );
+        }
         println!(
             "after-slice statistics: {post_s:.3} s {}",
             if post_threaded {

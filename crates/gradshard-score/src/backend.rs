@@ -32,6 +32,15 @@ pub trait Backend: Sync {
         out: &mut [f64],
     ) -> Result<Option<(usize, usize)>>;
 
+    /// Called by the engine's reader thread with each whole-slice tile it read ahead
+    /// (`rows × width`), before that same buffer, unchanged, reaches
+    /// [`column_fisher`](Self::column_fisher): a device backend starts moving it to
+    /// the device here, off the compute thread. The default does nothing.
+    fn prefetch(&self, tile: &[f32], rows: usize, width: usize) -> Result<()> {
+        let _ = (tile, rows, width);
+        Ok(())
+    }
+
     /// Transforms tile rows in place into X (role X) or Y (role Y) of `variant`
     /// (DESIGN §4), `den[k] = max(I[k], eps) + lam*` over the tile's columns.
     fn transform(

@@ -84,7 +84,13 @@ struct Cached<B: BurnB> {
     len: usize,
     rows: usize,
     tile: Tensor<B, 2>,
+    /// Uploaded by [`Backend::prefetch`] and not yet taken by `column_fisher`.
+    prefetched: bool,
 }
+
+/// Device tiles kept: the two of the slice being computed and the two prefetched for
+/// the next one, with room to spare.
+const CACHE_TILES: usize = 6;
 
 /// The scorer's tile compute on one burn device.
 pub struct BurnBackend<B: BurnB> {
@@ -113,6 +119,10 @@ pub struct GpuStats {
     pub upload_s: f64,
     /// Tiles reused from `column_fisher` by `interference` (no second upload).
     pub reused_tiles: u64,
+    /// Tiles uploaded by the engine's reader thread ahead of their slice
+    /// ([`Backend::prefetch`]); their upload time is in `upload_s` but off the
+    /// compute thread.
+    pub prefetched_tiles: u64,
     /// GEMMs run.
     pub gemms: u64,
 }
@@ -266,6 +276,35 @@ impl<B: BurnB> BurnBackend<B> {
         t
     }
 
+    /// Keeps `dev` as the device copy of host `tile` (replacing an older copy of the
+    /// same buffer), evicting the oldest entries beyond [`CACHE_TILES`], prefetched
+    /// ones last.
+    fn remember(&self, tile: &[f32], rows: usize, dev: Tensor<B, 2>, prefetched: bool) {
+        let mut cache = self.cache.lock().unwrap();
+        cache.retain(|c| c.ptr != tile.as_ptr() as usize);
+        cache.push(Cached {
+            ptr: tile.as_ptr() as usize,
+            len: tile.len(),
+            rows,
+            tile: dev,
+            prefetched,
+        });
+        while cache.len() > CACHE_TILES {
+            let i = cache.iter().position(|c| !c.prefetched).unwrap_or(0);
+            cache.remove(i);
+        }
+    }
+
+    /// The tile [`Backend::prefetch`] uploaded from this very buffer, taken once.
+    fn take_prefetched(&self, tile: &[f32], rows: usize) -> Option<Tensor<B, 2>> {
+        let mut cache = self.cache.lock().unwrap();
+        let c = cache.iter_mut().find(|c| {
+            c.prefetched && c.ptr == tile.as_ptr() as usize && c.len == tile.len() && c.rows == rows
+        })?;
+        c.prefetched = false;
+        Some(c.tile.clone())
+    }
+
     /// The device copy of `tile` cached by `column_fisher`, or a fresh upload.
     fn device_tile(&self, tile: &[f32], rows: usize, width: usize) -> Tensor<B, 2> {
         {
@@ -376,7 +415,10 @@ impl<B: BurnB> Backend for BurnBackend<B> {
             out.iter_mut().for_each(|v| *v = 0.0);
             return Ok(None);
         }
-        let dev_tile = self.upload(tile, rows, width);
+        let dev_tile = match self.take_prefetched(tile, rows) {
+            Some(t) => t,
+            None => self.upload(tile, rows, width),
+        };
         let f = dev_tile
             .clone()
             .cast(DType::F64)
@@ -389,19 +431,7 @@ impl<B: BurnB> Backend for BurnBackend<B> {
             .to_vec::<f64>()
             .map_err(|e| gpu_err(format!("download of the Fisher: {e:?}")))?;
         out.copy_from_slice(&host);
-        {
-            let mut cache = self.cache.lock().unwrap();
-            cache.retain(|c| c.ptr != tile.as_ptr() as usize);
-            cache.push(Cached {
-                ptr: tile.as_ptr() as usize,
-                len: tile.len(),
-                rows,
-                tile: dev_tile,
-            });
-            while cache.len() > 2 {
-                cache.remove(0);
-            }
-        }
+        self.remember(tile, rows, dev_tile, false);
         // Σ of non-negative terms: I[k] is non-finite exactly when a value of column k is.
         if out.iter().any(|v| !v.is_finite()) {
             for (r, row) in tile.chunks_exact(width).enumerate() {
@@ -411,6 +441,17 @@ impl<B: BurnB> Backend for BurnBackend<B> {
             }
         }
         Ok(None)
+    }
+
+    fn prefetch(&self, tile: &[f32], rows: usize, width: usize) -> Result<()> {
+        check_len("prefetch tile", tile.len(), rows * width)?;
+        if rows == 0 || width == 0 {
+            return Ok(());
+        }
+        let dev = self.upload(tile, rows, width);
+        self.remember(tile, rows, dev, true);
+        self.stats.lock().unwrap().prefetched_tiles += 1;
+        Ok(())
     }
 
     fn transform(

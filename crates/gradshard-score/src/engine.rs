@@ -63,8 +63,11 @@ pub enum ScoreProgress {
     /// `post_s`: seconds of after-slice statistics (cell and bootstrap, diagnostics,
     /// masks; see `post.rs`), on a second thread when `post_threaded`, where
     /// `post_wait_s` is how long the engine waited for that thread's queue.
+    /// `prefetch_s`: seconds the reader thread spent handing tiles to the backend's
+    /// `prefetch` (a device backend's host → device copies; 0 on the CPU).
     Timing {
         read_s: f64,
+        prefetch_s: f64,
         compute_s: f64,
         wait_s: f64,
         overlapped: bool,
@@ -407,6 +410,7 @@ fn score_impl(
             .collect(),
         sink: Sink::Done,
         read_s: 0.0,
+        prefetch_s: 0.0,
         preloaded: None,
     };
     let post = Post {
@@ -483,6 +487,7 @@ fn score_impl(
     })?;
     progress(ScoreProgress::Timing {
         read_s: eng.read_s,
+        prefetch_s: eng.prefetch_s,
         compute_s,
         wait_s,
         overlapped: overlap,
@@ -592,7 +597,7 @@ fn run_pass(
     progress: &mut dyn FnMut(ScoreProgress),
 ) -> Result<(f64, f64)> {
     let total = slices.len();
-    let (source, s_len) = (eng.source, eng.s_len);
+    let (source, s_len, backend) = (eng.source, eng.s_len, eng.backend);
     let (mut compute_s, mut wait_s) = (0.0, 0.0);
     if overlap {
         let (ra, rb) = (
@@ -616,11 +621,17 @@ fn run_pass(
                     let t0 = std::time::Instant::now();
                     let r = read_whole_tile(source, &ra, s, s_len, &mut a)
                         .and_then(|()| read_whole_tile(source, &rb, s, s_len, &mut b));
+                    let t1 = std::time::Instant::now();
+                    // A device backend starts the host → device copies here.
+                    let r = r
+                        .and_then(|()| backend.prefetch(&a, ra.1.len(), s_len))
+                        .and_then(|()| backend.prefetch(&b, rb.1.len(), s_len));
                     let failed = r.is_err();
                     let msg = r.map(|()| Prefetched {
                         a,
                         b,
-                        read_s: t0.elapsed().as_secs_f64(),
+                        read_s: (t1 - t0).as_secs_f64(),
+                        prefetch_s: t1.elapsed().as_secs_f64(),
                     });
                     if tx.send(msg).is_err() || failed {
                         return;
@@ -635,6 +646,7 @@ fn run_pass(
                 })??;
                 wait_s += t0.elapsed().as_secs_f64();
                 eng.read_s += got.read_s;
+                eng.prefetch_s += got.prefetch_s;
                 eng.preloaded = Some((got.a, got.b));
                 let t1 = std::time::Instant::now();
                 eng.slice(s)?;
@@ -689,6 +701,8 @@ struct Engine<'a> {
     sink: Sink<'a>,
     /// Seconds inside `read_tile` (this thread, or the reader thread when overlapped).
     read_s: f64,
+    /// Seconds in `Backend::prefetch` on the reader thread.
+    prefetch_s: f64,
     /// Whole-slice tiles of both tasks already read by the reader thread.
     preloaded: Option<(Vec<f32>, Vec<f32>)>,
 }
@@ -698,6 +712,8 @@ struct Prefetched {
     a: Vec<f32>,
     b: Vec<f32>,
     read_s: f64,
+    /// Seconds in [`Backend::prefetch`] (host → device copies of a device backend).
+    prefetch_s: f64,
 }
 
 /// Reads all columns of slice `s` for the rows of one task into `buf`.
