@@ -145,11 +145,12 @@ impl Compute {
             Compute::Cuda(b) => {
                 let st = b.stats();
                 Some(format!(
-                    "gpu: {:.3} GB uploaded in {:.3} s ({:.2} GB/s host->device incl. packing and a sync), {} tiles uploaded by the reader thread, {} tiles reused, {} GEMMs",
+                    "gpu: {:.3} GB uploaded in {:.3} s ({:.2} GB/s host->device incl. packing and a sync), {} tiles uploaded by the reader thread, {} slices fused, {} tiles reused, {} GEMMs",
                     st.upload_bytes as f64 / 1e9,
                     st.upload_s,
                     st.upload_bytes as f64 / st.upload_s.max(1e-9) / 1e9,
                     st.prefetched_tiles,
+                    st.fused_slices,
                     st.reused_tiles,
                     st.gemms
                 ))

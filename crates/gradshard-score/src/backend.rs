@@ -5,7 +5,41 @@
 //! `width` flattened slice columns). Fisher values and denominators are f64.
 
 use crate::error::{Error, Result};
-use crate::options::Variant;
+use crate::options::{FisherPool, Variant};
+
+/// A value still on a device: calling it downloads it (blocking). The engine
+/// calls it on its statistics thread, off the critical path.
+pub type Download = Box<dyn FnOnce() -> Result<Vec<f64>> + Send>;
+
+/// One whole slice for [`Backend::fused_slice`]: both tasks' raw tiles (all rows read
+/// for the Fisher), which of those rows are scored, and the denominator settings
+/// (`den[k] = max(pool(I_A, I_B)[k], eps) + lam`).
+pub struct FusedSlice<'a> {
+    pub a: &'a [f32],
+    /// 1/T of every row of `a`.
+    pub a_inv_t: &'a [f64],
+    /// Scored rows of `a` (ascending positions) and their 1/T.
+    pub a_sel: &'a [usize],
+    pub a_sel_inv_t: &'a [f64],
+    pub b: &'a [f32],
+    pub b_inv_t: &'a [f64],
+    pub b_sel: &'a [usize],
+    pub b_sel_inv_t: &'a [f64],
+    pub width: usize,
+    pub variant: Variant,
+    pub pool: FisherPool,
+    pub eps: f64,
+    pub lam: f64,
+}
+
+/// What [`Backend::fused_slice`] returns: M (`a_sel.len() × b_sel.len()`, summed over
+/// columns), whether both Fishers are finite, and the Fishers still on the device.
+pub struct FusedOut {
+    pub m: Vec<f64>,
+    pub fisher_finite: bool,
+    pub fa: Download,
+    pub fb: Download,
+}
 
 /// Which side of `M = X·Yᵀ` a tile becomes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +73,23 @@ pub trait Backend: Sync {
     fn prefetch(&self, tile: &[f32], rows: usize, width: usize) -> Result<()> {
         let _ = (tile, rows, width);
         Ok(())
+    }
+
+    /// Scores a whole slice in one go and leaves both Fishers on the device (a device
+    /// backend's fast path: the only blocking transfer is M). `None`: not supported,
+    /// the engine uses the per-step methods. The engine calls it only for slices that
+    /// fit in one chunk with `lam_rel = 0` (no median needed before X).
+    fn fused_slice(&self, args: &FusedSlice<'_>) -> Result<FusedOut> {
+        let _ = args;
+        Err(Error::Backend {
+            backend: "engine",
+            message: format!("backend {} has no fused slice path", self.name()),
+        })
+    }
+
+    /// Whether [`fused_slice`](Self::fused_slice) is implemented.
+    fn supports_fused(&self) -> bool {
+        false
     }
 
     /// Transforms tile rows in place into X (role X) or Y (role Y) of `variant`

@@ -38,9 +38,9 @@ use rayon::prelude::*;
 use burn::tensor::backend::Backend as BurnB;
 use burn::tensor::{DType, Tensor, TensorData};
 
-use crate::backend::{Backend, CpuBackend, Role};
+use crate::backend::{Backend, CpuBackend, Download, FusedOut, FusedSlice, Role};
 use crate::error::{Error, Result};
-use crate::options::Variant;
+use crate::options::{FisherPool, Variant};
 
 /// The scorer's tile compute on one CUDA device (feature `cuda`).
 #[cfg(feature = "cuda")]
@@ -104,6 +104,9 @@ pub struct BurnBackend<B: BurnB> {
     bf16_uploads: bool,
     /// Columns per f32 GEMM (their products are summed in f64).
     pub k_block: usize,
+    /// Whether the engine may use the fused slice path (default on; off runs the
+    /// per-step path, for comparisons).
+    pub fused_enabled: bool,
     /// Device copies of the last two tiles given to `column_fisher` (task A, task B).
     cache: Mutex<Vec<Cached<B>>>,
     cpu: CpuBackend,
@@ -123,6 +126,8 @@ pub struct GpuStats {
     /// ([`Backend::prefetch`]); their upload time is in `upload_s` but off the
     /// compute thread.
     pub prefetched_tiles: u64,
+    /// Slices scored on the fused path ([`Backend::fused_slice`]).
+    pub fused_slices: u64,
     /// GEMMs run.
     pub gemms: u64,
 }
@@ -211,6 +216,7 @@ impl<B: BurnB> BurnBackend<B> {
             name,
             precision,
             k_block: 1 << 15,
+            fused_enabled: true,
             cache: Mutex::new(Vec::new()),
             cpu: CpuBackend::default(),
             stats: Mutex::new(GpuStats::default()),
@@ -273,6 +279,76 @@ impl<B: BurnB> BurnBackend<B> {
         let mut st = self.stats.lock().unwrap();
         st.upload_bytes += sent as u64;
         st.upload_s += t0.elapsed().as_secs_f64();
+        t
+    }
+
+    /// `M = X·Yᵀ` (`[nx × ny]`, f64) of X `[nx × width]` and Y `[ny × width]` (f64), in
+    /// the backend's [`GpuPrecision`].
+    fn product(
+        &self,
+        x: Tensor<B, 2>,
+        y: Tensor<B, 2>,
+        nx: usize,
+        ny: usize,
+        width: usize,
+    ) -> Tensor<B, 2> {
+        match self.precision {
+            GpuPrecision::F64 => {
+                // f64 products and sums, elementwise: x[i,1,k] · y[1,j,k] summed over k,
+                // in column blocks of at most EXACT_BLOCK_BYTES of products.
+                let kb = (EXACT_BLOCK_BYTES / (8 * nx * ny)).clamp(1, width);
+                let mut acc: Option<Tensor<B, 2>> = None;
+                let mut k0 = 0;
+                while k0 < width {
+                    let w = kb.min(width - k0);
+                    let xb = x.clone().narrow(1, k0, w).unsqueeze_dim::<3>(1);
+                    let yb = y.clone().narrow(1, k0, w).unsqueeze_dim::<3>(0);
+                    let part: Tensor<B, 2> = xb.mul(yb).sum_dim(2).reshape([nx, ny]);
+                    acc = Some(match acc {
+                        None => part,
+                        Some(a) => a.add(part),
+                    });
+                    self.stats.lock().unwrap().gemms += 1;
+                    k0 += w;
+                }
+                acc.expect("width > 0")
+            }
+            GpuPrecision::F32 => {
+                let xs = [x.cast(DType::F32)];
+                let ys = [y.cast(DType::F32)];
+                self.blocked_products(&xs, &ys, &[(0, 0)], width)
+            }
+        }
+    }
+
+    /// Column Fisher `[1 × w]` (f64) of a device tile `[rows × w]`.
+    fn fisher_of(&self, tile: Tensor<B, 2>, inv_t: &[f64]) -> Tensor<B, 2> {
+        tile.cast(DType::F64)
+            .square()
+            .mul(self.column_f64(inv_t))
+            .sum_dim(0)
+            .div_scalar(inv_t.len() as f64)
+    }
+
+    /// The rows `sel` (ascending positions) of a device tile of `rows` rows.
+    fn rows_of(&self, tile: Tensor<B, 2>, rows: usize, sel: &[usize]) -> Tensor<B, 2> {
+        if sel.len() == rows {
+            return tile; // ascending and distinct: every row, in order
+        }
+        let idx: Vec<i64> = sel.iter().map(|&p| p as i64).collect();
+        let n = idx.len();
+        let idx =
+            Tensor::<B, 1, burn::tensor::Int>::from_data(TensorData::new(idx, [n]), &self.device);
+        tile.select(0, idx)
+    }
+
+    /// The device tile for a whole-slice host tile: prefetched, or uploaded now.
+    fn slice_tile(&self, tile: &[f32], rows: usize, width: usize) -> Tensor<B, 2> {
+        let t = match self.take_prefetched(tile, rows) {
+            Some(t) => t,
+            None => self.upload(tile, rows, width),
+        };
+        self.remember(tile, rows, t.clone(), false);
         t
     }
 
@@ -396,6 +472,69 @@ fn check_len(what: &str, found: usize, expected: usize) -> Result<()> {
     Ok(())
 }
 
+impl<B: BurnB> BurnBackend<B> {
+    /// [`Backend::fused_slice`]: Fisher, denominator, X, Y and M on the device; one
+    /// blocking download (M and a finiteness check), the Fishers left for later.
+    fn fused(&self, g: &FusedSlice<'_>) -> Result<FusedOut> {
+        let w = g.width;
+        let (ra, rb) = (g.a_inv_t.len(), g.b_inv_t.len());
+        let (nx, ny) = (g.a_sel.len(), g.b_sel.len());
+        check_len("fused_slice a", g.a.len(), ra * w)?;
+        check_len("fused_slice b", g.b.len(), rb * w)?;
+        check_len("fused_slice a_sel", g.a_sel_inv_t.len(), nx)?;
+        check_len("fused_slice b_sel", g.b_sel_inv_t.len(), ny)?;
+        if ra == 0 || rb == 0 || nx == 0 || ny == 0 || w == 0 {
+            return Err(gpu_err("fused_slice: empty tile"));
+        }
+        let ta = self.slice_tile(g.a, ra, w);
+        let tb = self.slice_tile(g.b, rb, w);
+        let fa = self.fisher_of(ta.clone(), g.a_inv_t);
+        let fb = self.fisher_of(tb.clone(), g.b_inv_t);
+        let pool = match g.pool {
+            FisherPool::A => fa.clone(),
+            FisherPool::B => fb.clone(),
+            FisherPool::Pooled => fa.clone().add(fb.clone()).mul_scalar(0.5),
+        };
+        let den = pool.clamp_min(g.eps).add_scalar(g.lam);
+        let x = self.form(
+            self.rows_of(ta, ra, g.a_sel),
+            g.a_sel_inv_t,
+            &den,
+            g.variant,
+            Role::X,
+        );
+        let y = self.form(
+            self.rows_of(tb, rb, g.b_sel),
+            g.b_sel_inv_t,
+            &den,
+            g.variant,
+            Role::Y,
+        );
+        let m = self.product(x, y, nx, ny, w);
+        // I is a sum of non-negative terms: ΣI_A + ΣI_B is finite iff every value is.
+        let check = fa.clone().sum().add(fb.clone().sum());
+        let host = Tensor::cat(vec![m.reshape([nx * ny]), check], 0)
+            .into_data()
+            .to_vec::<f64>()
+            .map_err(|e| gpu_err(format!("download of M: {e:?}")))?;
+        let fisher_finite = host[nx * ny].is_finite();
+        self.stats.lock().unwrap().fused_slices += 1;
+        let later = |f: Tensor<B, 2>| -> Download {
+            Box::new(move || {
+                f.into_data()
+                    .to_vec::<f64>()
+                    .map_err(|e| gpu_err(format!("download of the Fisher: {e:?}")))
+            })
+        };
+        Ok(FusedOut {
+            m: host[..nx * ny].to_vec(),
+            fisher_finite,
+            fa: later(fa),
+            fb: later(fb),
+        })
+    }
+}
+
 impl<B: BurnB> Backend for BurnBackend<B> {
     fn name(&self) -> &'static str {
         self.name
@@ -419,13 +558,7 @@ impl<B: BurnB> Backend for BurnBackend<B> {
             Some(t) => t,
             None => self.upload(tile, rows, width),
         };
-        let f = dev_tile
-            .clone()
-            .cast(DType::F64)
-            .square()
-            .mul(self.column_f64(inv_t))
-            .sum_dim(0)
-            .div_scalar(rows as f64);
+        let f = self.fisher_of(dev_tile.clone(), inv_t);
         let host = f
             .into_data()
             .to_vec::<f64>()
@@ -441,6 +574,14 @@ impl<B: BurnB> Backend for BurnBackend<B> {
             }
         }
         Ok(None)
+    }
+
+    fn fused_slice(&self, g: &FusedSlice<'_>) -> Result<FusedOut> {
+        self.fused(g)
+    }
+
+    fn supports_fused(&self) -> bool {
+        self.fused_enabled
     }
 
     fn prefetch(&self, tile: &[f32], rows: usize, width: usize) -> Result<()> {
@@ -488,33 +629,7 @@ impl<B: BurnB> Backend for BurnBackend<B> {
         let den_t = self.row_f64(den);
         let x = self.form(ga, a_inv_t, &den_t, variant, Role::X);
         let y = self.form(gb, b_inv_t, &den_t, variant, Role::Y);
-        let m = match self.precision {
-            GpuPrecision::F64 => {
-                // f64 products and sums, elementwise: x[i,1,k] · y[1,j,k] summed over k,
-                // in column blocks of at most EXACT_BLOCK_BYTES of products.
-                let kb = (EXACT_BLOCK_BYTES / (8 * nx * ny)).clamp(1, width);
-                let mut acc: Option<Tensor<B, 2>> = None;
-                let mut k0 = 0;
-                while k0 < width {
-                    let w = kb.min(width - k0);
-                    let xb = x.clone().narrow(1, k0, w).unsqueeze_dim::<3>(1);
-                    let yb = y.clone().narrow(1, k0, w).unsqueeze_dim::<3>(0);
-                    let part: Tensor<B, 2> = xb.mul(yb).sum_dim(2).reshape([nx, ny]);
-                    acc = Some(match acc {
-                        None => part,
-                        Some(a) => a.add(part),
-                    });
-                    self.stats.lock().unwrap().gemms += 1;
-                    k0 += w;
-                }
-                acc.expect("width > 0")
-            }
-            GpuPrecision::F32 => {
-                let xs = [x.cast(DType::F32)];
-                let ys = [y.cast(DType::F32)];
-                self.blocked_products(&xs, &ys, &[(0, 0)], width)
-            }
-        };
+        let m = self.product(x, y, nx, ny, width);
         let host = m
             .into_data()
             .to_vec::<f64>()

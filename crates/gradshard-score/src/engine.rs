@@ -23,11 +23,12 @@ use std::sync::Arc;
 
 use gradshard_core::{Block, Geometry, SampleId, TaskName};
 
+use crate::backend::FusedSlice;
 use crate::backend::{Backend, CpuBackend, Role};
 use crate::error::{Error, Result};
 use crate::fisher::{self, PhaseAcc};
 use crate::options::{Aggregate, FisherPool, ScoreOptions};
-use crate::post::{Post, PostJob, Sink, POST_DEPTH};
+use crate::post::{FisherVec, Post, PostJob, Sink, POST_DEPTH};
 use crate::result::{ReadStats, ScoreResult, TopPair};
 use crate::source::TileSource;
 use crate::stats;
@@ -729,17 +730,9 @@ fn read_whole_tile(
 }
 
 impl Engine<'_> {
-    /// Reads columns `c0..c1` of the slice for both tasks into the buffers and
-    /// completes those columns of the Fisher vectors (checking every value is finite).
-    fn load_chunk(
-        &mut self,
-        s: &Slice,
-        c0: usize,
-        c1: usize,
-        reread: bool,
-        fa: &mut [f64],
-        fb: &mut [f64],
-    ) -> Result<()> {
+    /// Reads columns `c0..c1` of the slice for both tasks into the buffers (or takes
+    /// the reader thread's tiles), counting the reads.
+    fn fetch_chunk(&mut self, s: &Slice, c0: usize, c1: usize, reread: bool) -> Result<()> {
         let w = c1 - c0;
         // The reader thread's tiles, when it read this (whole) slice ahead.
         let pre = if c0 == 0 && c1 == self.s_len {
@@ -751,9 +744,9 @@ impl Engine<'_> {
             Some((a, b)) => (Some(a), Some(b)),
             None => (None, None),
         };
-        for (plan, buf, f, pre) in [
-            (&self.pa, &mut self.buf_a, &mut fa[c0..c1], &mut pre_a),
-            (&self.pb, &mut self.buf_b, &mut fb[c0..c1], &mut pre_b),
+        for (plan, buf, pre) in [
+            (&self.pa, &mut self.buf_a, &mut pre_a),
+            (&self.pb, &mut self.buf_b, &mut pre_b),
         ] {
             if let Some(p) = pre.take() {
                 *buf = p;
@@ -776,6 +769,27 @@ impl Engine<'_> {
             if reread {
                 self.reads.frame_rereads += plan.rows.len() as u64;
             }
+        }
+        Ok(())
+    }
+
+    /// Reads columns `c0..c1` of the slice for both tasks into the buffers and
+    /// completes those columns of the Fisher vectors (checking every value is finite).
+    fn load_chunk(
+        &mut self,
+        s: &Slice,
+        c0: usize,
+        c1: usize,
+        reread: bool,
+        fa: &mut [f64],
+        fb: &mut [f64],
+    ) -> Result<()> {
+        let w = c1 - c0;
+        self.fetch_chunk(s, c0, c1, reread)?;
+        for (plan, buf, f) in [
+            (&self.pa, &self.buf_a, &mut fa[c0..c1]),
+            (&self.pb, &self.buf_b, &mut fb[c0..c1]),
+        ] {
             if let Some((r, k)) = self.backend.column_fisher(buf, &plan.rows_inv_t, w, f)? {
                 return Err(Error::NonFinite {
                     task: plan.name.to_string(),
@@ -800,6 +814,9 @@ impl Engine<'_> {
     }
 
     fn slice(&mut self, s: &Slice) -> Result<()> {
+        if self.nchunks == 1 && self.opts.lam_rel == 0.0 && self.backend.supports_fused() {
+            return self.slice_fused(s);
+        }
         let (s_len, width, nchunks) = (self.s_len, self.width, self.nchunks);
         let opts = self.opts;
         let (na, nb) = (self.pa.sel_pos.len(), self.pb.sel_pos.len());
@@ -871,10 +888,88 @@ impl Engine<'_> {
                 layer: s.layer,
                 head: s.head,
             },
+            fa: FisherVec::Ready(fa),
+            fb: FisherVec::Ready(fb),
+            m,
+            lam,
+        })
+    }
+
+    /// A whole slice on a backend's fused path: tiles → M with one blocking transfer;
+    /// the Fishers stay on the device until the statistics thread (or, for the rows of
+    /// newly admitted top pairs, this thread) needs them.
+    fn slice_fused(&mut self, s: &Slice) -> Result<()> {
+        let (s_len, opts) = (self.s_len, self.opts);
+        let (na, nb) = (self.pa.sel_pos.len(), self.pb.sel_pos.len());
+        self.fetch_chunk(s, 0, s_len, false)?;
+        let out = self.backend.fused_slice(&FusedSlice {
+            a: &self.buf_a,
+            a_inv_t: &self.pa.rows_inv_t,
+            a_sel: &self.pa.sel_pos,
+            a_sel_inv_t: &self.pa.sel_inv_t,
+            b: &self.buf_b,
+            b_inv_t: &self.pb.rows_inv_t,
+            b_sel: &self.pb.sel_pos,
+            b_sel_inv_t: &self.pb.sel_inv_t,
+            width: s_len,
+            variant: opts.variant,
+            pool: opts.fisher_pool,
+            eps: opts.eps,
+            lam: opts.lam,
+        })?;
+        if !out.fisher_finite {
+            // Name the first non-finite value (a Fisher sum that overflowed with finite
+            // values has none, and goes on).
+            for (plan, buf) in [(&self.pa, &self.buf_a), (&self.pb, &self.buf_b)] {
+                if let Some(pos) = buf.iter().position(|v| !v.is_finite()) {
+                    let (r, k) = (pos / s_len, pos % s_len);
+                    return Err(Error::NonFinite {
+                        task: plan.name.to_string(),
+                        id: plan.all[plan.rows[r]].0.clone(),
+                        layer: s.layer,
+                        block: s.block,
+                        head: s.head,
+                        element: k,
+                        value: buf[pos],
+                    });
+                }
+            }
+        }
+        let mut m = out.m;
+        check_len_eq("fused M", m.len(), na * nb)?;
+        let (mut fa, mut fb) = (FisherVec::OnDevice(out.fa), FisherVec::OnDevice(out.fb));
+        if opts.aggregate == Aggregate::Mean {
+            let inv = 1.0 / s_len as f64;
+            m.iter_mut().for_each(|v| *v *= inv);
+        }
+        if m.iter().any(|v| !v.is_finite()) {
+            return Err(Error::NonFiniteScore {
+                layer: s.layer,
+                block: s.block,
+                head: s.head,
+            });
+        }
+        // The buffers keep the scored rows only, as on the per-step path.
+        compact_rows(&mut self.buf_a, &self.pa.sel_pos, s_len);
+        compact_rows(&mut self.buf_b, &self.pb.sel_pos, s_len);
+        if self.admit(s, &m) {
+            let (va, vb) = (fa.get()?, fb.get()?);
+            let den: Vec<f64> = (0..s_len)
+                .map(|k| self.pool_value(&va, &vb, k).max(opts.eps) + opts.lam)
+                .collect();
+            self.attach_rows(s, &den)?;
+            (fa, fb) = (FisherVec::Ready(va), FisherVec::Ready(vb));
+        }
+        self.sink.send(PostJob {
+            s: Slice {
+                block: s.block,
+                layer: s.layer,
+                head: s.head,
+            },
             fa,
             fb,
             m,
-            lam,
+            lam: opts.lam,
         })
     }
 
@@ -890,6 +985,15 @@ impl Engine<'_> {
     }
 
     fn update_top(&mut self, s: &Slice, m: &[f64], den: &[f64]) -> Result<()> {
+        if self.admit(s, m) {
+            self.attach_rows(s, den)?;
+        }
+        Ok(())
+    }
+
+    /// Offers every pair of the slice to its block's top-k; returns whether pairs were
+    /// admitted whose X/Y rows the permutation test needs ([`Self::attach_rows`]).
+    fn admit(&mut self, s: &Slice, m: &[f64]) -> bool {
         let nb = self.pb.sel_pos.len();
         let keep_rows = self.opts.n_perm > 0;
         let ti = self
@@ -914,9 +1018,16 @@ impl Engine<'_> {
                 }
             }
         }
-        if !keep_rows || admitted.is_empty() {
-            return Ok(());
-        }
+        keep_rows && !admitted.is_empty()
+    }
+
+    /// X_i / Y_j rows (over the whole slice) of this slice's pairs still in the top-k.
+    fn attach_rows(&mut self, s: &Slice, den: &[f64]) -> Result<()> {
+        let ti = self
+            .tops
+            .iter()
+            .position(|(b, _)| *b == s.block)
+            .expect("a TopK per scored block");
         // Pairs of this slice still in the list need their rows.
         let live: Vec<(usize, usize)> = self.tops[ti]
             .1
@@ -1012,6 +1123,16 @@ impl Engine<'_> {
             .map(|(r, &q)| (q, Arc::from(&buf[r * self.s_len..(r + 1) * self.s_len])))
             .collect())
     }
+}
+
+fn check_len_eq(what: &str, found: usize, expected: usize) -> Result<()> {
+    if found != expected {
+        return Err(Error::Backend {
+            backend: "engine",
+            message: format!("{what}: {found} values, expected {expected}"),
+        });
+    }
+    Ok(())
 }
 
 /// Moves rows `sel_pos[q]` to position q and truncates (requires ascending `sel_pos`).

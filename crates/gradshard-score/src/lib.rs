@@ -20,7 +20,7 @@ mod source;
 pub mod stats;
 mod store_source;
 
-pub use backend::{transform_value, Backend, CpuBackend, Role};
+pub use backend::{transform_value, Backend, CpuBackend, Download, FusedOut, FusedSlice, Role};
 #[cfg(feature = "cuda")]
 pub use backend_burn::CudaBackend;
 pub use backend_burn::{BurnBackend, GpuPrecision, GpuStats, NdArrayBackend};

@@ -13,7 +13,7 @@ use std::collections::HashSet;
 
 use gradshard_core::Block;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Download};
 use crate::engine::Slice;
 use crate::error::{Error, Result};
 use crate::fisher::{kept_count, PhaseAcc};
@@ -25,12 +25,28 @@ use crate::stats;
 /// Finished slices that may wait for the statistics thread.
 pub(crate) const POST_DEPTH: usize = 2;
 
+/// A task Fisher on the host, or still on the device (downloaded here, on the
+/// statistics thread, off the critical path).
+pub(crate) enum FisherVec {
+    Ready(Vec<f64>),
+    OnDevice(Download),
+}
+
+impl FisherVec {
+    pub fn get(self) -> Result<Vec<f64>> {
+        match self {
+            FisherVec::Ready(v) => Ok(v),
+            FisherVec::OnDevice(d) => d(),
+        }
+    }
+}
+
 /// One finished slice: task Fishers over all stored samples, M (already scaled
 /// for `Aggregate::Mean`), and the ridge that was applied.
 pub(crate) struct PostJob {
     pub s: Slice,
-    pub fa: Vec<f64>,
-    pub fb: Vec<f64>,
+    pub fa: FisherVec,
+    pub fb: FisherVec,
     pub m: Vec<f64>,
     pub lam: f64,
 }
@@ -75,6 +91,7 @@ impl Post<'_> {
 
     fn run_inner(&mut self, job: PostJob) -> Result<()> {
         let PostJob { s, fa, fb, m, lam } = job;
+        let (fa, fb) = (fa.get()?, fb.get()?);
         let opts = self.opts;
         let (na, nb) = (self.na, self.nb);
         let s_len = fa.len();

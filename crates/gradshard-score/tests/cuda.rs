@@ -120,6 +120,8 @@ fn cuda_scores_match_cpu_on_fixtures() {
         }
     };
     let f32_backend = CudaBackend::new(0, GpuPrecision::F32).unwrap();
+    let mut stepwise = CudaBackend::new(0, GpuPrecision::F64).unwrap();
+    stepwise.fused_enabled = false;
     let mut worst_f64: f64 = 0.0;
     let mut worst_f32: f64 = 0.0;
     for model in ["llama-gqa", "gpt2"] {
@@ -129,9 +131,15 @@ fn cuda_scores_match_cpu_on_fixtures() {
             let cpu = score(&src, &o, &mut |_| {}).unwrap();
             let g64 = score_with_backend(&src, &o, &f64_backend, &mut |_| {}).unwrap();
             let g32 = score_with_backend(&src, &o, &f32_backend, &mut |_| {}).unwrap();
+            let gs = score_with_backend(&src, &o, &stepwise, &mut |_| {}).unwrap();
             let (d64, d32) = (worst_difference(&cpu, &g64), worst_difference(&cpu, &g32));
+            let ds = worst_difference(&cpu, &gs);
             eprintln!(
-                "cuda parity {model:9} {setting:12}: cuda-f64 {d64:.2e}   cuda-f32(TF32) {d32:.2e}"
+                "cuda parity {model:9} {setting:12}: cuda-f64 {d64:.2e}   per-step {ds:.2e}   cuda-f32(TF32) {d32:.2e}"
+            );
+            assert!(
+                ds <= 1e-4,
+                "{model} {setting}: cuda-f64 per-step differs by {ds:e}"
             );
             worst_f64 = worst_f64.max(d64);
             worst_f32 = worst_f32.max(d32);
@@ -156,43 +164,105 @@ fn cuda_scores_match_cpu_on_fixtures() {
     );
 }
 
-/// The GPU backend's code (upload, Fisher, X/Y, blocked products, tile reuse) on
-/// burn's ndarray backend: f64 mode must match the CPU backend to rounding.
+/// The GPU backend's code (upload, Fisher, X/Y, blocked products, tile reuse, the
+/// fused slice path and the per-step path) on burn's ndarray backend: f64 mode must
+/// match the CPU backend to rounding, with the permutation test's rows attached.
 #[test]
 fn device_code_path_on_burn_ndarray_matches_cpu() {
     use gradshard_score::{score, score_with_backend, GpuPrecision, NdArrayBackend};
-    let b64 = NdArrayBackend::ndarray(GpuPrecision::F64);
+    let fused = NdArrayBackend::ndarray(GpuPrecision::F64);
+    let mut stepwise = NdArrayBackend::ndarray(GpuPrecision::F64);
+    stepwise.fused_enabled = false;
     let mut b32 = NdArrayBackend::ndarray(GpuPrecision::F32);
     b32.k_block = 1000; // several column blocks summed in f64
     let (mut worst_f64, mut worst_f32): (f64, f64) = (0.0, 0.0);
     for model in ["llama-gqa", "gpt2"] {
         let src = fixture(model);
         for setting in SETTINGS {
-            let mut o = options(&src, setting);
-            o.n_perm = 0; // the permutation test runs on the CPU for every backend
+            let o = options(&src, setting);
             let cpu = score(&src, &o, &mut |_| {}).unwrap();
-            let g64 = score_with_backend(&src, &o, &b64, &mut |_| {}).unwrap();
+            let gf = score_with_backend(&src, &o, &fused, &mut |_| {}).unwrap();
+            let gs = score_with_backend(&src, &o, &stepwise, &mut |_| {}).unwrap();
             let g32 = score_with_backend(&src, &o, &b32, &mut |_| {}).unwrap();
-            assert_eq!(g64.backend, "burn-ndarray-f64");
-            let (d64, d32) = (worst_difference(&cpu, &g64), worst_difference(&cpu, &g32));
-            eprintln!("ndarray parity {model:9} {setting:12}: f64 {d64:.2e}   f32 {d32:.2e}");
+            assert_eq!(gf.backend, "burn-ndarray-f64");
+            let (df, ds, d32) = (
+                worst_difference(&cpu, &gf),
+                worst_difference(&cpu, &gs),
+                worst_difference(&cpu, &g32),
+            );
+            eprintln!(
+                "ndarray parity {model:9} {setting:12}: f64 fused {df:.2e}  f64 per-step {ds:.2e}  f32 {d32:.2e}"
+            );
             assert!(
-                d64 <= 1e-9,
-                "{model} {setting}: burn f64 path differs by {d64:e}"
+                df <= 1e-9,
+                "{model} {setting}: fused f64 path differs by {df:e}"
+            );
+            assert!(
+                ds <= 1e-9,
+                "{model} {setting}: per-step f64 path differs by {ds:e}"
             );
             assert!(
                 d32 <= 1e-2,
-                "{model} {setting}: burn f32 path differs by {d32:e}"
+                "{model} {setting}: f32 path differs by {d32:e}"
             );
-            worst_f64 = worst_f64.max(d64);
+            // Rows of the top pairs reached the permutation test on every path.
+            for (c, d) in cpu.top.iter().zip(&gf.top) {
+                let (p, q) = (c.p_value.unwrap(), d.p_value.unwrap());
+                assert!((p - q).abs() <= 0.05, "{model} {setting}: p {p} vs {q}");
+            }
+            worst_f64 = worst_f64.max(df).max(ds);
             worst_f32 = worst_f32.max(d32);
         }
     }
-    let st = b64.stats();
-    assert!(st.upload_bytes > 0 && st.gemms > 0, "{st:?}");
+    for (name, b) in [("fused", &fused), ("per-step", &stepwise)] {
+        let st = b.stats();
+        assert!(st.upload_bytes > 0 && st.gemms > 0, "{name}: {st:?}");
+        assert!(
+            st.prefetched_tiles > 0,
+            "{name}: the reader thread uploads tiles ahead of their slice: {st:?}"
+        );
+        eprintln!("ndarray {name}: {st:?}");
+    }
+    assert!(fused.stats().fused_slices > 0 && stepwise.stats().fused_slices == 0);
     assert!(
-        st.reused_tiles > 0,
-        "interference reuses column_fisher's device tiles: {st:?}"
+        stepwise.stats().reused_tiles > 0,
+        "interference reuses column_fisher's device tiles"
     );
-    eprintln!("ndarray parity: worst f64 {worst_f64:.2e}, f32 {worst_f32:.2e}; {st:?}");
+    eprintln!("ndarray parity: worst f64 {worst_f64:.2e}, f32 {worst_f32:.2e}");
+}
+
+/// A NaN in a stored gradient is named (task, sample, slice, element) on the fused
+/// device path too, where the Fisher itself never comes back to the host.
+#[test]
+fn device_fused_path_names_a_non_finite_gradient() {
+    use gradshard_core::{Block, SampleId};
+    use gradshard_score::{score_with_backend, Error, GpuPrecision, NdArrayBackend};
+    let mut src = fixture("llama-gqa");
+    // k_proj of layer 1 is [32, 64]: row 20 belongs to kv head 1 (rows 16..32).
+    src.poke(
+        "general",
+        3,
+        "model.layers.1.self_attn.k_proj.weight",
+        20 * 64 + 5,
+        f32::INFINITY,
+    );
+    let b = NdArrayBackend::ndarray(GpuPrecision::F64);
+    let e = score_with_backend(&src, &options(&src, "default"), &b, &mut |_| {}).unwrap_err();
+    match &e {
+        Error::NonFinite {
+            task,
+            id,
+            layer,
+            block,
+            head,
+            element,
+            value,
+        } => assert_eq!(
+            (task.as_str(), id, *layer, *block, *head, *element),
+            ("general", &SampleId::Int(3), 1, Block::K, 1, 4 * 64 + 5),
+            "{value}"
+        ),
+        other => panic!("unexpected {other}"),
+    }
+    assert!(b.stats().fused_slices > 0);
 }
