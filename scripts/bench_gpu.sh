@@ -7,7 +7,9 @@
 #
 # Environment: BENCH_DIR (default /tmp/gradshard-bench-gpu), SAMPLES per task
 # (default: 4, or 2 when the disk has < 60 GB free), LAYERS (layers scored, default
-# 0-7 of 32: a quarter of the store, to keep the run short), DEVICE (default cuda:0).
+# 0-7 of 32: a quarter of the store, to keep the run short), DEVICE (default cuda:0),
+# CONFIG (a config.json to use instead of the llama-2-7b preset, e.g. fewer layers of
+# the same 4096 x 4096 shape on a small disk; set LAYERS to match).
 #
 # Makes a 7B-shaped synthetic store (`synth --preset llama-2-7b --pool 32`: 4.3 GB
 # of bf16 attention gradients per sample), then prints one table:
@@ -34,10 +36,11 @@ calc() { awk "BEGIN { printf \"%.6f\", $1 }"; }
 drop() { sync; if echo 3 > /proc/sys/vm/drop_caches 2>/dev/null; then echo cold; else echo warm; fi; }
 
 t0=$(date +%s.%N)
-"$BIN" synth --store "$DIR/store" --preset llama-2-7b --samples "$N" --pool 32 --shard-size 8GiB >>"$LOG" 2>&1
+GEOM=(--preset llama-2-7b); [ -n "${CONFIG:-}" ] && GEOM=(--config "$CONFIG")
+"$BIN" synth --store "$DIR/store" "${GEOM[@]}" --samples "$N" --pool 32 --shard-size 8GiB >>"$LOG" 2>&1
 t1=$(date +%s.%N)
 STORE_BYTES=$(du -sb "$DIR/store" | cut -f1)
-printf "store: llama-2-7b, %s samples per task, %.2f GB on disk, written in %.1f s\n" "$N" "$(calc "$STORE_BYTES/1e9")" "$(calc "$t1-$t0")"
+printf "store: ${CONFIG:-llama-2-7b}, %s samples per task, %.2f GB on disk, written in %.1f s\n" "$N" "$(calc "$STORE_BYTES/1e9")" "$(calc "$t1-$t0")"
 
 # Raw disk read: one shard, O_DIRECT, cache dropped.
 SHARD=$(ls -S "$DIR"/store/shards/* | head -1)
@@ -47,7 +50,10 @@ dd if="$SHARD" of=/dev/null bs=16M iflag=direct status=none 2>/dev/null || dd if
 b=$(date +%s.%N)
 DD=$(calc "$SB/($b-$a)/1e9")
 
-# One score pass; prints "GB GB/s read_s compute_s wait_s secs upload_line".
+# One score pass; prints "label|cache|secs|GB|GB/s|read_s|h2d_s|compute_s|wait_s|post_s|h2d GB/s".
+# tile I/O = read_s (disk -> host: read, checksum, decompress) + h2d_s (host -> device
+# copies, done on the reader thread); tile compute = the compute thread's critical path;
+# post_s = after-slice statistics (diagnostics, masks, bootstrap) on their own thread.
 score() { # $1 label, rest: extra args
   local label=$1; shift
   local st; st=$(drop)
@@ -56,11 +62,13 @@ score() { # $1 label, rest: extra args
         --n-boot 0 --n-perm 0 --min-samples 0 --no-pictures --memory-budget 16GiB \
         --out "$DIR/out-$label" --overwrite "$@" 2>&1) || { echo "$out" >>"$LOG"; echo "FAILED"; return; }
   echo "== $label ($st)" >>"$LOG"; echo "$out" >>"$LOG"
-  local line tline gline
+  local line tline gline pline hline
   line=$(echo "$out" | grep '^score:')
   tline=$(echo "$out" | grep '^timing')
   gline=$(echo "$out" | grep '^gpu:' || true)
-  local secs gb gbs rs cs ws h2d
+  pline=$(echo "$out" | grep '^after-slice statistics' || true)
+  hline=$(echo "$out" | grep '^host->device copies on the reader thread' || true)
+  local secs gb gbs rs cs ws h2d ps hs
   secs=$(echo "$line" | sed -E 's/.* in ([0-9.]+) s,.*/\1/')
   gb=$(echo "$line" | sed -E 's/.*\(([0-9.]+) GB\) read.*/\1/')
   gbs=$(echo "$line" | sed -E 's/.*, ([0-9.]+) GB\/s$/\1/')
@@ -68,12 +76,15 @@ score() { # $1 label, rest: extra args
   cs=$(echo "$tline" | sed -E 's/.*tile compute ([0-9.]+) s.*/\1/')
   ws=$(echo "$tline" | sed -E 's/.*waiting for reads ([0-9.]+) s.*/\1/')
   h2d=$(echo "$gline" | sed -nE 's/.*\(([0-9.]+) GB\/s host->device.*/\1/p')
-  echo "$label|$st|$secs|$gb|$gbs|$rs|$cs|$ws|${h2d:--}"
+  ps=$(echo "$pline" | sed -nE 's/^after-slice statistics: ([0-9.]+) s.*/\1/p')
+  hs=$(echo "$hline" | sed -nE 's/.*reader thread: ([0-9.]+) s.*/\1/p')
+  echo "$label|$st|$secs|$gb|$gbs|$rs|${hs:-0}|$cs|$ws|${ps:--}|${h2d:--}"
 }
 
 rows=()
 rows+=("$(score cpu --device cpu)")
 rows+=("$(score gpu-f64 --device "$DEVICE" --gpu-precision f64)")
+rows+=("$(score gpu-f64-per-step --device "$DEVICE" --gpu-precision f64 --gpu-path per-step)")
 rows+=("$(score gpu-f32 --device "$DEVICE" --gpu-precision f32)")
 
 # Per-sample gradients with the models on the GPU (burn, bf16 weights, random LLaMA shape).
@@ -85,14 +96,15 @@ if [ -n "$GRADS_BIN" ] && [ -x "$GRADS_BIN" ]; then
 fi
 
 echo
-echo "| pass | page cache | wall s | store GB read | store GB/s | tile read s | tile compute s | compute / read | waiting for reads s | host->device GB/s |"
-echo "|---|---|---|---|---|---|---|---|---|---|"
+echo "| pass | page cache | wall s | store GB read | store GB/s | tile read s | host->device s | tile compute s | compute / tile I/O | waiting for reads s | statistics thread s | host->device GB/s |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
 for r in "${rows[@]}"; do
-  IFS='|' read -r l st secs gb gbs rs cs ws h2d <<<"$r"
+  IFS='|' read -r l st secs gb gbs rs hs cs ws ps h2d <<<"$r"
   if [ "$l" = FAILED ] || [ -z "$cs" ]; then echo "| $r | FAILED (see $LOG) |"; continue; fi
-  pct=$(calc "100*$cs/($rs+1e-12)")
-  printf "| %s | %s | %.2f | %.2f | %.2f | %.2f | %.2f | %.1f%% | %.2f | %s |\n" "$l" "$st" "$secs" "$gb" "$gbs" "$rs" "$cs" "$pct" "$ws" "$h2d"
+  pct=$(calc "100*$cs/($rs+$hs+1e-12)")
+  printf "| %s | %s | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.1f%% | %.2f | %s | %s |\n" "$l" "$st" "$secs" "$gb" "$gbs" "$rs" "$hs" "$cs" "$pct" "$ws" "$ps" "$h2d"
 done
+echo "(goal, issue 6: tile compute < 10% of tile I/O on the GPU rows)"
 printf "\nraw disk read (dd, O_DIRECT, %s): %.2f GB/s\n" "$state" "$DD"
 echo "per-sample gradients, models on $DEVICE (bench_grads --shape large: D 1024, 8 layers, seq <= 256): $GR"
 echo "PyTorch reference (DESIGN §6, 0.89 B LLaMA shape, seq 512, H100): 17.5 samples/s"

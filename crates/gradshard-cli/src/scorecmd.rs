@@ -90,6 +90,12 @@ pub struct ScoreArgs {
     /// for tens of samples per task) or f32 (TF32 tensor-core GEMM on Hopper, ~1e-3).
     #[arg(long, default_value = "f64")]
     pub gpu_precision: String,
+    /// GPU slice path: fused (Fisher, denominator, X, Y and M on the device, one
+    /// blocking transfer per slice) or per-step (each step its own round trip; for
+    /// comparisons). Slices split into column chunks or with --lam-rel > 0 always
+    /// take the per-step path.
+    #[arg(long, default_value = "fused", value_parser = ["fused", "per-step"])]
+    pub gpu_path: String,
 }
 
 /// The compute backend picked by `--device`.
@@ -100,7 +106,7 @@ enum Compute {
 }
 
 impl Compute {
-    fn new(device: &str, precision: &str) -> Result<Compute> {
+    fn new(device: &str, precision: &str, path: &str) -> Result<Compute> {
         if device == "cpu" {
             return Ok(Compute::Cpu(gradshard_score::CpuBackend::default()));
         }
@@ -115,13 +121,13 @@ impl Compute {
         {
             let p: gradshard_score::GpuPrecision =
                 precision.parse().map_err(|e: String| anyhow::anyhow!(e))?;
-            Ok(Compute::Cuda(gradshard_score::CudaBackend::new(
-                ordinal, p,
-            )?))
+            let mut b = gradshard_score::CudaBackend::new(ordinal, p)?;
+            b.fused_enabled = path == "fused";
+            Ok(Compute::Cuda(b))
         }
         #[cfg(not(feature = "cuda"))]
         {
-            let _ = (ordinal, precision);
+            let _ = (ordinal, precision, path);
             bail!(
                 "--device {device}: this gradshard was built without CUDA support; rebuild with \
                  `cargo build --release -p gradshard-cli --features cuda` (or use --device cpu)"
@@ -199,7 +205,7 @@ pub fn score(a: ScoreArgs) -> Result<ExitCode> {
             a.out.display()
         );
     }
-    let compute = Compute::new(&a.device, &a.gpu_precision)?;
+    let compute = Compute::new(&a.device, &a.gpu_precision, &a.gpu_path)?;
     let store = Store::open(&a.store)?;
     let mut o = ScoreOptions::new(
         TaskName::new(a.task_a.as_str())?,
