@@ -867,17 +867,7 @@ impl Engine<'_> {
             )?;
         }
         let lam = lam_star.expect("set by the first chunk");
-        if opts.aggregate == Aggregate::Mean {
-            let inv = 1.0 / s_len as f64;
-            m.iter_mut().for_each(|v| *v *= inv);
-        }
-        if m.iter().any(|v| !v.is_finite()) {
-            return Err(Error::NonFiniteScore {
-                layer: s.layer,
-                block: s.block,
-                head: s.head,
-            });
-        }
+        self.finish_m(s, &mut m)?;
 
         // Streaming top-k, keeping X_i / Y_j rows of admitted pairs for the permutation
         // test (needs the tiles, so it stays here); the rest needs only I and M.
@@ -938,17 +928,7 @@ impl Engine<'_> {
         let mut m = out.m;
         check_len_eq("fused M", m.len(), na * nb)?;
         let (mut fa, mut fb) = (FisherVec::OnDevice(out.fa), FisherVec::OnDevice(out.fb));
-        if opts.aggregate == Aggregate::Mean {
-            let inv = 1.0 / s_len as f64;
-            m.iter_mut().for_each(|v| *v *= inv);
-        }
-        if m.iter().any(|v| !v.is_finite()) {
-            return Err(Error::NonFiniteScore {
-                layer: s.layer,
-                block: s.block,
-                head: s.head,
-            });
-        }
+        self.finish_m(s, &mut m)?;
         // The buffers keep the scored rows only, as on the per-step path.
         compact_rows(&mut self.buf_a, &self.pa.sel_pos, s_len);
         compact_rows(&mut self.buf_b, &self.pb.sel_pos, s_len);
@@ -971,6 +951,22 @@ impl Engine<'_> {
             m,
             lam: opts.lam,
         })
+    }
+
+    /// Applies `Aggregate::Mean` to a slice's M and checks it is finite.
+    fn finish_m(&self, s: &Slice, m: &mut [f64]) -> Result<()> {
+        if self.opts.aggregate == Aggregate::Mean {
+            let inv = 1.0 / self.s_len as f64;
+            m.iter_mut().for_each(|v| *v *= inv);
+        }
+        if m.iter().any(|v| !v.is_finite()) {
+            return Err(Error::NonFiniteScore {
+                layer: s.layer,
+                block: s.block,
+                head: s.head,
+            });
+        }
+        Ok(())
     }
 
     fn lam_star(&self, fa: &[f64], fb: &[f64]) -> f64 {
