@@ -6,7 +6,9 @@
 #   scripts/bench_gpu.sh [GRADSHARD_BIN] [BENCH_GRADS_BIN]
 #
 # Environment: BENCH_DIR (default /tmp/gradshard-bench-gpu), SAMPLES per task
-# (default: 4, or 2 when the disk has < 60 GB free), LAYERS (layers scored, default
+# (default: 4, or 2 when the disk has < 60 GB free), COLLECT_SAMPLES per task for the
+# collect run (default 12; 0 skips it; COLLECT_PRESET / COLLECT_SEQ change its
+# llama-0.9b / 512 for a dry run), LAYERS (layers scored, default
 # 0-7 of 32: a quarter of the store, to keep the run short), DEVICE (default cuda:0),
 # CONFIG (a config.json to use instead of the llama-2-7b preset, e.g. fewer layers of
 # the same 4096 x 4096 shape on a small disk; set LAYERS to match).
@@ -87,6 +89,25 @@ rows+=("$(score gpu-f64 --device "$DEVICE" --gpu-precision f64)")
 rows+=("$(score gpu-f64-per-step --device "$DEVICE" --gpu-precision f64 --gpu-path per-step)")
 rows+=("$(score gpu-f32 --device "$DEVICE" --gpu-precision f32)")
 
+# Collect on the GPU at DESIGN §6's PyTorch shape: a random 0.89 B LLaMA checkpoint
+# (make-model --preset llama-0.9b, bf16), seq 512, attention gradients, bf16 store.
+# Model only (gradients computed and copied to the host, nothing stored) and the
+# full collect, samples/s each. The 7B store is removed first to make room.
+CS=${COLLECT_SAMPLES:-12}
+CR="-"
+if [ "$CS" -gt 0 ]; then
+  rm -rf "$DIR/store" "$DIR"/out-*
+  rm -rf "$DIR/model09" "$DIR/cstore" "$DIR/cstore-none" "$DIR"/c-*.json
+  "$BIN" make-model --out "$DIR/model09" --preset "${COLLECT_PRESET:-llama-0.9b}" --samples "$CS" --seq "${COLLECT_SEQ:-512}" >>"$LOG" 2>&1
+  C=(--model "$DIR/model09" --task "math=$DIR/model09/math.jsonl" --task "general=$DIR/model09/general.jsonl"
+     --params attn --dtype bf16 --device "$DEVICE" --quiet)
+  cm=$("$BIN" collect "${C[@]}" --store "$DIR/cstore-none" --model-only --report-json "$DIR/c-m.json" 2>&1) || echo "$cm" >>"$LOG"
+  cc=$("$BIN" collect "${C[@]}" --store "$DIR/cstore" --report-json "$DIR/c-x.json" 2>&1) || echo "$cc" >>"$LOG"
+  sps() { [ -f "$1" ] && tr -d ' \n' <"$1" | sed -nE 's/.*"samples_per_s":([0-9.eE+-]+).*/\1/p' || echo FAILED; }
+  CR="model only $(sps "$DIR/c-m.json") samples/s; collect bf16 $(sps "$DIR/c-x.json") samples/s"
+  rm -rf "$DIR/cstore" "$DIR/cstore-none"
+fi
+
 # Per-sample gradients with the models on the GPU (burn, bf16 weights, random LLaMA shape).
 GR="-"
 if [ -n "$GRADS_BIN" ] && [ -x "$GRADS_BIN" ]; then
@@ -107,5 +128,6 @@ done
 echo "(goal, issue 6: tile compute < 10% of tile I/O on the GPU rows)"
 printf "\nraw disk read (dd, O_DIRECT, %s): %.2f GB/s\n" "$state" "$DD"
 echo "per-sample gradients, models on $DEVICE (bench_grads --shape large: D 1024, 8 layers, seq <= 256): $GR"
-echo "PyTorch reference (DESIGN §6, 0.89 B LLaMA shape, seq 512, H100): 17.5 samples/s"
+echo "collect on $DEVICE, random ${COLLECT_PRESET:-llama-0.9b} LLaMA checkpoint (make-model), seq ${COLLECT_SEQ:-512}, attention gradients, $CS samples per task: $CR"
+echo "PyTorch reference (DESIGN §6, 0.89 B LLaMA shape, seq 512, bf16, H100): 17.5 samples/s fwd+bwd; 14.2 with pinned copies of attention grads; 9.0 with pageable copies"
 echo "full log: $LOG"

@@ -5,6 +5,7 @@ mod collectcmd;
 mod democmd;
 mod gradscmd;
 mod indexexport;
+mod makemodel;
 mod mergecmd;
 mod plan;
 mod progress;
@@ -53,6 +54,9 @@ enum Cmd {
     Merge(mergecmd::MergeArgs),
     /// The whole pipeline on a bundled tiny model, offline: collect -> score -> Parquet + heatmaps.
     Demo(democmd::DemoArgs),
+    /// Write a seeded random checkpoint of a named or given shape (and random token
+    /// tasks), for benchmarks without a model hub, e.g. `collect --device cuda`.
+    MakeModel(makemodel::MakeModelArgs),
 }
 
 /// Writer settings shared by the commands that write stores.
@@ -149,6 +153,7 @@ fn main() -> ExitCode {
         Cmd::Collect(a) => collectcmd::collect(a),
         Cmd::Merge(a) => mergecmd::merge(a),
         Cmd::Demo(a) => democmd::demo(a),
+        Cmd::MakeModel(a) => makemodel::make_model(a),
     };
     match r {
         Ok(code) => code,

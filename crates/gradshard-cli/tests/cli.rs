@@ -303,3 +303,46 @@ fn index_parquet_matches_its_schema_and_the_store() {
     .unwrap();
     gradshard_export::check_against_json("index", &schema, &doc).unwrap();
 }
+
+/// `make-model` writes a checkpoint and tasks that `collect` takes as they are; a
+/// second run into the same directory is refused and changes nothing.
+#[test]
+fn make_model_feeds_collect_and_refuses_to_overwrite() {
+    let t = tempfile::tempdir().unwrap();
+    let m = t.path().join("m");
+    let ms = m.to_str().unwrap();
+    ok(&[
+        "make-model",
+        "--out",
+        ms,
+        "--preset",
+        "tiny",
+        "--vocab",
+        "300",
+        "--samples",
+        "3",
+        "--seq",
+        "24",
+    ]);
+    let store = t.path().join("s");
+    ok(&[
+        "collect",
+        "--model",
+        ms,
+        "--task",
+        &format!("math={ms}/math.jsonl"),
+        "--task",
+        &format!("general={ms}/general.jsonl"),
+        "--store",
+        store.to_str().unwrap(),
+        "--params",
+        "attn",
+    ]);
+    let j = inspect_json(&store);
+    assert_eq!(j["samples"].as_u64(), Some(6), "{j}");
+    let before = std::fs::read(m.join("model.safetensors")).unwrap();
+    let o = run(&["make-model", "--out", ms, "--preset", "tiny", "--seed", "5"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("already holds"));
+    assert_eq!(std::fs::read(m.join("model.safetensors")).unwrap(), before);
+}

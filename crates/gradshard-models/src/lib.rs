@@ -19,6 +19,7 @@ pub mod device;
 pub mod error;
 pub mod grads;
 pub mod model;
+pub mod random;
 pub mod weights;
 pub mod write;
 
@@ -31,5 +32,6 @@ pub use device::CudaBackend;
 pub use device::{cuda_available, CpuBackend, Device, GradModel};
 pub use error::{Error, Result};
 pub use grads::{Engine, SampleGrads, SampleLoss, TensorGrad};
-pub use model::{ParamInfo, ParamKind, ParamSet};
+pub use model::{checkpoint_spec, ParamInfo, ParamKind, ParamSet};
+pub use random::{write_random_checkpoint, write_random_tasks, RandomCheckpoint, WeightDtype};
 pub use write::{write_grads, write_sample, GradsOptions, GradsReport, Progress};

@@ -258,6 +258,22 @@ impl<B: Backend> Loader<'_, B> {
     }
 }
 
+/// The tensors (Hugging Face names and shapes) a checkpoint of `config` holds, in
+/// the order the loader lists them (GPT-2 with `transformer.` prefixes).
+pub fn checkpoint_spec(config: &ModelConfig) -> Vec<WeightSpec> {
+    let s = match config {
+        ModelConfig::Llama(c) => llama_spec(c),
+        ModelConfig::Gpt2(c) => gpt2_spec(c, false),
+    };
+    s.entries
+        .into_iter()
+        .map(|e| WeightSpec {
+            name: e.stored,
+            shape: e.shape,
+        })
+        .collect()
+}
+
 fn llama_spec(c: &LlamaConfig) -> SpecBuilder {
     use ParamKind::*;
     let mut s = SpecBuilder {

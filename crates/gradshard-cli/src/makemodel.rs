@@ -1,0 +1,128 @@
+//! `make-model`: a seeded random checkpoint (and random token tasks) of a named or
+//! given shape, for benchmarks on machines with no model hub — e.g. the 0.89 B
+//! LLaMA shape of DESIGN §6's PyTorch figure, for `collect --device cuda`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use gradshard_models::WeightDtype;
+use serde_json::{json, Value};
+
+#[derive(Args, Debug)]
+pub struct MakeModelArgs {
+    /// Directory for config.json and model.safetensors (must not hold them yet).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Named shape (the `synth` presets: tiny, small, llama-0.9b, llama-2-7b,
+    /// llama-3-8b, gpt2).
+    #[arg(long, default_value = "llama-0.9b", conflicts_with = "config")]
+    pub preset: String,
+    /// A config.json to use as it is instead of a preset.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Transformer layers (overrides the preset's, e.g. to fit a small machine).
+    #[arg(long)]
+    pub layers: Option<usize>,
+    /// Vocabulary size of a preset model.
+    #[arg(long, default_value_t = 32000)]
+    pub vocab: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Element type of the weights: bf16 or f32.
+    #[arg(long, default_value = "bf16", value_parser = ["bf16", "f32"])]
+    pub dtype: String,
+    /// Standard deviation of the 2-D weights (uniform).
+    #[arg(long, default_value_t = 0.02)]
+    pub std: f32,
+    /// Also write `<out>/<task>.jsonl` for these tasks (with --samples > 0).
+    #[arg(long, default_value = "math,general")]
+    pub tasks: String,
+    /// Samples per task file (0: no task files).
+    #[arg(long, default_value_t = 0)]
+    pub samples: usize,
+    /// Tokens per sample in the task files.
+    #[arg(long, default_value_t = 512)]
+    pub seq: usize,
+}
+
+/// The Hugging Face config of a `synth` preset.
+fn preset_config(a: &MakeModelArgs) -> Result<Value> {
+    let (g, ff) = gradshard_store::synth::preset(&a.preset)?;
+    let layers = a.layers.unwrap_or(g.layers);
+    Ok(if g.model_type == "gpt2" {
+        json!({"model_type": "gpt2", "n_embd": g.hidden, "n_layer": layers, "n_head": g.heads,
+               "n_inner": ff, "n_positions": 1024, "vocab_size": a.vocab,
+               "layer_norm_epsilon": 1e-5, "activation_function": "gelu_new"})
+    } else {
+        json!({"model_type": g.model_type, "hidden_size": g.hidden, "intermediate_size": ff,
+               "num_hidden_layers": layers, "num_attention_heads": g.heads,
+               "num_key_value_heads": g.kv_heads, "head_dim": g.head_dim,
+               "vocab_size": a.vocab, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+               "max_position_embeddings": 4096, "tie_word_embeddings": false,
+               "hidden_act": "silu"})
+    })
+}
+
+pub fn make_model(a: MakeModelArgs) -> Result<ExitCode> {
+    let mut config = match &a.config {
+        Some(p) => {
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            serde_json::from_str::<Value>(&text)
+                .with_context(|| format!("{}: not JSON", p.display()))?
+        }
+        None => preset_config(&a)?,
+    };
+    if let (Some(l), Some(_)) = (a.layers, &a.config) {
+        let key = if config.get("n_layer").is_some() {
+            "n_layer"
+        } else {
+            "num_hidden_layers"
+        };
+        config[key] = json!(l);
+    }
+    let dtype = if a.dtype == "f32" {
+        WeightDtype::F32
+    } else {
+        WeightDtype::Bf16
+    };
+    let t0 = std::time::Instant::now();
+    let w = gradshard_models::write_random_checkpoint(&a.out, &config, a.seed, dtype, a.std)?;
+    println!(
+        "make-model: {} tensors, {:.3} B parameters, {:.2} GB ({}) in {} ({:.1} s)",
+        w.tensors,
+        w.params as f64 / 1e9,
+        w.bytes as f64 / 1e9,
+        a.dtype,
+        a.out.display(),
+        t0.elapsed().as_secs_f64()
+    );
+    if a.samples > 0 {
+        let tasks: Vec<String> = a
+            .tasks
+            .split(',')
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty())
+            .collect();
+        if tasks.is_empty() {
+            bail!("--tasks names no task");
+        }
+        let vocab = config
+            .get("vocab_size")
+            .and_then(Value::as_u64)
+            .context("the config has no vocab_size")? as usize;
+        let files =
+            gradshard_models::write_random_tasks(&a.out, &tasks, a.samples, a.seq, vocab, a.seed)?;
+        for f in files {
+            println!(
+                "  {} ({} samples of {} tokens)",
+                f.display(),
+                a.samples,
+                a.seq
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
