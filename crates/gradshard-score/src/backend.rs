@@ -177,8 +177,8 @@ impl Backend for CpuBackend {
     ) -> Result<Option<(usize, usize)>> {
         use rayon::prelude::*;
         let rows = inv_t.len();
-        check_len("column_fisher tile", tile.len(), rows * width)?;
-        check_len("column_fisher out", out.len(), width)?;
+        check_len("cpu", "column_fisher tile", tile.len(), rows * width)?;
+        check_len("cpu", "column_fisher out", out.len(), width)?;
         for (r, row) in tile.chunks_exact(width.max(1)).enumerate() {
             if let Some(k) = row.iter().position(|v| !v.is_finite()) {
                 return Ok(Some((r, k)));
@@ -212,7 +212,7 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         use rayon::prelude::*;
         let width = den.len();
-        check_len("transform tile", tile.len(), inv_t.len() * width)?;
+        check_len("cpu", "transform tile", tile.len(), inv_t.len() * width)?;
         tile.par_chunks_mut(width.max(1))
             .zip(inv_t.par_iter())
             .for_each(|(row, &it)| {
@@ -234,8 +234,8 @@ impl Backend for CpuBackend {
         out: &mut [f64],
     ) -> Result<()> {
         let width = den.len();
-        check_len("interference a", a.len(), a_inv_t.len() * width)?;
-        check_len("interference b", b.len(), b_inv_t.len() * width)?;
+        check_len("cpu", "interference a", a.len(), a_inv_t.len() * width)?;
+        check_len("cpu", "interference b", b.len(), b_inv_t.len() * width)?;
         self.blocked_gemm(
             a_inv_t.len(),
             b_inv_t.len(),
@@ -262,8 +262,8 @@ impl Backend for CpuBackend {
         }
         let nx = x.len() / width;
         let ny = y.len() / width;
-        check_len("gram x", x.len(), nx * width)?;
-        check_len("gram y", y.len(), ny * width)?;
+        check_len("cpu", "gram x", x.len(), nx * width)?;
+        check_len("cpu", "gram y", y.len(), ny * width)?;
         self.blocked_gemm(
             nx,
             ny,
@@ -297,7 +297,7 @@ impl CpuBackend {
         out: &mut [f64],
     ) -> Result<()> {
         use rayon::prelude::*;
-        check_len("gemm out", out.len(), nx * ny)?;
+        check_len("cpu", "gemm out", out.len(), nx * ny)?;
         if nx == 0 || ny == 0 || width == 0 {
             return Ok(());
         }
@@ -356,10 +356,16 @@ impl CpuBackend {
     }
 }
 
-fn check_len(what: &str, found: usize, expected: usize) -> Result<()> {
+/// A length mismatch as an error of `backend` (`cpu`, `burn`, `engine`).
+pub(crate) fn check_len(
+    backend: &'static str,
+    what: &str,
+    found: usize,
+    expected: usize,
+) -> Result<()> {
     if found != expected {
         return Err(Error::Backend {
-            backend: "cpu",
+            backend,
             message: format!("{what}: {found} values, expected {expected}"),
         });
     }

@@ -38,7 +38,7 @@ use rayon::prelude::*;
 use burn::tensor::backend::Backend as BurnB;
 use burn::tensor::{DType, Tensor, TensorData};
 
-use crate::backend::{Backend, CpuBackend, Download, FusedOut, FusedSlice, Role};
+use crate::backend::{check_len, Backend, CpuBackend, Download, FusedOut, FusedSlice, Role};
 use crate::error::{Error, Result};
 use crate::options::{FisherPool, Variant};
 
@@ -297,28 +297,47 @@ impl<B: BurnB> BurnBackend<B> {
                 // f64 products and sums, elementwise: x[i,1,k] · y[1,j,k] summed over k,
                 // in column blocks of at most EXACT_BLOCK_BYTES of products.
                 let kb = (EXACT_BLOCK_BYTES / (8 * nx * ny)).clamp(1, width);
-                let mut acc: Option<Tensor<B, 2>> = None;
-                let mut k0 = 0;
-                while k0 < width {
-                    let w = kb.min(width - k0);
+                self.sum_over_blocks(width, kb, |k0, w| {
                     let xb = x.clone().narrow(1, k0, w).unsqueeze_dim::<3>(1);
                     let yb = y.clone().narrow(1, k0, w).unsqueeze_dim::<3>(0);
-                    let part: Tensor<B, 2> = xb.mul(yb).sum_dim(2).reshape([nx, ny]);
-                    acc = Some(match acc {
-                        None => part,
-                        Some(a) => a.add(part),
-                    });
-                    self.stats.lock().unwrap().gemms += 1;
-                    k0 += w;
-                }
-                acc.expect("width > 0")
+                    xb.mul(yb).sum_dim(2).reshape([nx, ny])
+                })
             }
             GpuPrecision::F32 => {
-                let xs = [x.cast(DType::F32)];
-                let ys = [y.cast(DType::F32)];
-                self.blocked_products(&xs, &ys, &[(0, 0)], width)
+                // f32 GEMMs over column blocks of `k_block`, each block's product
+                // widened to f64 and summed in f64 on the device.
+                let (x, y) = (x.cast(DType::F32), y.cast(DType::F32));
+                self.sum_over_blocks(width, self.k_block.max(1), |k0, w| {
+                    x.clone()
+                        .narrow(1, k0, w)
+                        .matmul(y.clone().narrow(1, k0, w).transpose())
+                        .cast(DType::F64)
+                })
             }
         }
+    }
+
+    /// `Σ part(k0, w)` over the column blocks `[k0, k0 + w)` of at most `kb` columns
+    /// (each block counted as one GEMM in [`GpuStats`]); `width > 0`.
+    fn sum_over_blocks(
+        &self,
+        width: usize,
+        kb: usize,
+        part: impl Fn(usize, usize) -> Tensor<B, 2>,
+    ) -> Tensor<B, 2> {
+        let mut acc: Option<Tensor<B, 2>> = None;
+        let mut k0 = 0;
+        while k0 < width {
+            let w = kb.min(width - k0);
+            let p = part(k0, w);
+            acc = Some(match acc {
+                None => p,
+                Some(a) => a.add(p),
+            });
+            self.stats.lock().unwrap().gemms += 1;
+            k0 += w;
+        }
+        acc.expect("width > 0")
     }
 
     /// Column Fisher `[1 × w]` (f64) of a device tile `[rows × w]`.
@@ -410,37 +429,6 @@ impl<B: BurnB> BurnBackend<B> {
         )
     }
 
-    /// `Σ_(i,j) xs[i]·ys[j]ᵀ`: f32 GEMMs over column blocks of `k_block`, each
-    /// block's product widened to f64 and summed in f64 on the device.
-    fn blocked_products(
-        &self,
-        xs: &[Tensor<B, 2>],
-        ys: &[Tensor<B, 2>],
-        pairs: &[(usize, usize)],
-        width: usize,
-    ) -> Tensor<B, 2> {
-        let kb = self.k_block.max(1);
-        let mut acc: Option<Tensor<B, 2>> = None;
-        let mut k0 = 0;
-        while k0 < width {
-            let w = kb.min(width - k0);
-            for &(i, j) in pairs {
-                let part = xs[i]
-                    .clone()
-                    .narrow(1, k0, w)
-                    .matmul(ys[j].clone().narrow(1, k0, w).transpose())
-                    .cast(DType::F64);
-                acc = Some(match acc {
-                    None => part,
-                    Some(a) => a.add(part),
-                });
-                self.stats.lock().unwrap().gemms += 1;
-            }
-            k0 += w;
-        }
-        acc.expect("width > 0")
-    }
-
     /// X (role X) or Y rows in f64 on the device, from the raw tile `g` (`[n × w]` f32).
     fn form(
         &self,
@@ -463,15 +451,6 @@ impl<B: BurnB> BurnBackend<B> {
     }
 }
 
-fn check_len(what: &str, found: usize, expected: usize) -> Result<()> {
-    if found != expected {
-        return Err(gpu_err(format!(
-            "{what}: {found} values, expected {expected}"
-        )));
-    }
-    Ok(())
-}
-
 impl<B: BurnB> BurnBackend<B> {
     /// [`Backend::fused_slice`]: Fisher, denominator, X, Y and M on the device; one
     /// blocking download (M and a finiteness check), the Fishers left for later.
@@ -479,10 +458,10 @@ impl<B: BurnB> BurnBackend<B> {
         let w = g.width;
         let (ra, rb) = (g.a_inv_t.len(), g.b_inv_t.len());
         let (nx, ny) = (g.a_sel.len(), g.b_sel.len());
-        check_len("fused_slice a", g.a.len(), ra * w)?;
-        check_len("fused_slice b", g.b.len(), rb * w)?;
-        check_len("fused_slice a_sel", g.a_sel_inv_t.len(), nx)?;
-        check_len("fused_slice b_sel", g.b_sel_inv_t.len(), ny)?;
+        check_len("burn", "fused_slice a", g.a.len(), ra * w)?;
+        check_len("burn", "fused_slice b", g.b.len(), rb * w)?;
+        check_len("burn", "fused_slice a_sel", g.a_sel_inv_t.len(), nx)?;
+        check_len("burn", "fused_slice b_sel", g.b_sel_inv_t.len(), ny)?;
         if ra == 0 || rb == 0 || nx == 0 || ny == 0 || w == 0 {
             return Err(gpu_err("fused_slice: empty tile"));
         }
@@ -548,23 +527,18 @@ impl<B: BurnB> Backend for BurnBackend<B> {
         out: &mut [f64],
     ) -> Result<Option<(usize, usize)>> {
         let rows = inv_t.len();
-        check_len("column_fisher tile", tile.len(), rows * width)?;
-        check_len("column_fisher out", out.len(), width)?;
+        check_len("burn", "column_fisher tile", tile.len(), rows * width)?;
+        check_len("burn", "column_fisher out", out.len(), width)?;
         if rows == 0 || width == 0 {
             out.iter_mut().for_each(|v| *v = 0.0);
             return Ok(None);
         }
-        let dev_tile = match self.take_prefetched(tile, rows) {
-            Some(t) => t,
-            None => self.upload(tile, rows, width),
-        };
-        let f = self.fisher_of(dev_tile.clone(), inv_t);
+        let f = self.fisher_of(self.slice_tile(tile, rows, width), inv_t);
         let host = f
             .into_data()
             .to_vec::<f64>()
             .map_err(|e| gpu_err(format!("download of the Fisher: {e:?}")))?;
         out.copy_from_slice(&host);
-        self.remember(tile, rows, dev_tile, false);
         // Σ of non-negative terms: I[k] is non-finite exactly when a value of column k is.
         if out.iter().any(|v| !v.is_finite()) {
             for (r, row) in tile.chunks_exact(width).enumerate() {
@@ -585,7 +559,7 @@ impl<B: BurnB> Backend for BurnBackend<B> {
     }
 
     fn prefetch(&self, tile: &[f32], rows: usize, width: usize) -> Result<()> {
-        check_len("prefetch tile", tile.len(), rows * width)?;
+        check_len("burn", "prefetch tile", tile.len(), rows * width)?;
         if rows == 0 || width == 0 {
             return Ok(());
         }
@@ -618,9 +592,9 @@ impl<B: BurnB> Backend for BurnBackend<B> {
     ) -> Result<()> {
         let width = den.len();
         let (nx, ny) = (a_inv_t.len(), b_inv_t.len());
-        check_len("interference a", a.len(), nx * width)?;
-        check_len("interference b", b.len(), ny * width)?;
-        check_len("interference out", out.len(), nx * ny)?;
+        check_len("burn", "interference a", a.len(), nx * width)?;
+        check_len("burn", "interference b", b.len(), ny * width)?;
+        check_len("burn", "interference out", out.len(), nx * ny)?;
         if nx == 0 || ny == 0 || width == 0 {
             return Ok(());
         }

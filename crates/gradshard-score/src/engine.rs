@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use gradshard_core::{Block, Geometry, SampleId, TaskName};
 
-use crate::backend::FusedSlice;
+use crate::backend::{check_len, FusedSlice};
 use crate::backend::{Backend, CpuBackend, Role};
 use crate::error::{Error, Result};
 use crate::fisher::{self, PhaseAcc};
@@ -805,6 +805,11 @@ impl Engine<'_> {
         Ok(())
     }
 
+    /// `den[k] = max(I_pool[k], eps) + lam` (DESIGN §4).
+    fn den_value(&self, fa: &[f64], fb: &[f64], k: usize, lam: f64) -> f64 {
+        self.pool_value(fa, fb, k).max(self.opts.eps) + lam
+    }
+
     fn pool_value(&self, fa: &[f64], fb: &[f64], k: usize) -> f64 {
         match self.opts.fisher_pool {
             FisherPool::A => fa[k],
@@ -851,7 +856,7 @@ impl Engine<'_> {
                 }
             };
             for (k, d) in den.iter_mut().enumerate().take(c1).skip(c0) {
-                *d = self.pool_value(&fa, &fb, k).max(opts.eps) + lam;
+                *d = self.den_value(&fa, &fb, k, lam);
             }
             // Keep only the scored rows, in place (sel_pos is ascending, sel_pos[q] ≥ q).
             compact_rows(&mut self.buf_a, &self.pa.sel_pos, w);
@@ -926,7 +931,7 @@ impl Engine<'_> {
             }
         }
         let mut m = out.m;
-        check_len_eq("fused M", m.len(), na * nb)?;
+        check_len("engine", "fused M", m.len(), na * nb)?;
         let (mut fa, mut fb) = (FisherVec::OnDevice(out.fa), FisherVec::OnDevice(out.fb));
         self.finish_m(s, &mut m)?;
         // The buffers keep the scored rows only, as on the per-step path.
@@ -935,7 +940,7 @@ impl Engine<'_> {
         if self.admit(s, &m) {
             let (va, vb) = (fa.get()?, fb.get()?);
             let den: Vec<f64> = (0..s_len)
-                .map(|k| self.pool_value(&va, &vb, k).max(opts.eps) + opts.lam)
+                .map(|k| self.den_value(&va, &vb, k, opts.lam))
                 .collect();
             self.attach_rows(s, &den)?;
             (fa, fb) = (FisherVec::Ready(va), FisherVec::Ready(vb));
@@ -1119,16 +1124,6 @@ impl Engine<'_> {
             .map(|(r, &q)| (q, Arc::from(&buf[r * self.s_len..(r + 1) * self.s_len])))
             .collect())
     }
-}
-
-fn check_len_eq(what: &str, found: usize, expected: usize) -> Result<()> {
-    if found != expected {
-        return Err(Error::Backend {
-            backend: "engine",
-            message: format!("{what}: {found} values, expected {expected}"),
-        });
-    }
-    Ok(())
 }
 
 /// Moves rows `sel_pos[q]` to position q and truncates (requires ascending `sel_pos`).

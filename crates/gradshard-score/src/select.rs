@@ -140,16 +140,6 @@ impl<'a> Ranker<'a> {
     pub fn value_at(&self, r: usize) -> f64 {
         from_key(self.at_ranks(&[r])[0].key)
     }
-
-    /// Number of values.
-    pub fn len(&self) -> usize {
-        self.v.len()
-    }
-
-    /// Whether there are no values.
-    pub fn is_empty(&self) -> bool {
-        self.v.is_empty()
-    }
 }
 
 /// The value at a rank (as its [`key`]) and how many values are greater or equal.
