@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use gradshard_collect::{CollectEvent, CollectOptions, CollectReport, NanPolicy, WorkerSplit};
+use gradshard_collect::{
+    CollectEvent, CollectOptions, CollectReport, NanPolicy, RepresentationChoice, WorkerSplit,
+};
 use gradshard_core::TaskName;
 use gradshard_models::{Device, ParamSet};
 use gradshard_store::{fsutil, LiveCounters};
@@ -52,6 +54,11 @@ pub struct CollectArgs {
     /// Also write the full-resolution Fisher mean per task (stats/<task>.fisher.safetensors).
     #[arg(long)]
     pub full_fisher: bool,
+    /// How each sample is stored: `full` (every slice), `factored` (the backprop and
+    /// activation factors of every slice, exact on read; 5-20x fewer values at short
+    /// sequences), or `auto` (per sample, whichever holds fewer values for its length).
+    #[arg(long, default_value = "auto", value_parser = ["full", "factored", "auto"])]
+    pub representation: String,
     /// Benchmark: compute gradients, frames and statistics but store nothing (model-only speed).
     #[arg(long, hide = true)]
     pub model_only: bool,
@@ -93,6 +100,10 @@ pub fn run_collect(a: &CollectArgs) -> Result<CollectReport> {
     o.worker = a.worker;
     o.full_fisher = a.full_fisher;
     o.model_only = a.model_only;
+    o.representation = a
+        .representation
+        .parse::<RepresentationChoice>()
+        .map_err(anyhow::Error::msg)?;
     o.writer = writer;
     let mut bar: Option<WriteBar> = None;
     let r = gradshard_collect::collect(&o, &mut |e| match e {
@@ -142,8 +153,10 @@ fn print_report(r: &CollectReport, a: &CollectArgs) -> Result<()> {
         );
     } else {
         println!(
-            "collect: {} samples stored, {} already in the store (resumed), {} skipped",
+            "collect: {} samples stored ({} as factors, {} as full slices), {} already in the store (resumed), {} skipped",
             r.stored,
+            r.factored_samples,
+            r.full_samples,
             r.resumed,
             r.skipped.len()
         );
@@ -188,6 +201,10 @@ fn print_report(r: &CollectReport, a: &CollectArgs) -> Result<()> {
             "skipped": r.skipped.iter().map(|s| json!({"task": s.task.as_str(), "id": s.id, "why": s.why})).collect::<Vec<_>>(),
             "samples_per_s": r.stored as f64 / secs,
             "model_only": a.model_only,
+            "representation": a.representation,
+            "factored_samples": r.factored_samples,
+            "full_samples": r.full_samples,
+            "values_stored": r.values_stored,
             "gradient_bytes": r.stored * r.values_per_sample * r.dtype_bytes,
             "gradient_gb_per_s": (r.stored * r.values_per_sample * r.dtype_bytes) as f64 / secs / 1e9,
             "raw_bytes": w.raw_bytes,

@@ -20,9 +20,19 @@ pub struct PlanArgs {
     pub params: String,
     #[arg(long, default_value = "bf16", value_parser = crate::parse_dtype)]
     pub dtype: DType,
-    /// Samples to collect (all tasks together).
+    /// Samples to collect (all tasks together). With --task, the task files' samples.
+    #[arg(long, required_unless_present = "tasks")]
+    pub samples: Option<u64>,
+    /// NAME=FILE.jsonl: tokenize a task file with the model's tokenizer, so the factored
+    /// representation is estimated from each sample's real length. Repeatable.
+    #[arg(long = "task", value_parser = parse_task_file)]
+    pub tasks: Vec<(gradshard_core::TaskName, PathBuf)>,
+    /// Tokens per sample to assume without --task (the factored size grows with it).
+    #[arg(long, default_value_t = 512)]
+    pub tokens: u64,
+    /// Truncate each sample to this many tokens (as `collect --max-tokens`).
     #[arg(long)]
-    pub samples: u64,
+    pub max_tokens: Option<usize>,
     /// Where the store will live (its disk's free space is checked).
     #[arg(long, default_value = ".")]
     pub dir: PathBuf,
@@ -32,6 +42,10 @@ pub struct PlanArgs {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+fn parse_task_file(s: &str) -> Result<(gradshard_core::TaskName, PathBuf), String> {
+    crate::storecmd::parse_task_path(s, "FILE.jsonl")
 }
 
 fn get(cfg: &Value, keys: &[&str]) -> Option<u64> {
@@ -85,6 +99,48 @@ pub fn values_per_sample(
     Ok((parts.iter().map(|p| p.1).sum(), parts))
 }
 
+/// Values per sample stored as factors (docs/format.md, "Factored samples"), for a
+/// sample with `n` predicted positions: every per-slice factor P (n × its rows) and
+/// every shared factor S (n × its columns).
+pub fn factored_values_per_sample(g: &Geometry, cfg: &Value, params: &str, n: u64) -> Result<u64> {
+    let (l, d, h, kv, hd) = (
+        g.layers as u64,
+        g.hidden as u64,
+        g.heads as u64,
+        g.kv_heads as u64,
+        g.head_dim as u64,
+    );
+    // P of Q, K, V, O heads; S = attention input and O output gradient.
+    let mut per_n = l * ((2 * h + 2 * kv) * hd + 2 * d);
+    if params != "attn" {
+        let inter = get(cfg, &["intermediate_size", "n_inner"]).unwrap_or(4 * d);
+        per_n += l * match (g.layout, g.model_type.as_str()) {
+            // Two projections: P and S are d and inter wide each.
+            (Layout::SplitLinear, "bert")
+            | (Layout::Gpt2Conv1d, _)
+            | (Layout::NeoxInterleaved, _) => 2 * (d + inter),
+            // gate and up (P inter each, one shared input d), down (P d, S inter).
+            _ => 3 * inter + 2 * d,
+        };
+    }
+    if params == "all-2d" {
+        let vocab = get(cfg, &["vocab_size"])
+            .context("config.json has no vocab_size (needed for all-2d)")?;
+        let tied = cfg
+            .get("tie_word_embeddings")
+            .and_then(Value::as_bool)
+            .unwrap_or(g.layout == Layout::Gpt2Conv1d);
+        // Embedding: one-hot P (vocab) and S (d); lm_head: P (vocab) and S (d); tied = one
+        // tensor with both uses stacked (the same values).
+        per_n += 2 * (vocab + d);
+        if let Some(pos) = get(cfg, &["n_positions"]).filter(|_| g.layout == Layout::Gpt2Conv1d) {
+            per_n += pos + d;
+        }
+        let _ = tied;
+    }
+    Ok(per_n * n)
+}
+
 /// Free bytes on the file system holding `p` (or its nearest existing ancestor).
 pub fn free_bytes(p: &Path) -> Result<u64> {
     let mut q = p.to_path_buf();
@@ -120,9 +176,23 @@ pub fn plan(a: PlanArgs) -> Result<ExitCode> {
         &std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?,
     )
     .with_context(|| format!("{}: invalid JSON", file.display()))?;
-    if a.samples == 0 {
-        bail!("--samples must be at least 1");
+    // Predicted positions of every sample: from the task files, else --samples × --tokens.
+    let lengths: Vec<u64> = if a.tasks.is_empty() {
+        let samples = a.samples.unwrap_or(0);
+        if samples == 0 {
+            bail!("--samples must be at least 1");
+        }
+        if a.tokens < 2 {
+            bail!("--tokens must be at least 2 (one input and one label)");
+        }
+        vec![a.tokens - 1; samples as usize]
+    } else {
+        sample_lengths(&a, &file)?
+    };
+    if lengths.is_empty() {
+        bail!("the task files hold no sample of at least 2 tokens");
     }
+    let samples = lengths.len() as u64;
     let (values, parts) = values_per_sample(&g, &cfg, &a.params)?;
     let ratio = a.ratio.unwrap_or(match a.dtype {
         DType::Bf16 => 1.46,
@@ -131,18 +201,40 @@ pub fn plan(a: PlanArgs) -> Result<ExitCode> {
     if !(ratio.is_finite() && ratio > 0.0) {
         bail!("--ratio must be a positive number");
     }
-    let per_sample = values * a.dtype.size() as u64;
-    let raw = per_sample * a.samples;
+    let size = a.dtype.size() as u64;
+    let per_sample = values * size;
+    let raw = per_sample * samples;
+    let (mut factored, mut auto, mut auto_factored) = (0u64, 0u64, 0u64);
+    for n in &lengths {
+        let fv = factored_values_per_sample(&g, &cfg, &a.params, *n)?;
+        factored += fv * size;
+        if fv < values {
+            auto += fv * size;
+            auto_factored += 1;
+        } else {
+            auto += per_sample;
+        }
+    }
+    // Break-even: the largest n at which factors are still smaller.
+    let per_n = factored_values_per_sample(&g, &cfg, &a.params, 1)?;
+    let break_even = values.div_ceil(per_n.max(1)).saturating_sub(1);
     // Frame headers and sample tables: 48 bytes per head slice at most, negligible.
-    let estimate = (raw as f64 / ratio) as u64;
+    let estimate = |b: u64| (b as f64 / ratio) as u64;
     let free = free_bytes(&a.dir)?;
-    let fits = estimate <= free;
+    let need = estimate(auto);
+    let fits = need <= free;
+    let mean_n = lengths.iter().sum::<u64>() as f64 / samples as f64;
     if a.json {
         println!(
             "{}",
             serde_json::json!({
-                "values_per_sample": values, "bytes_per_sample_raw": per_sample, "samples": a.samples,
-                "raw_bytes": raw, "ratio_assumed": ratio, "estimated_bytes": estimate,
+                "values_per_sample": values, "bytes_per_sample_raw": per_sample, "samples": samples,
+                "mean_predicted_positions": mean_n,
+                "raw_bytes": raw, "ratio_assumed": ratio, "estimated_bytes": need,
+                "full": {"raw_bytes": raw, "estimated_bytes": estimate(raw)},
+                "factored": {"raw_bytes": factored, "estimated_bytes": estimate(factored)},
+                "auto": {"raw_bytes": auto, "estimated_bytes": need, "factored_samples": auto_factored, "full_samples": samples - auto_factored},
+                "break_even_positions": break_even,
                 "free_bytes": free, "fits": fits,
                 "parts": parts.iter().map(|(n, v)| serde_json::json!({"part": n, "values": v})).collect::<Vec<_>>(),
             })
@@ -155,12 +247,16 @@ pub fn plan(a: PlanArgs) -> Result<ExitCode> {
         for (n, v) in &parts {
             println!("  {n:<24} {v:>16} values per sample");
         }
-        println!("per sample   {} raw", human(per_sample));
         println!(
-            "{} samples {} raw; at {ratio:.2}x compression about {}",
-            a.samples,
-            human(raw),
-            human(estimate)
+            "{samples} samples, {mean_n:.1} predicted positions on average; factors are smaller up to n = {break_even}"
+        );
+        println!("  representation     raw          at {ratio:.2}x compression");
+        for (name, b) in [("full", raw), ("factored", factored), ("auto", auto)] {
+            println!("  {name:<18} {:<12} {}", human(b), human(estimate(b)));
+        }
+        println!(
+            "auto stores {auto_factored} of {samples} samples as factors ({:.1}x fewer bytes than full)",
+            raw as f64 / auto.max(1) as f64
         );
         println!(
             "free space   {} on {}: {}",
@@ -169,7 +265,7 @@ pub fn plan(a: PlanArgs) -> Result<ExitCode> {
             if fits {
                 "fits".to_string()
             } else {
-                format!("DOES NOT FIT (short by {})", human(estimate - free))
+                format!("DOES NOT FIT (short by {})", human(need - free))
             }
         );
     }
@@ -178,6 +274,38 @@ pub fn plan(a: PlanArgs) -> Result<ExitCode> {
     } else {
         ExitCode::from(3)
     })
+}
+
+/// Predicted positions (T) of every sample of the task files, tokenized as `collect` does.
+fn sample_lengths(a: &PlanArgs, config: &Path) -> Result<Vec<u64>> {
+    let dir = config.parent().unwrap_or(Path::new("."));
+    let tok_path = dir.join("tokenizer.json");
+    let mut out = Vec::new();
+    for (task, f) in &a.tasks {
+        let tokenizer = if tok_path.exists() {
+            Some((
+                gradshard_models::load_tokenizer(&tok_path)?,
+                tok_path.clone(),
+            ))
+        } else {
+            None
+        };
+        let reader = gradshard_models::SampleReader::open(
+            f,
+            tokenizer,
+            gradshard_models::ReaderOptions {
+                max_tokens: a.max_tokens,
+                vocab_size: None,
+                max_positions: None,
+            },
+        )
+        .with_context(|| format!("task `{task}`"))?;
+        for s in reader {
+            let s = s.with_context(|| format!("task `{task}`: {}", f.display()))?;
+            out.push(s.predicted() as u64);
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -76,6 +76,11 @@ pub struct ScoreArgs {
     /// Bytes of tiles in memory at once, e.g. 4GiB.
     #[arg(long, default_value = "4GiB", value_parser = crate::parse_bytes)]
     pub memory_budget: u64,
+    /// Factored stores: bytes of decoded shared factors kept in memory. When one
+    /// layer's factors of every scored sample fit (samples × n × D × 4 bytes, both
+    /// tasks), each is decoded once per layer; else again for each slice.
+    #[arg(long, default_value = "2GiB", value_parser = crate::parse_bytes)]
+    pub factor_cache: u64,
     /// Also compute per-channel Fisher of stored MLP tensors.
     #[arg(long)]
     pub mlp_fisher: bool,
@@ -207,6 +212,7 @@ pub fn score(a: ScoreArgs) -> Result<ExitCode> {
     }
     let compute = Compute::new(&a.device, &a.gpu_precision, &a.gpu_path)?;
     let store = Store::open(&a.store)?;
+    store.set_shared_cache_bytes(a.factor_cache);
     let mut o = ScoreOptions::new(
         TaskName::new(a.task_a.as_str())?,
         TaskName::new(a.task_b.as_str())?,

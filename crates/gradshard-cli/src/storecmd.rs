@@ -303,7 +303,21 @@ pub fn inspect(a: InspectArgs) -> Result<ExitCode> {
         .map(|f| order.frame_numel(f).unwrap_or(0) as u64)
         .sum();
     let n = store.index().n_samples() as u64;
+    // What the samples would take as full slices (the equivalent full size).
     let raw = per_sample_values * m.spec.dtype.size() as u64 * n;
+    // Per representation: samples, frame bytes on disk, decoded bytes.
+    let mut by_repr = [(0u64, 0u64, 0u64); 2];
+    for r in store.index().records() {
+        let f = store.footprint(r)?;
+        let e = &mut by_repr[usize::from(f.factored)];
+        e.0 += 1;
+        e.1 += f.stored_bytes;
+        e.2 += f.raw_bytes;
+    }
+    let repr_json = |e: (u64, u64, u64)| {
+        json!({"samples": e.0, "frame_bytes": e.1, "decoded_bytes": e.2,
+               "equivalent_full_bytes": e.0 * per_sample_values * m.spec.dtype.size() as u64})
+    };
     let on_disk = dir_bytes(&a.store);
     let shard_bytes = store.shard_bytes();
     let tasks: Vec<serde_json::Value> = store
@@ -352,6 +366,9 @@ pub fn inspect(a: InspectArgs) -> Result<ExitCode> {
         "tasks": tasks,
         "tensors": tensors,
         "raw_bytes": raw,
+        "equivalent_full_bytes": raw,
+        "representations": {"full": repr_json(by_repr[0]), "factored": repr_json(by_repr[1])},
+        "shared_factors_per_sample": order.n_shared(),
         "shard_bytes": shard_bytes,
         "bytes_on_disk": on_disk,
         "compression_ratio": ratio,
@@ -426,11 +443,25 @@ pub fn inspect(a: InspectArgs) -> Result<ExitCode> {
         }
     );
     println!(
-        "bytes      raw {} | shards {} | on disk {} | compression ratio {ratio:.3}x",
+        "bytes      as full slices {} | shards {} | on disk {} | full size / shards {ratio:.3}x",
         human(raw),
         human(shard_bytes),
         human(on_disk)
     );
+    for (name, e) in [("full", by_repr[0]), ("factored", by_repr[1])] {
+        if e.0 == 0 {
+            continue;
+        }
+        let full = e.0 * per_sample_values * m.spec.dtype.size() as u64;
+        println!(
+            "  {name:<9} {:>8} samples: {} in frames ({} decoded), as full slices {} ({:.2}x of that)",
+            e.0,
+            human(e.1),
+            human(e.2),
+            human(full),
+            full as f64 / e.1.max(1) as f64
+        );
+    }
     if store.torn_log_tail > 0 {
         println!("note       the commit log ends in a torn record ({} bytes): a writer crashed; the next writer removes it", store.torn_log_tail);
     }

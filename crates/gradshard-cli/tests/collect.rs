@@ -155,10 +155,31 @@ fn tasks_dir() -> PathBuf {
 
 #[test]
 fn collect_then_score_reproduces_the_oracle() {
+    oracle_check("full");
+}
+
+#[test]
+fn factored_collect_then_score_reproduces_the_oracle() {
+    oracle_check("factored");
+}
+
+/// `collect --representation REPR --dtype f32` then `score`: every score within 1e-4
+/// of the float64 oracle.
+fn oracle_check(repr: &str) {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("s");
-    let out = collect(&store, &tasks_dir(), &["--dtype", "f32"]);
+    let out = collect(
+        &store,
+        &tasks_dir(),
+        &["--dtype", "f32", "--representation", repr, "--batch", "3"],
+    );
     assert!(out.contains("16 samples stored"), "{out}");
+    let want = if repr == "factored" {
+        "(16 as factors, 0 as full slices)"
+    } else {
+        "(0 as factors, 16 as full slices)"
+    };
+    assert!(out.contains(want), "{out}");
     let v = ok(&["verify", "--store", p(&store)]);
     assert!(v.contains("OK"), "{v}");
     let res = score(&store, &dir.path().join("scores"));
@@ -222,7 +243,9 @@ fn collect_then_score_reproduces_the_oracle() {
         }
     }
     assert_eq!(checked, 4 * (64 * 8 + 8));
-    eprintln!("collect -> score vs oracle: worst relative error {worst:.2e} over {checked} values");
+    eprintln!(
+        "collect ({repr}) -> score vs oracle: worst relative error {worst:.2e} over {checked} values"
+    );
 }
 
 /// Per-sample gradients of the fixture files: (T, tensor name -> values).

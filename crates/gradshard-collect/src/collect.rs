@@ -7,12 +7,15 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use gradshard_core::{Block, DType, Geometry, OtherTensor, SampleId, TaskName};
+use gradshard_core::{Axis, Block, DType, Geometry, OtherTensor, SampleId, TaskName};
+use gradshard_index::FrameOrder;
 use gradshard_models::{
-    load_tokenizer, Device, GradModel, ParamInfo, ParamSet, ReaderOptions, SampleGrads,
-    SampleReader,
+    load_tokenizer, Device, GradModel, ParamInfo, ParamSet, ReaderOptions, SampleFactors,
+    SampleGrads, SampleReader,
 };
-use gradshard_store::{CodecSpec, SampleMeta, StoreSpec, StoreWriter, WriteReport, WriterOptions};
+use gradshard_store::{
+    CodecSpec, Representation, SampleMeta, StoreSpec, StoreWriter, WriteReport, WriterOptions,
+};
 
 use crate::error::{Error, Result};
 use crate::stats::{self, SideLog, StatsLayout};
@@ -36,6 +39,57 @@ impl std::str::FromStr for NanPolicy {
             _ => Err(format!("unknown NaN policy `{s}` (use error or skip)")),
         }
     }
+}
+
+/// How `collect` stores each sample (`--representation`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RepresentationChoice {
+    /// Every slice as a full frame (format v1's only representation).
+    Full,
+    /// Every sample as factors P, S (docs/format.md, "Factored samples").
+    Factored,
+    /// Per sample, whichever of the two holds fewer values for its n.
+    #[default]
+    Auto,
+}
+
+impl std::str::FromStr for RepresentationChoice {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "full" => Ok(RepresentationChoice::Full),
+            "factored" => Ok(RepresentationChoice::Factored),
+            "auto" => Ok(RepresentationChoice::Auto),
+            _ => Err(format!(
+                "unknown representation `{s}` (use full, factored or auto)"
+            )),
+        }
+    }
+}
+
+/// Values a sample's factors take in a store of frame order `order`, for factor row
+/// counts `n_of(frame)` per frame and `n_shared[j]` per shared factor.
+pub fn factored_values(order: &FrameOrder, n_frame: &[usize], n_shared: &[usize]) -> u64 {
+    let p: u64 = (0..order.n_frames())
+        .map(|f| {
+            let (_, r, _) = order.factor_of(f).expect("frame in range");
+            (r * n_frame[f]) as u64
+        })
+        .sum();
+    let s: u64 = order
+        .shared()
+        .iter()
+        .zip(n_shared)
+        .map(|(sf, n)| (sf.cols * n) as u64)
+        .sum();
+    p + s
+}
+
+/// Values of a sample stored as full slices.
+pub fn full_values(order: &FrameOrder) -> u64 {
+    (0..order.n_frames())
+        .map(|f| order.frame_numel(f).expect("frame in range") as u64)
+        .sum()
 }
 
 /// `k/N`: this worker takes the samples whose 0-based index in their task file
@@ -91,6 +145,8 @@ pub struct CollectOptions {
     /// Benchmark mode: compute gradients, cut frames and sum statistics, but
     /// store nothing (the model-only speed).
     pub model_only: bool,
+    /// Full slices, factors, or per sample the smaller (`--representation`).
+    pub representation: RepresentationChoice,
     pub writer: WriterOptions,
 }
 
@@ -111,6 +167,7 @@ impl CollectOptions {
             worker: WorkerSplit::default(),
             full_fisher: false,
             model_only: false,
+            representation: RepresentationChoice::Auto,
             writer: WriterOptions::default(),
         }
     }
@@ -174,6 +231,11 @@ pub struct CollectReport {
     pub values_per_sample: u64,
     /// Bytes per stored value (the store's dtype).
     pub dtype_bytes: u64,
+    /// Samples stored as full slices and as factors by this run.
+    pub full_samples: u64,
+    pub factored_samples: u64,
+    /// Values handed to the writer by this run (factors count their own size).
+    pub values_stored: u64,
 }
 
 fn to_core_id(task: &TaskName, id: &gradshard_models::SampleId, line: usize) -> Result<SampleId> {
@@ -253,61 +315,148 @@ struct Sink<'a> {
     attn_of: HashMap<String, gradshard_core::AttnTensor>,
     geometry: Geometry,
     nan_policy: NanPolicy,
+    representation: RepresentationChoice,
+    dtype: DType,
     stored: u64,
+    full_samples: u64,
+    factored_samples: u64,
+    values_stored: u64,
     skipped: Vec<SkippedSample>,
     prepare: Duration,
     blocked: Duration,
 }
 
+/// Where a model tensor goes in the store.
+enum Target {
+    Attn(gradshard_core::AttnTensor),
+    Other(usize),
+}
+
+/// Columns `start..start + len` of a row-major `n × w` matrix, as an `n × len` matrix.
+fn cut_cols(m: &[f32], n: usize, w: usize, start: usize, len: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(n * len);
+    for t in 0..n {
+        out.extend_from_slice(&m[t * w + start..t * w + start + len]);
+    }
+    out
+}
+
 impl Sink<'_> {
+    /// The stored place of a model tensor; the set and shapes must be the store's.
+    fn target(
+        &self,
+        task: &TaskName,
+        id: &SampleId,
+        name: &str,
+        shape: &[usize],
+    ) -> Result<Target> {
+        let order = self.layout.order();
+        let (t, want) = if let Some(at) = self.attn_of.get(name) {
+            (Target::Attn(at.clone()), at.shape)
+        } else if let Some(ti) = order.other_index(name) {
+            (Target::Other(ti), order.others()[ti].shape)
+        } else {
+            return Err(Error::Sample {
+                task: task.clone(),
+                id: id.clone(),
+                what: format!("the model returned tensor `{name}`, which this store does not hold"),
+            });
+        };
+        if shape != want {
+            return Err(Error::Sample {
+                task: task.clone(),
+                id: id.clone(),
+                what: format!("tensor `{name}` has shape {shape:?}, the store holds {want:?}"),
+            });
+        }
+        Ok(t)
+    }
+
+    fn check_count(&self, task: &TaskName, id: &SampleId, got: usize) -> Result<()> {
+        let n_expected = self.attn_of.len() + self.layout.order().others().len();
+        if got != n_expected {
+            return Err(Error::Sample {
+                task: task.clone(),
+                id: id.clone(),
+                what: format!("the model returned {got} tensors, the store holds {n_expected}"),
+            });
+        }
+        Ok(())
+    }
+
+    /// Applies the NaN policy to one tensor's values: `Ok(false)` when the sample is skipped.
+    fn finite_or_skip(
+        &mut self,
+        task: &TaskName,
+        id: &SampleId,
+        tensor: &str,
+        v: &[f32],
+    ) -> Result<bool> {
+        let Some((index, value)) = first_non_finite(v) else {
+            return Ok(true);
+        };
+        match self.nan_policy {
+            NanPolicy::Error => Err(Error::NonFinite {
+                task: task.clone(),
+                id: id.clone(),
+                tensor: tensor.to_string(),
+                index,
+                value,
+            }),
+            NanPolicy::Skip => {
+                let why = format!(
+                    "non-finite gradient {value} in tensor `{tensor}` at flat index {index}"
+                );
+                tracing::warn!("task `{task}` sample {id}: skipped: {why}");
+                self.skipped.push(SkippedSample {
+                    task: task.clone(),
+                    id: id.clone(),
+                    why,
+                });
+                Ok(false)
+            }
+        }
+    }
+
+    fn tokens_u32(task: &TaskName, id: &SampleId, tokens: usize) -> Result<u32> {
+        u32::try_from(tokens).map_err(|_| Error::Sample {
+            task: task.clone(),
+            id: id.clone(),
+            what: format!("T = {tokens} does not fit in u32"),
+        })
+    }
+
+    /// Logs the sums and ends the sample in the writer (the sample then commits).
+    fn finish(
+        &mut self,
+        task: &TaskName,
+        id: &SampleId,
+        tokens: u32,
+        mut sums: Vec<f64>,
+        h: Option<gradshard_store::SampleHandle>,
+    ) -> Result<()> {
+        self.layout.finish_sample(&mut sums, tokens);
+        // The sums are logged before the sample can commit.
+        if let Some(side) = &mut self.side {
+            side.append(task, id, tokens, &sums)?;
+        }
+        if let (Some(w), Some(h)) = (self.w, h) {
+            w.borrow_mut().end_sample(h)?;
+        }
+        self.stored += 1;
+        Ok(())
+    }
+
     fn put(&mut self, task: &TaskName, id: SampleId, g: SampleGrads) -> Result<bool> {
         let t0 = Instant::now();
         for t in &g.grads {
-            if let Some((index, value)) = first_non_finite(&t.data) {
-                match self.nan_policy {
-                    NanPolicy::Error => {
-                        return Err(Error::NonFinite {
-                            task: task.clone(),
-                            id,
-                            tensor: t.name.clone(),
-                            index,
-                            value,
-                        })
-                    }
-                    NanPolicy::Skip => {
-                        let why = format!(
-                            "non-finite gradient {value} in tensor `{}` at flat index {index}",
-                            t.name
-                        );
-                        tracing::warn!("task `{task}` sample {id}: skipped: {why}");
-                        self.skipped.push(SkippedSample {
-                            task: task.clone(),
-                            id,
-                            why,
-                        });
-                        return Ok(false);
-                    }
-                }
+            if !self.finite_or_skip(task, &id, &t.name, &t.data)? {
+                return Ok(false);
             }
         }
         let order = self.layout.order().clone();
-        // The gradient set must be exactly the store's tensor set.
-        let n_expected = self.attn_of.len() + order.others().len();
-        if g.grads.len() != n_expected {
-            return Err(Error::Sample {
-                task: task.clone(),
-                id,
-                what: format!(
-                    "the model returned {} tensors, the store holds {n_expected}",
-                    g.grads.len()
-                ),
-            });
-        }
-        let tokens = u32::try_from(g.tokens).map_err(|_| Error::Sample {
-            task: task.clone(),
-            id: id.clone(),
-            what: format!("T = {} does not fit in u32", g.tokens),
-        })?;
+        self.check_count(task, &id, g.grads.len())?;
+        let tokens = Self::tokens_u32(task, &id, g.tokens)?;
         let mut sums = vec![0f64; self.layout.len()];
         let mut h = match self.w {
             Some(w) => Some(w.borrow_mut().begin_sample(SampleMeta {
@@ -319,72 +468,216 @@ impl Sink<'_> {
             None => None,
         };
         for t in g.grads {
-            if let Some(at) = self.attn_of.get(&t.name) {
-                if t.shape != at.shape {
-                    return Err(Error::Sample {
-                        task: task.clone(),
-                        id,
-                        what: format!(
-                            "tensor `{}` has shape {:?}, the store holds {:?}",
-                            t.name, t.shape, at.shape
-                        ),
-                    });
+            match self.target(task, &id, &t.name, &t.shape)? {
+                Target::Attn(at) => {
+                    for b in &at.blocks {
+                        for head in 0..self.geometry.heads_of(*b) {
+                            let frame = order.attn(at.layer, *b, head).expect("all blocks stored");
+                            let slice =
+                                self.geometry.slice_spec(at.layer, *b, head)?.cut(&t.data)?;
+                            self.layout.accumulate(frame, &slice, &mut sums);
+                            if let (Some(w), Some(h)) = (self.w, h.as_mut()) {
+                                let tb = Instant::now();
+                                w.borrow_mut().put_frame(h, frame, slice)?;
+                                self.blocked += tb.elapsed();
+                            }
+                        }
+                    }
                 }
-                for b in &at.blocks {
-                    for head in 0..self.geometry.heads_of(*b) {
-                        let frame = order.attn(at.layer, *b, head).expect("all blocks stored");
-                        let slice = self.geometry.slice_spec(at.layer, *b, head)?.cut(&t.data)?;
-                        self.layout.accumulate(frame, &slice, &mut sums);
+                Target::Other(ti) => {
+                    let o = &order.others()[ti];
+                    for gi in 0..o.groups() {
+                        let (a, b) = o.group_rows(gi);
+                        let frame = order.other(ti, gi).expect("group in range");
+                        let part = t.data[a * o.shape[1]..b * o.shape[1]].to_vec();
+                        self.layout.accumulate(frame, &part, &mut sums);
                         if let (Some(w), Some(h)) = (self.w, h.as_mut()) {
                             let tb = Instant::now();
-                            w.borrow_mut().put_frame(h, frame, slice)?;
+                            w.borrow_mut().put_frame(h, frame, part)?;
                             self.blocked += tb.elapsed();
                         }
                     }
                 }
-            } else if let Some(ti) = order.other_index(&t.name) {
-                let o = &order.others()[ti];
-                if t.shape.as_slice() != o.shape {
-                    return Err(Error::Sample {
-                        task: task.clone(),
-                        id,
-                        what: format!(
-                            "tensor `{}` has shape {:?}, the store holds {:?}",
-                            t.name, t.shape, o.shape
-                        ),
-                    });
+            }
+        }
+        self.finish(task, &id, tokens, sums, h)?;
+        self.full_samples += 1;
+        self.values_stored += full_values(&order);
+        self.prepare += t0.elapsed();
+        Ok(true)
+    }
+
+    /// A sample from the model's factors: stored as factors, or (auto, past the
+    /// break-even n) multiplied out and stored as full slices.
+    fn put_factors(&mut self, task: &TaskName, id: SampleId, f: SampleFactors) -> Result<bool> {
+        let t0 = Instant::now();
+        for t in &f.factors {
+            for (which, v) in [("output-side factor", &t.a), ("input-side factor", &t.b)] {
+                let name = format!("{} ({which})", t.name);
+                if !self.finite_or_skip(task, &id, &name, v)? {
+                    return Ok(false);
                 }
-                for gi in 0..o.groups() {
-                    let (a, b) = o.group_rows(gi);
-                    let frame = order.other(ti, gi).expect("group in range");
-                    let part = t.data[a * o.shape[1]..b * o.shape[1]].to_vec();
-                    self.layout.accumulate(frame, &part, &mut sums);
-                    if let (Some(w), Some(h)) = (self.w, h.as_mut()) {
-                        let tb = Instant::now();
-                        w.borrow_mut().put_frame(h, frame, part)?;
-                        self.blocked += tb.elapsed();
-                    }
-                }
-            } else {
+            }
+        }
+        let order = self.layout.order().clone();
+        self.check_count(task, &id, f.factors.len())?;
+        // Cut each frame's P; take each shared S from the first tensor that has it and
+        // check every other tensor of the group gives the same values.
+        let mut p_of: Vec<Option<(usize, Vec<f32>)>> = vec![None; order.n_frames()];
+        let mut s_of: Vec<Option<(usize, Vec<f32>, String)>> = vec![None; order.n_shared()];
+        for t in &f.factors {
+            let target = self.target(task, &id, &t.name, &t.shape)?;
+            let (rows, cols, n) = (t.shape[0], t.shape[1], t.n);
+            if t.a.len() != n * rows || t.b.len() != n * cols {
                 return Err(Error::Sample {
                     task: task.clone(),
-                    id,
+                    id: id.clone(),
                     what: format!(
-                        "the model returned tensor `{}`, which this store does not hold",
-                        t.name
+                        "tensor `{}`: factors of {} and {} values, expected {n} × {rows} and {n} × {cols}",
+                        t.name,
+                        t.a.len(),
+                        t.b.len()
                     ),
                 });
             }
+            let mut frames: Vec<(usize, Vec<f32>, &[f32])> = Vec::new();
+            match target {
+                Target::Attn(at) => {
+                    for b in &at.blocks {
+                        for head in 0..self.geometry.heads_of(*b) {
+                            let frame = order.attn(at.layer, *b, head).expect("all blocks stored");
+                            let spec = self.geometry.slice_spec(at.layer, *b, head)?;
+                            let (src_p, wp, src_s) = match spec.axis {
+                                Axis::Rows => (&t.a, rows, &t.b[..]),
+                                Axis::Cols => (&t.b, cols, &t.a[..]),
+                            };
+                            frames.push((
+                                frame,
+                                cut_cols(src_p, n, wp, spec.start, spec.len),
+                                src_s,
+                            ));
+                        }
+                    }
+                }
+                Target::Other(ti) => {
+                    let o = &order.others()[ti];
+                    for gi in 0..o.groups() {
+                        let (a, b) = o.group_rows(gi);
+                        let frame = order.other(ti, gi).expect("group in range");
+                        frames.push((frame, cut_cols(&t.a, n, rows, a, b - a), &t.b[..]));
+                    }
+                }
+            }
+            for (frame, p, s) in frames {
+                let (j, _, c) = order.factor_of(frame).expect("frame in range");
+                match &s_of[j] {
+                    None => s_of[j] = Some((n, s.to_vec(), t.name.clone())),
+                    Some((sn, sv, from)) => {
+                        if *sn != n
+                            || sv.len() != s.len()
+                            || sv.iter().zip(s).any(|(x, y)| x.to_bits() != y.to_bits())
+                        {
+                            return Err(Error::Sample {
+                                task: task.clone(),
+                                id: id.clone(),
+                                what: format!(
+                                    "tensors `{from}` and `{}` should share the {} ({n} × {c}) but their factors differ",
+                                    t.name,
+                                    order.describe_shared(j)
+                                ),
+                            });
+                        }
+                    }
+                }
+                p_of[frame] = Some((n, p));
+            }
         }
-        self.layout.finish_sample(&mut sums, tokens);
-        // The sums are logged before the sample can commit.
-        if let Some(side) = &mut self.side {
-            side.append(task, &id, tokens, &sums)?;
+        let p_of: Vec<(usize, Vec<f32>)> = p_of
+            .into_iter()
+            .enumerate()
+            .map(|(fr, p)| {
+                p.ok_or_else(|| Error::Sample {
+                    task: task.clone(),
+                    id: id.clone(),
+                    what: format!("the model gave no factor for {}", order.describe(fr)),
+                })
+            })
+            .collect::<Result<_>>()?;
+        let s_of: Vec<(usize, Vec<f32>, String)> = s_of
+            .into_iter()
+            .enumerate()
+            .map(|(j, s)| {
+                s.ok_or_else(|| Error::Sample {
+                    task: task.clone(),
+                    id: id.clone(),
+                    what: format!("the model gave no {}", order.describe_shared(j)),
+                })
+            })
+            .collect::<Result<_>>()?;
+        let n_frame: Vec<usize> = p_of.iter().map(|p| p.0).collect();
+        let n_shared: Vec<usize> = s_of.iter().map(|s| s.0).collect();
+        let fv = factored_values(&order, &n_frame, &n_shared);
+        let factored = match self.representation {
+            RepresentationChoice::Factored => true,
+            RepresentationChoice::Auto => fv < full_values(&order),
+            RepresentationChoice::Full => false,
+        };
+        if !factored {
+            drop((p_of, s_of));
+            self.prepare += t0.elapsed();
+            return self.put(task, id, f.into_grads());
         }
-        if let (Some(w), Some(h)) = (self.w, h) {
-            w.borrow_mut().end_sample(h)?;
+        let tokens = Self::tokens_u32(task, &id, f.tokens)?;
+        // Round to the store's dtype now: the sums describe the factors as stored, and
+        // the writer's own rounding of a rounded value changes nothing.
+        let dtype = self.dtype;
+        let round = |v: &mut Vec<f32>| {
+            if dtype == DType::Bf16 {
+                for x in v.iter_mut() {
+                    *x = gradshard_core::bf16_bits_to_f32(gradshard_core::f32_to_bf16_bits(*x));
+                }
+            }
+        };
+        let mut p_of = p_of;
+        let mut s_of = s_of;
+        p_of.iter_mut().for_each(|p| round(&mut p.1));
+        s_of.iter_mut().for_each(|s| round(&mut s.1));
+        let grams: Vec<Vec<f64>> = s_of
+            .iter()
+            .zip(order.shared())
+            .map(|((n, v, _), sf)| gradshard_core::factor::gram(v, *n, sf.cols))
+            .collect();
+        let mut sums = vec![0f64; self.layout.len()];
+        for (frame, (n, p)) in p_of.iter().enumerate() {
+            let (j, _, _) = order.factor_of(frame).expect("frame in range");
+            self.layout
+                .accumulate_factored(frame, p, &s_of[j].1, *n, &grams[j], &mut sums);
         }
-        self.stored += 1;
+        let mut h = None;
+        if let Some(w) = self.w {
+            let tb = Instant::now();
+            let mut w = w.borrow_mut();
+            let mut hh = w.begin_sample_as(
+                SampleMeta {
+                    task: task.clone(),
+                    id: id.clone(),
+                    tokens,
+                    loss_sum: f.loss_sum,
+                },
+                Representation::Factored,
+            )?;
+            for (frame, (n, p)) in p_of.into_iter().enumerate() {
+                w.put_factor(&mut hh, frame, n, p)?;
+            }
+            for (j, (n, s, _)) in s_of.into_iter().enumerate() {
+                w.put_shared(&mut hh, j, n, s)?;
+            }
+            h = Some(hh);
+            self.blocked += tb.elapsed();
+        }
+        self.finish(task, &id, tokens, sums, h)?;
+        self.factored_samples += 1;
+        self.values_stored += fv;
         self.prepare += t0.elapsed();
         Ok(true)
     }
@@ -481,6 +774,11 @@ pub fn collect(
         attn_of,
         geometry,
         nan_policy: opts.nan_policy,
+        representation: opts.representation,
+        dtype,
+        full_samples: 0,
+        factored_samples: 0,
+        values_stored: 0,
         stored: 0,
         skipped: Vec::new(),
         prepare: Duration::ZERO,
@@ -549,12 +847,20 @@ pub fn collect(
             let mut sink_err: Option<Error> = None;
             let t_task = Instant::now();
             let mut in_sink = Duration::ZERO;
-            let r = model.for_each_grads(iter, opts.batch, |g| {
+            let mut handle = |got: Got| {
                 let ts = Instant::now();
                 let res = (|| -> Result<()> {
-                    let id = to_core_id(task, &g.id, 0)?;
+                    let raw_id = match &got {
+                        Got::Grads(g) => &g.id,
+                        Got::Factors(f) => &f.id,
+                    };
+                    let id = to_core_id(task, raw_id, 0)?;
                     let done_id = id.clone();
-                    if sink.put(task, id, g)? {
+                    let kept = match got {
+                        Got::Grads(g) => sink.put(task, id, g)?,
+                        Got::Factors(f) => sink.put_factors(task, id, f)?,
+                    };
+                    if kept {
                         progress(CollectEvent::Sample {
                             task: task.clone(),
                             id: done_id,
@@ -575,7 +881,12 @@ pub fn collect(
                     sink_err = Some(e);
                     gradshard_models::Error::InvalidArgument(msg)
                 })
-            });
+            };
+            let r = if opts.representation == RepresentationChoice::Full {
+                model.for_each_grads(iter, opts.batch, |g| handle(Got::Grads(g)))
+            } else {
+                model.for_each_factors(iter, opts.batch, |f| handle(Got::Factors(f)))
+            };
             compute_total += t_task.elapsed().saturating_sub(in_sink);
             if let Some(e) = sink_err {
                 return Err(e);
@@ -616,6 +927,9 @@ pub fn collect(
         skipped,
         prepare,
         blocked,
+        full_samples,
+        factored_samples,
+        values_stored,
         ..
     } = sink;
     let mut write = WriteReport::default();
@@ -644,5 +958,14 @@ pub fn collect(
         full_fisher,
         values_per_sample,
         dtype_bytes: dtype.size() as u64,
+        full_samples,
+        factored_samples,
+        values_stored,
     })
+}
+
+/// What the model hands the sink: gradients (`--representation full`) or factors.
+enum Got {
+    Grads(SampleGrads),
+    Factors(SampleFactors),
 }

@@ -12,8 +12,8 @@ mod merge;
 pub mod stats;
 
 pub use collect::{
-    collect, spec_from_params, CollectEvent, CollectOptions, CollectReport, NanPolicy,
-    SkippedSample, WorkerSplit,
+    collect, factored_values, full_values, spec_from_params, CollectEvent, CollectOptions,
+    CollectReport, NanPolicy, RepresentationChoice, SkippedSample, WorkerSplit,
 };
 pub use error::{Error, Result};
 pub use merge::{merge, MergeEvent, MergeReport};

@@ -1,7 +1,8 @@
 //! `gradshard merge`: combine stores of one model (e.g. the `--worker k/N`
 //! shares of a job array) into one.
 //!
-//! Every frame is decoded, checksum-verified and handed to a fresh writer (so
+//! Every frame is decoded, checksum-verified and handed to a fresh writer in its
+//! own representation (full frames, or a factored sample's factors) (so
 //! the output is a normal store with its own shards, log and manifest; bf16
 //! values round-trip exactly). The statistics of the output are the inputs'
 //! per-task statistics combined with Chan's parallel Welford formula. A
@@ -14,7 +15,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use gradshard_core::{SampleId, TaskName};
-use gradshard_store::{SampleMeta, Store, StoreWriter, WriteReport, WriterOptions};
+use gradshard_store::{Representation, SampleMeta, Store, StoreWriter, WriteReport, WriterOptions};
 
 use crate::error::{Error, Result};
 use crate::stats::{self, SideLog, StatsLayout, TaskStats, Welford};
@@ -171,16 +172,38 @@ pub fn merge(
                     continue;
                 }
                 let mut sums = vec![0f64; layout.len()];
-                let mut h = w.begin_sample(SampleMeta {
+                let factored = s.is_factored(rec)?;
+                let meta = SampleMeta {
                     task: rec.task.clone(),
                     id: rec.id.clone(),
                     tokens: rec.tokens,
                     loss_sum: rec.loss_sum,
-                })?;
+                };
+                let repr = if factored {
+                    Representation::Factored
+                } else {
+                    Representation::Full
+                };
+                let mut h = w.begin_sample_as(meta, repr)?;
+                // Shared factors are copied once each, with their Gram for the sums.
+                let mut grams: Vec<Option<Vec<f64>>> = vec![None; w.order().n_shared()];
                 for f in 0..n_frames {
-                    let v = s.read_frame(rec, f)?;
-                    layout.accumulate(f, &v, &mut sums);
-                    w.put_frame(&mut h, f, v)?;
+                    if factored {
+                        let (j, pf, sf) = s.read_frame_factors(rec, f)?;
+                        if grams[j].is_none() {
+                            let c = w.order().shared()[j].cols;
+                            grams[j] = Some(gradshard_core::factor::gram(&sf.values, sf.rows, c));
+                            w.put_shared(&mut h, j, sf.rows, sf.values.to_vec())?;
+                        }
+                        let gs = grams[j].as_ref().expect("formed above");
+                        layout
+                            .accumulate_factored(f, &pf.values, &sf.values, pf.rows, gs, &mut sums);
+                        w.put_factor(&mut h, f, pf.rows, pf.values.to_vec())?;
+                    } else {
+                        let v = s.read_frame(rec, f)?;
+                        layout.accumulate(f, &v, &mut sums);
+                        w.put_frame(&mut h, f, v)?;
+                    }
                 }
                 layout.finish_sample(&mut sums, rec.tokens);
                 side.append(&rec.task, &rec.id, rec.tokens, &sums)?;

@@ -139,6 +139,50 @@ impl StatsLayout {
         }
     }
 
+    /// Adds Σ g² of frame `frame` of a factored sample, g = Pᵀ S, into `sums` without
+    /// forming g: `p` (`n × r`) and `s` (`n × c`) are the factors as stored (already
+    /// rounded to the store's dtype), `gram_s` = S Sᵀ. Attention frames take
+    /// Σ (P Pᵀ) ∘ (S Sᵀ); row groups per output channel `p_iᵀ (S Sᵀ) p_i` (`[out, in]`)
+    /// or `s_cᵀ (P Pᵀ) s_c` (Conv1D `[in, out]`, channels are columns).
+    pub fn accumulate_factored(
+        &self,
+        frame: usize,
+        p: &[f32],
+        s: &[f32],
+        n: usize,
+        gram_s: &[f64],
+        sums: &mut [f64],
+    ) {
+        use gradshard_core::factor::{frob2_from_grams, gram, row_sums_sq};
+        let Some((_, r, c)) = self.order.factor_of(frame) else {
+            return;
+        };
+        match self.order.key(frame) {
+            Some(FrameKey::Attn { .. }) => {
+                sums[frame] += frob2_from_grams(&gram(p, n, r), gram_s);
+            }
+            Some(FrameKey::Other { tensor, group }) => {
+                let t = &self.order.others()[tensor];
+                let base = self.chan_base[tensor];
+                if t.out_axis == 0 {
+                    let (a, _) = t.group_rows(group);
+                    let mut rows = vec![0f64; r];
+                    row_sums_sq(p, n, r, gram_s, &mut rows);
+                    for (i, v) in rows.into_iter().enumerate() {
+                        sums[base + a + i] += v;
+                    }
+                } else {
+                    let mut cols = vec![0f64; c];
+                    row_sums_sq(s, n, c, &gram(p, n, r), &mut cols);
+                    for (k, v) in cols.into_iter().enumerate() {
+                        sums[base + k] += v;
+                    }
+                }
+            }
+            None => {}
+        }
+    }
+
     /// Σ g² → Σ g²/T.
     pub fn finish_sample(&self, sums: &mut [f64], tokens: u32) {
         let t = f64::from(tokens);
@@ -150,9 +194,21 @@ impl StatsLayout {
     /// The sums of a committed sample, recomputed from its stored frames.
     pub fn from_store(&self, store: &Store, rec: &LogRecord) -> Result<Vec<f64>> {
         let mut sums = vec![0f64; self.len];
+        let factored = store.is_factored(rec)?;
+        // S Sᵀ of each shared factor, formed once per sample.
+        let mut grams: Vec<Option<Vec<f64>>> = vec![None; self.order.n_shared()];
         for f in 0..self.order.n_frames() {
-            let v = store.read_frame(rec, f)?;
-            self.accumulate(f, &v, &mut sums);
+            if factored {
+                let (j, pf, sf) = store.read_frame_factors(rec, f)?;
+                let gs = grams[j].get_or_insert_with(|| {
+                    let c = self.order.shared()[j].cols;
+                    gradshard_core::factor::gram(&sf.values, sf.rows, c)
+                });
+                self.accumulate_factored(f, &pf.values, &sf.values, pf.rows, gs, &mut sums);
+            } else {
+                let v = store.read_frame(rec, f)?;
+                self.accumulate(f, &v, &mut sums);
+            }
         }
         self.finish_sample(&mut sums, rec.tokens);
         Ok(sums)

@@ -139,6 +139,11 @@ pub struct OtherTensor {
     pub rows_per_group: usize,
     /// Dimension that indexes output channels: 0 for `[out, in]` Linear, 1 for Conv1D `[in, out]`.
     pub out_axis: u8,
+    /// Factored stores (format v2): tensors naming the same group share one shared
+    /// factor S per sample (e.g. `gate_proj` and `up_proj` read the same MLP input);
+    /// `None`: the tensor has a shared factor of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub factor_group: Option<String>,
 }
 
 impl OtherTensor {
@@ -148,12 +153,24 @@ impl OtherTensor {
     pub fn new(name: String, shape: [usize; 2], out_axis: u8) -> OtherTensor {
         let rows_per_group =
             (Self::DEFAULT_GROUP_VALUES / shape[1].max(1)).clamp(1, shape[0].max(1));
+        let factor_group = Self::input_group(&name);
         OtherTensor {
             name,
             shape,
             rows_per_group,
             out_axis,
+            factor_group,
         }
+    }
+
+    /// The factor group of a tensor that shares its input with others: LLaMA-style
+    /// `…mlp.gate_proj.weight` and `…mlp.up_proj.weight` both read the MLP input, so
+    /// a factored sample stores that input once (`…mlp.input`).
+    pub fn input_group(name: &str) -> Option<String> {
+        ["mlp.gate_proj.weight", "mlp.up_proj.weight"]
+            .iter()
+            .find_map(|suffix| name.strip_suffix(suffix))
+            .map(|prefix| format!("{prefix}mlp.input"))
     }
 
     pub fn groups(&self) -> usize {

@@ -6,6 +6,7 @@
 
 mod dtype;
 mod error;
+pub mod factor;
 mod geometry;
 mod ids;
 

@@ -28,6 +28,49 @@ impl Codec {
     }
 }
 
+/// What a frame's values are (header byte 3; format v2, always `Full` in v1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FrameKind {
+    /// A whole slice or row group, `r × c` values in canonical orientation.
+    Full,
+    /// The per-frame factor P (`n × r`, position-major) of a factored slice: the slice is Pᵀ S.
+    Factor,
+    /// A shared factor S (`n × c`, position-major), used by several factored slices of a sample.
+    Shared,
+}
+
+impl FrameKind {
+    pub fn code(self) -> u8 {
+        match self {
+            FrameKind::Full => 0,
+            FrameKind::Factor => 1,
+            FrameKind::Shared => 2,
+        }
+    }
+
+    pub fn from_code(c: u8) -> Option<FrameKind> {
+        Some(match c {
+            0 => FrameKind::Full,
+            1 => FrameKind::Factor,
+            2 => FrameKind::Shared,
+            _ => return None,
+        })
+    }
+}
+
+impl std::fmt::Display for FrameKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FrameKind::Full => "full slice",
+            FrameKind::Factor => "per-slice factor",
+            FrameKind::Shared => "shared factor",
+        })
+    }
+}
+
+/// Limit on a factor's row count n (token positions, stacked over a weight's uses).
+pub const MAX_FACTOR_ROWS: u32 = 1 << 24;
+
 /// A parsed, validated frame header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FrameHeader {
@@ -37,6 +80,9 @@ pub struct FrameHeader {
     pub raw_len: u32,
     pub stored_len: u32,
     pub checksum: u64,
+    pub kind: FrameKind,
+    /// Row count n of a factor (`Factor`, `Shared`); 0 for `Full`.
+    pub rows: u32,
 }
 
 impl FrameHeader {
@@ -73,11 +119,25 @@ pub fn parse_frame_header(bytes: &[u8]) -> Result<FrameHeader> {
         what: "frame dtype",
         detail: format!("unknown code {}", bytes[2]),
     })?;
-    if bytes[3] != 0 || u32_at(bytes, 12) != 0 {
-        return Err(Error::Invalid {
-            what: "frame header",
-            detail: "reserved bytes are not zero".into(),
-        });
+    let kind = FrameKind::from_code(bytes[3]).ok_or_else(|| Error::Invalid {
+        what: "frame kind",
+        detail: format!("unknown code {}", bytes[3]),
+    })?;
+    let rows = u32_at(bytes, 12);
+    match kind {
+        FrameKind::Full if rows != 0 => {
+            return Err(Error::Invalid {
+                what: "frame header",
+                detail: format!("a full frame records {rows} factor rows (must be 0)"),
+            })
+        }
+        FrameKind::Factor | FrameKind::Shared if rows == 0 || rows > MAX_FACTOR_ROWS => {
+            return Err(Error::Invalid {
+                what: "frame header",
+                detail: format!("{kind} with {rows} rows (1..={MAX_FACTOR_ROWS} allowed)"),
+            })
+        }
+        _ => {}
     }
     let raw_len = u32_at(bytes, 4);
     let stored_len = u32_at(bytes, 8);
@@ -96,6 +156,12 @@ pub fn parse_frame_header(bytes: &[u8]) -> Result<FrameHeader> {
             detail: format!("{raw_len} is not a multiple of the {dtype} size"),
         });
     }
+    if rows > 0 && !(raw_len as usize).is_multiple_of(rows as usize * dtype.size()) {
+        return Err(Error::Invalid {
+            what: "frame raw_len",
+            detail: format!("{raw_len} bytes do not hold {rows} whole rows of {dtype}"),
+        });
+    }
     if codec == 0 && stored_len != raw_len {
         return Err(Error::Invalid {
             what: "frame stored_len",
@@ -109,6 +175,8 @@ pub fn parse_frame_header(bytes: &[u8]) -> Result<FrameHeader> {
         raw_len,
         stored_len,
         checksum: u64_at(bytes, 16),
+        kind,
+        rows,
     })
 }
 
@@ -136,9 +204,36 @@ impl Encoder {
         })
     }
 
-    /// Encodes `raw` (little-endian elements of `dtype`) into a complete frame written to `out`
-    /// (cleared first). Returns the frame header.
+    /// Encodes `raw` (little-endian elements of `dtype`) into a complete full-slice frame
+    /// written to `out` (cleared first). Returns the frame header.
     pub fn encode(&mut self, dtype: DType, raw: &[u8], out: &mut Vec<u8>) -> Result<FrameHeader> {
+        self.encode_kind(dtype, FrameKind::Full, 0, raw, out)
+    }
+
+    /// Like [`encode`](Self::encode) for any [`FrameKind`]; `rows` is the factor's row
+    /// count n (0 for a full frame).
+    pub fn encode_kind(
+        &mut self,
+        dtype: DType,
+        kind: FrameKind,
+        rows: u32,
+        raw: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<FrameHeader> {
+        let rows_ok = match kind {
+            FrameKind::Full => rows == 0,
+            _ => {
+                rows > 0
+                    && rows <= MAX_FACTOR_ROWS
+                    && raw.len().is_multiple_of(rows as usize * dtype.size())
+            }
+        };
+        if !rows_ok {
+            return Err(Error::Invalid {
+                what: "frame rows",
+                detail: format!("{kind} with {rows} rows and {} bytes", raw.len()),
+            });
+        }
         if raw.len() as u64 > MAX_FRAME_BYTES {
             return Err(Error::TooLarge {
                 what: "frame raw_len",
@@ -180,8 +275,10 @@ impl Encoder {
         out[0] = self.codec.code();
         out[1] = u8::from(self.shuffle);
         out[2] = dtype.code();
+        out[3] = kind.code();
         out[4..8].copy_from_slice(&(raw.len() as u32).to_le_bytes());
         out[8..12].copy_from_slice(&stored_len.to_le_bytes());
+        out[12..16].copy_from_slice(&rows.to_le_bytes());
         let sum = checksum(&[&out[..16], &out[FRAME_HEADER_LEN..]]);
         out[16..24].copy_from_slice(&sum.to_le_bytes());
         Ok(FrameHeader {
@@ -191,6 +288,8 @@ impl Encoder {
             raw_len: raw.len() as u32,
             stored_len,
             checksum: sum,
+            kind,
+            rows,
         })
     }
 }
@@ -247,8 +346,22 @@ pub fn decode_frame(
     let mut tmp;
     let decoded: &[u8] = if h.codec == 1 {
         tmp = Vec::with_capacity(raw_len);
-        let n = zstd::bulk::Decompressor::new()
-            .and_then(|mut d| d.decompress_to_buffer(payload, &mut tmp))
+        // One decompression context per thread: a factored sample is many small frames,
+        // and creating a context per frame cost more than decoding some of them.
+        thread_local! {
+            static DCTX: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+                const { std::cell::RefCell::new(None) };
+        }
+        let n = DCTX
+            .with(|c| {
+                let mut c = c.borrow_mut();
+                if c.is_none() {
+                    *c = Some(zstd::bulk::Decompressor::new()?);
+                }
+                c.as_mut()
+                    .expect("set above")
+                    .decompress_to_buffer(payload, &mut tmp)
+            })
             .map_err(|e| Error::Zstd(e.to_string()))?;
         if n != raw_len {
             return Err(Error::Invalid {
@@ -312,6 +425,35 @@ mod tests {
                 assert_eq!(h.frame_len(), f.len());
             }
         }
+    }
+
+    #[test]
+    fn factor_frames_record_kind_and_rows() {
+        let raw = sample_bytes(6 * 16);
+        let mut enc = Encoder::new(Codec::Zstd(1), true).unwrap();
+        let mut f = Vec::new();
+        let h = enc
+            .encode_kind(DType::Bf16, FrameKind::Factor, 6, &raw, &mut f)
+            .unwrap();
+        assert_eq!((f[3], u32_at(&f, 12)), (1, 6));
+        let mut out = Vec::new();
+        let back = decode_frame(&f, Some(h.checksum), &mut out).unwrap();
+        assert_eq!((back.kind, back.rows), (FrameKind::Factor, 6));
+        assert_eq!(out, raw);
+        // Rows that do not divide the values, zero rows, and rows on a full frame are refused.
+        for (kind, rows) in [
+            (FrameKind::Shared, 7),
+            (FrameKind::Factor, 0),
+            (FrameKind::Full, 6),
+        ] {
+            assert!(enc
+                .encode_kind(DType::Bf16, kind, rows, &raw, &mut f)
+                .is_err());
+        }
+        // An unknown kind code in a stored header is refused.
+        let mut g = encode_frame(Codec::None, false, DType::F32, &[0u8; 8]).unwrap();
+        g[3] = 3;
+        assert!(parse_frame_header(&g).is_err());
     }
 
     #[test]

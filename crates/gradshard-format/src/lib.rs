@@ -11,8 +11,8 @@ mod shuffle;
 
 pub use error::{Error, Result};
 pub use frame::{
-    decode_frame, encode_frame, parse_frame_header, Codec, Encoder, FrameHeader, FRAME_HEADER_LEN,
-    MAX_FRAME_BYTES,
+    decode_frame, encode_frame, parse_frame_header, Codec, Encoder, FrameHeader, FrameKind,
+    FRAME_HEADER_LEN, MAX_FACTOR_ROWS, MAX_FRAME_BYTES,
 };
 pub use log::{
     decode_log, encode_log_record, LogRecord, LogScan, LOG_HEADER, LOG_HEADER_LEN, MAX_RECORD_BODY,
@@ -26,7 +26,7 @@ pub use shuffle::{shuffle, unshuffle};
 
 /// Format version written by this crate. Readers accept versions in
 /// `OLDEST_READABLE..=FORMAT_VERSION`.
-pub const FORMAT_VERSION: u16 = 1;
+pub const FORMAT_VERSION: u16 = 2;
 pub const OLDEST_READABLE: u16 = 1;
 
 /// XXH3-64 with seed 0 over the concatenation of `parts`.

@@ -27,8 +27,13 @@ pub struct ShardHeader {
 
 impl ShardHeader {
     pub fn new(shard_no: u32, store_id: [u8; 16]) -> ShardHeader {
+        Self::with_version(FORMAT_VERSION, shard_no, store_id)
+    }
+
+    /// A header of an older format version (a writer appending to a v1 store writes v1 shards).
+    pub fn with_version(version: u16, shard_no: u32, store_id: [u8; 16]) -> ShardHeader {
         ShardHeader {
-            version: FORMAT_VERSION,
+            version,
             shard_no,
             store_id,
         }
@@ -84,14 +89,16 @@ pub struct TableEntry {
     pub checksum: u64,
 }
 
-/// Encodes a sample table for `entries` (in frame order).
-pub fn encode_sample_table(seq: u64, entries: &[TableEntry]) -> Vec<u8> {
-    let mut b = Vec::with_capacity(TABLE_HEAD_LEN + entries.len() * TABLE_ENTRY_LEN + 8);
+/// Encodes a sample table: `frames` (one entry per manifest frame, in frame order), then
+/// `shared` (the shared factors of a factored sample; empty for a full sample).
+pub fn encode_sample_table(seq: u64, frames: &[TableEntry], shared: &[TableEntry]) -> Vec<u8> {
+    let n = frames.len() + shared.len();
+    let mut b = Vec::with_capacity(TABLE_HEAD_LEN + n * TABLE_ENTRY_LEN + 8);
     b.extend_from_slice(TABLE_MAGIC);
-    b.extend_from_slice(&(entries.len() as u32).to_le_bytes());
-    b.extend_from_slice(&0u32.to_le_bytes());
+    b.extend_from_slice(&(frames.len() as u32).to_le_bytes());
+    b.extend_from_slice(&(shared.len() as u32).to_le_bytes());
     b.extend_from_slice(&seq.to_le_bytes());
-    for e in entries {
+    for e in frames.iter().chain(shared) {
         b.extend_from_slice(&e.offset.to_le_bytes());
         b.extend_from_slice(&e.frame_len.to_le_bytes());
         b.extend_from_slice(&e.raw_len.to_le_bytes());
@@ -108,13 +115,21 @@ pub fn encode_sample_table(seq: u64, entries: &[TableEntry]) -> Vec<u8> {
 pub struct TableView<'a> {
     bytes: &'a [u8],
     pub n_frames: u32,
+    /// Shared-factor entries after the frame entries (format v2): 0 for a sample stored
+    /// as full slices, the manifest's shared-factor count for a factored sample.
+    pub n_shared: u32,
     pub seq: u64,
 }
 
 impl<'a> TableView<'a> {
-    /// Total table bytes for `n` frames.
+    /// Total table bytes for `n` entries (frames plus shared factors).
     pub const fn table_len(n: usize) -> usize {
         TABLE_HEAD_LEN + n * TABLE_ENTRY_LEN + 8
+    }
+
+    /// Whether the sample is stored as factors.
+    pub fn is_factored(&self) -> bool {
+        self.n_shared > 0
     }
 
     /// Parses the table occupying exactly `bytes`, verifying magic, length and checksum.
@@ -143,14 +158,20 @@ impl<'a> TableView<'a> {
             });
         }
         let n = u32_at(bytes, 8);
-        if n > MAX_FRAMES_PER_SAMPLE {
-            return Err(Error::TooLarge {
-                what: "sample table n_frames",
-                value: n as u64,
-                limit: MAX_FRAMES_PER_SAMPLE as u64,
-            });
+        let n_shared = u32_at(bytes, 12);
+        for (what, v) in [
+            ("sample table n_frames", n),
+            ("sample table n_shared", n_shared),
+        ] {
+            if v > MAX_FRAMES_PER_SAMPLE {
+                return Err(Error::TooLarge {
+                    what,
+                    value: v as u64,
+                    limit: MAX_FRAMES_PER_SAMPLE as u64,
+                });
+            }
         }
-        let need = Self::table_len(n as usize);
+        let need = Self::table_len(n as usize + n_shared as usize);
         if bytes.len() != need {
             return Err(if bytes.len() < need {
                 Error::Truncated {
@@ -179,6 +200,7 @@ impl<'a> TableView<'a> {
         Ok(TableView {
             bytes,
             n_frames: n,
+            n_shared,
             seq: u64_at(bytes, 16),
         })
     }
@@ -186,6 +208,25 @@ impl<'a> TableView<'a> {
     /// Entry of frame `i` (panics if `i >= n_frames`; callers check against the manifest).
     pub fn entry(&self, i: usize) -> TableEntry {
         assert!(i < self.n_frames as usize, "frame {i} of {}", self.n_frames);
+        self.raw_entry(i)
+    }
+
+    /// Entry of shared factor `j` (panics if `j >= n_shared`).
+    pub fn shared_entry(&self, j: usize) -> TableEntry {
+        assert!(
+            j < self.n_shared as usize,
+            "shared factor {j} of {}",
+            self.n_shared
+        );
+        self.raw_entry(self.n_frames as usize + j)
+    }
+
+    /// Every entry: frames, then shared factors.
+    pub fn all_entries(&self) -> impl Iterator<Item = TableEntry> + '_ {
+        (0..(self.n_frames + self.n_shared) as usize).map(|i| self.raw_entry(i))
+    }
+
+    fn raw_entry(&self, i: usize) -> TableEntry {
         let o = TABLE_HEAD_LEN + i * TABLE_ENTRY_LEN;
         TableEntry {
             offset: u64_at(self.bytes, o),
@@ -282,7 +323,7 @@ mod tests {
         let h = ShardHeader::new(7, [0xAB; 16]);
         let b = h.encode();
         assert_eq!(&b[..8], b"GRADSHRD"); // magic
-        assert_eq!(&b[8..10], &[0x01, 0x00]); // version 1
+        assert_eq!(&b[8..10], &[0x02, 0x00]); // version 2
         assert_eq!(&b[10..12], &[0x40, 0x00]); // header_len 64
         assert_eq!(&b[12..16], &[0x07, 0x00, 0x00, 0x00]); // shard_no 7
         assert_eq!(&b[16..32], &[0xAB; 16]); // store id
@@ -321,11 +362,19 @@ mod tests {
                 checksum: i * 31,
             })
             .collect();
-        let t = encode_sample_table(42, &entries);
+        let t = encode_sample_table(42, &entries, &[]);
         assert_eq!(t.len(), TableView::table_len(5));
         let v = TableView::parse(&t).unwrap();
         assert_eq!(v.seq, 42);
         assert_eq!(v.entries().collect::<Vec<_>>(), entries);
+        assert!(!v.is_factored());
+        // A factored sample: 3 frame entries, then 2 shared factors.
+        let f = encode_sample_table(7, &entries[..3], &entries[3..]);
+        let v = TableView::parse(&f).unwrap();
+        assert_eq!((v.n_frames, v.n_shared, v.is_factored()), (3, 2, true));
+        assert_eq!(v.entries().collect::<Vec<_>>(), entries[..3]);
+        assert_eq!(v.shared_entry(1), entries[4]);
+        assert_eq!(v.all_entries().collect::<Vec<_>>(), entries);
         let mut bad = t.clone();
         bad[30] ^= 1;
         assert!(matches!(

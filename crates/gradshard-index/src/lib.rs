@@ -9,7 +9,7 @@
 mod order;
 mod plan;
 
-pub use order::{FrameKey, FrameOrder};
+pub use order::{FrameKey, FrameOrder, SharedFactor, SharedKey};
 pub use plan::{Index, PlannedRead, ReadPlan};
 
 use gradshard_core::{SampleId, TaskName};
@@ -44,6 +44,15 @@ pub enum Error {
         "task `{task}` sample {id}: sample table has {found} frames, the manifest says {expected}"
     )]
     FrameCount {
+        task: TaskName,
+        id: SampleId,
+        found: u32,
+        expected: usize,
+    },
+    #[error(
+        "task `{task}` sample {id}: sample table has {found} shared factors, the manifest says {expected} (or 0 for a sample stored as full slices)"
+    )]
+    SharedCount {
         task: TaskName,
         id: SampleId,
         found: u32,

@@ -13,6 +13,24 @@ pub enum FrameKey {
     Other { tensor: usize, group: usize },
 }
 
+/// What one shared factor S of a factored sample is (docs/format.md, "Factored samples").
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum SharedKey {
+    /// The attention input of a layer (after its norm): S of every Q, K and V slice.
+    AttnIn { layer: usize },
+    /// The gradient of a layer's attention output projection (n × D): S of every O slice.
+    OGrad { layer: usize },
+    /// S of the row groups of `other_tensors` whose `factor_group` (else name) is this.
+    Other { group: String },
+}
+
+/// One shared factor: what it is and its columns (its rows are the sample's n).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedFactor {
+    pub key: SharedKey,
+    pub cols: usize,
+}
+
 /// The frame order of every sample of a store (docs/format.md, "Frame order"):
 /// attention frames layer by layer, stored blocks in Q K V O order, heads in
 /// order; then the row groups of each other tensor.
@@ -26,6 +44,13 @@ pub struct FrameOrder {
     per_layer: usize,
     /// First frame number of each other tensor, plus the total at the end.
     other_base: Vec<usize>,
+    /// Shared factors of a factored sample, in table order.
+    shared: Vec<SharedFactor>,
+    /// Shared-factor index of the attention blocks of layer 0 (Q K V O), per layer + stride.
+    attn_shared: [Option<usize>; 4],
+    shared_per_layer: usize,
+    /// Shared-factor index of each other tensor.
+    other_shared: Vec<usize>,
 }
 
 impl FrameOrder {
@@ -49,6 +74,55 @@ impl FrameOrder {
             n += t.groups();
         }
         other_base.push(n);
+        // Shared factors: per layer the attention input (if Q, K or V is stored) and the
+        // O output gradient (if O is stored); then one per factor group of other tensors.
+        let mut attn_shared = [None; 4];
+        let mut shared_per_layer = 0;
+        if bl.iter().any(|b| *b != Block::O) {
+            for b in bl.iter().filter(|b| **b != Block::O) {
+                attn_shared[b.index()] = Some(0);
+            }
+            shared_per_layer += 1;
+        }
+        if bl.contains(&Block::O) {
+            attn_shared[Block::O.index()] = Some(shared_per_layer);
+            shared_per_layer += 1;
+        }
+        let mut shared = Vec::new();
+        for layer in 0..geometry.layers {
+            if attn_shared[Block::Q.index()].is_some()
+                || attn_shared[Block::K.index()].is_some()
+                || attn_shared[Block::V.index()].is_some()
+            {
+                shared.push(SharedFactor {
+                    key: SharedKey::AttnIn { layer },
+                    cols: geometry.hidden,
+                });
+            }
+            if attn_shared[Block::O.index()].is_some() {
+                shared.push(SharedFactor {
+                    key: SharedKey::OGrad { layer },
+                    cols: geometry.hidden,
+                });
+            }
+        }
+        let mut other_shared = Vec::with_capacity(others.len());
+        for t in others {
+            let key = SharedKey::Other {
+                group: t.factor_group.clone().unwrap_or_else(|| t.name.clone()),
+            };
+            let j = match shared.iter().position(|s| s.key == key) {
+                Some(j) => j,
+                None => {
+                    shared.push(SharedFactor {
+                        key,
+                        cols: t.shape[1],
+                    });
+                    shared.len() - 1
+                }
+            };
+            other_shared.push(j);
+        }
         FrameOrder {
             geometry: geometry.clone(),
             blocks: bl,
@@ -56,6 +130,46 @@ impl FrameOrder {
             block_base,
             per_layer,
             other_base,
+            shared,
+            attn_shared,
+            shared_per_layer,
+            other_shared,
+        }
+    }
+
+    /// Shared factors of a factored sample, in table order.
+    pub fn shared(&self) -> &[SharedFactor] {
+        &self.shared
+    }
+
+    /// Shared factors per sample (the `n_shared` of a factored sample's table).
+    pub fn n_shared(&self) -> usize {
+        self.shared.len()
+    }
+
+    /// For a factored sample, frame `frame` is `P_fᵀ S_j` with P_f `n × rows` and S_j
+    /// `n × cols`: returns `(j, rows, cols)`.
+    pub fn factor_of(&self, frame: usize) -> Option<(usize, usize, usize)> {
+        match self.key(frame)? {
+            FrameKey::Attn { layer, block, .. } => {
+                let j = layer * self.shared_per_layer + self.attn_shared[block.index()]?;
+                Some((j, self.geometry.head_dim, self.geometry.hidden))
+            }
+            FrameKey::Other { tensor, group } => {
+                let t = &self.others[tensor];
+                let (a, b) = t.group_rows(group);
+                Some((self.other_shared[tensor], b - a, t.shape[1]))
+            }
+        }
+    }
+
+    /// Human-readable name of a shared factor, for error messages.
+    pub fn describe_shared(&self, j: usize) -> String {
+        match self.shared.get(j).map(|s| &s.key) {
+            Some(SharedKey::AttnIn { layer }) => format!("layer {layer} attention input factor"),
+            Some(SharedKey::OGrad { layer }) => format!("layer {layer} O output-gradient factor"),
+            Some(SharedKey::Other { group }) => format!("shared factor of `{group}`"),
+            None => format!("shared factor {j} (out of range)"),
         }
     }
 
@@ -188,6 +302,7 @@ mod tests {
             shape: [10, 64],
             rows_per_group: 4,
             out_axis: 0,
+            factor_group: None,
         }];
         for blocks in [Block::ALL.to_vec(), vec![Block::O, Block::K]] {
             let o = FrameOrder::new(&g, &blocks, &others);

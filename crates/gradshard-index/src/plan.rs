@@ -87,7 +87,11 @@ pub struct PlannedRead {
     /// Frame number within the sample (manifest order).
     pub frame: usize,
     pub shard: u32,
+    /// The full frame, or for a factored sample the per-frame factor P.
     pub entry: TableEntry,
+    /// For a factored sample: the shared factor S (its index in the manifest's
+    /// shared-factor order, and its table entry). The slice is Pᵀ S.
+    pub shared: Option<(usize, TableEntry)>,
 }
 
 /// Frames a query needs, sorted by (shard, offset) so reads sweep each file forward.
@@ -130,12 +134,30 @@ impl ReadPlan {
                     expected: n,
                 });
             }
+            if view.is_factored() && view.n_shared as usize != order.n_shared() {
+                return Err(Error::SharedCount {
+                    task: r.task.clone(),
+                    id: r.id.clone(),
+                    found: view.n_shared,
+                    expected: order.n_shared(),
+                });
+            }
             for (j, f) in frames.iter().enumerate() {
+                let shared = if view.is_factored() {
+                    let (sj, _, _) = order.factor_of(*f).ok_or_else(|| Error::NoSuchFrame {
+                        what: "shared factor",
+                        detail: format!("frame {f} ({}) has none", order.describe(*f)),
+                    })?;
+                    Some((sj, view.shared_entry(sj)))
+                } else {
+                    None
+                };
                 reads.push(PlannedRead {
                     slot: i * frames.len() + j,
                     frame: *f,
                     shard: r.shard,
                     entry: view.entry(*f),
+                    shared,
                 });
             }
         }
@@ -143,9 +165,20 @@ impl ReadPlan {
         Ok(ReadPlan { reads })
     }
 
-    /// Bytes the plan reads.
+    /// Bytes of the frames the plan names (a shared factor named by several reads of one
+    /// sample counts once).
     pub fn bytes(&self) -> u64 {
-        self.reads.iter().map(|r| r.entry.frame_len as u64).sum()
+        let mut seen = std::collections::HashSet::new();
+        self.reads
+            .iter()
+            .map(|r| {
+                let s = r
+                    .shared
+                    .filter(|(_, e)| seen.insert((r.shard, e.offset)))
+                    .map_or(0, |(_, e)| e.frame_len as u64);
+                r.entry.frame_len as u64 + s
+            })
+            .sum()
     }
 }
 

@@ -18,7 +18,7 @@ use std::str::FromStr;
 use crate::config::ModelConfig;
 use crate::data::TokenSample;
 use crate::error::{Error, Result};
-use crate::grads::{Engine, SampleGrads, SampleLoss};
+use crate::grads::{Engine, SampleFactors, SampleGrads, SampleLoss};
 use crate::model::{ParamInfo, ParamSet};
 
 /// CPU backend with autodiff (burn ndarray, f32).
@@ -208,36 +208,70 @@ impl GradModel {
         }
     }
 
+    /// Per-sample gradient factors (G = AᵀB per tracked weight, see
+    /// [`crate::TensorFactors`]) of all `samples` from one backward pass.
+    pub fn factors(&self, samples: &[TokenSample]) -> Result<Vec<SampleFactors>> {
+        dispatch!(self, e => e.factors_batched(samples))
+    }
+
     /// Streams per-sample gradients: reads `samples` in chunks of `batch`,
     /// computes each chunk and hands every sample's result to `sink` before
     /// reading the next chunk, so at most `batch` samples are in memory.
     /// Stops at the first error (from the input, the model or `sink`).
     /// Returns the number of samples processed.
-    pub fn for_each_grads<I, F>(&self, samples: I, batch: usize, mut sink: F) -> Result<usize>
+    pub fn for_each_grads<I, F>(&self, samples: I, batch: usize, sink: F) -> Result<usize>
     where
         I: IntoIterator<Item = Result<TokenSample>>,
         F: FnMut(SampleGrads) -> Result<()>,
     {
-        if batch == 0 {
-            return Err(Error::InvalidArgument("batch size must be >= 1".into()));
+        for_each_chunk(samples, batch, |chunk| self.grads(chunk), sink)
+    }
+
+    /// [`GradModel::for_each_grads`] yielding factors ([`GradModel::factors`])
+    /// instead of gradients: same chunking by `batch`, same error handling.
+    /// Every chunk, a single sample included, takes the batched (tap) path.
+    pub fn for_each_factors<I, F>(&self, samples: I, batch: usize, sink: F) -> Result<usize>
+    where
+        I: IntoIterator<Item = Result<TokenSample>>,
+        F: FnMut(SampleFactors) -> Result<()>,
+    {
+        for_each_chunk(samples, batch, |chunk| self.factors(chunk), sink)
+    }
+}
+
+/// Reads `samples` in chunks of `batch`, runs `compute` on each chunk and
+/// hands every result to `sink` before reading the next chunk; stops at the
+/// first error; returns the number of results handed over.
+fn for_each_chunk<I, T, C, F>(
+    samples: I,
+    batch: usize,
+    mut compute: C,
+    mut sink: F,
+) -> Result<usize>
+where
+    I: IntoIterator<Item = Result<TokenSample>>,
+    C: FnMut(&[TokenSample]) -> Result<Vec<T>>,
+    F: FnMut(T) -> Result<()>,
+{
+    if batch == 0 {
+        return Err(Error::InvalidArgument("batch size must be >= 1".into()));
+    }
+    let mut it = samples.into_iter();
+    let mut done = 0;
+    loop {
+        let mut chunk = Vec::with_capacity(batch);
+        for s in it.by_ref() {
+            chunk.push(s?);
+            if chunk.len() == batch {
+                break;
+            }
         }
-        let mut it = samples.into_iter();
-        let mut done = 0;
-        loop {
-            let mut chunk = Vec::with_capacity(batch);
-            for s in it.by_ref() {
-                chunk.push(s?);
-                if chunk.len() == batch {
-                    break;
-                }
-            }
-            if chunk.is_empty() {
-                return Ok(done);
-            }
-            for g in self.grads(&chunk)? {
-                sink(g)?;
-                done += 1;
-            }
+        if chunk.is_empty() {
+            return Ok(done);
+        }
+        for g in compute(&chunk)? {
+            sink(g)?;
+            done += 1;
         }
     }
 }

@@ -14,8 +14,12 @@
 //!   positions are masked out of the loss (weight 0) and, being *after* every
 //!   real position, are never attended to by real positions (causal mask), so
 //!   their δ is exactly zero and they add nothing to δᵀ·x.
+//!
+//! [`Engine::factors_batched`] runs the same tap pass but returns, per tracked
+//! weight and sample, the factors A, B with G = AᵀB ([`TensorFactors`]),
+//! sliced to the sample's real positions, instead of forming G.
 
-use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::IndexingUpdateOp;
 use burn::tensor::{Int, Tensor, TensorData};
 
@@ -231,42 +235,71 @@ impl<A: AutodiffBackend> Engine<A> {
         })
     }
 
-    /// Batched path: all samples in one backward, per-sample gradients from taps.
-    pub fn grads_batched(&self, samples: &[TokenSample]) -> Result<Vec<SampleGrads>> {
+    /// The Tap-mode forward and backward of one padded batch shared by
+    /// [`Engine::grads_batched`] and [`Engine::factors_batched`]: per-sample
+    /// losses and, for every tap in forward order, δ with the tap's input.
+    /// Fails when a tracked weight was never tapped.
+    fn tap_pass(&self, samples: &[TokenSample]) -> Result<TapPass<Inner<A>>> {
         let batch = self.batch(samples)?;
-        let b = samples.len();
         let mut ctx = Ctx::new(GradMode::Tap, &self.tracked);
         let loss = self.losses(&batch, &mut ctx)?;
         // Σ_b L_b: samples do not interact, so dΣ/dz restricted to sample b is dL_b/dz.
         let grads = loss.clone().sum().backward();
         let losses = to_vec(loss, "reading losses")?;
-
-        // Per-sample gradient [b, rows, cols] of every tracked param, summed over its uses.
-        let mut acc: Vec<Option<Tensor<Inner<A>, 3>>> = vec![None; self.model.params.len()];
-        for tap in &ctx.taps {
-            let p = &self.model.params[tap.idx];
+        let mut taps = Vec::with_capacity(ctx.taps.len());
+        for tap in ctx.taps {
             let delta = tap.z.grad(&grads).ok_or_else(|| {
                 backend_err(
                     "collecting gradients",
-                    format!("no output gradient for {}", p.name),
+                    format!("no output gradient for {}", self.model.params[tap.idx].name),
                 )
             })?;
-            let g = match &tap.input {
+            taps.push(TapGrad {
+                idx: tap.idx,
+                delta,
+                input: tap.input,
+            });
+        }
+        for (idx, p) in self.model.params.iter().enumerate() {
+            if self.tracked[idx] && !taps.iter().any(|t| t.idx == idx) {
+                return Err(backend_err(
+                    "collecting gradients",
+                    format!("{} was not used in the forward pass", p.name),
+                ));
+            }
+        }
+        Ok(TapPass {
+            t: batch.t,
+            losses,
+            taps,
+        })
+    }
+
+    /// Batched path: all samples in one backward, per-sample gradients from taps.
+    pub fn grads_batched(&self, samples: &[TokenSample]) -> Result<Vec<SampleGrads>> {
+        let pass = self.tap_pass(samples)?;
+        let b = samples.len();
+
+        // Per-sample gradient [b, rows, cols] of every tracked param, summed over its uses.
+        let mut acc: Vec<Option<Tensor<Inner<A>, 3>>> = vec![None; self.model.params.len()];
+        for tap in pass.taps {
+            let delta = tap.delta;
+            let g = match tap.input {
                 // δ [b,t,out], x [b,t,in]: g_b = δ_bᵀ x_b [out,in]
                 TapInput::Linear {
                     x,
                     layout: Layout::OutIn,
-                } => delta.swap_dims(1, 2).matmul(x.clone()),
+                } => delta.swap_dims(1, 2).matmul(x),
                 // Conv1D: g_b = x_bᵀ δ_b [in,out]
                 TapInput::Linear {
                     x,
                     layout: Layout::InOut,
-                } => x.clone().swap_dims(1, 2).matmul(delta),
+                } => x.swap_dims(1, 2).matmul(delta),
                 // g_b[r] = Σ_{p: ids_b[p] = r} δ_b[p]  ([rows, D])
                 TapInput::Rows { ids, rows } => {
                     let [bb, t, d] = delta.dims();
-                    let index = ids.clone().reshape([bb, t, 1]).repeat_dim(2, d);
-                    Tensor::<Inner<A>, 3>::zeros([bb, *rows, d], &delta.device()).scatter(
+                    let index = ids.reshape([bb, t, 1]).repeat_dim(2, d);
+                    Tensor::<Inner<A>, 3>::zeros([bb, rows, d], &delta.device()).scatter(
                         1,
                         index,
                         delta,
@@ -282,7 +315,7 @@ impl<A: AutodiffBackend> Engine<A> {
 
         let mut out: Vec<SampleGrads> = samples
             .iter()
-            .zip(&losses)
+            .zip(&pass.losses)
             .map(|(s, &l)| SampleGrads {
                 id: s.id.clone(),
                 tokens: s.predicted(),
@@ -322,5 +355,259 @@ impl<A: AutodiffBackend> Engine<A> {
             }
         }
         Ok(out)
+    }
+
+    /// Batched path returning factors instead of gradients: one backward for
+    /// all samples, then, for every tracked weight of every sample, A and B
+    /// with G = AᵀB (see [`TensorFactors`]). Each tap's δ and input are read
+    /// to the host once per batch and sliced per sample to its T real
+    /// positions (padding never enters a factor); a weight used several
+    /// times (GPT-2's tied wte / lm_head) stacks its uses' rows in forward
+    /// order.
+    pub fn factors_batched(&self, samples: &[TokenSample]) -> Result<Vec<SampleFactors>> {
+        let pass = self.tap_pass(samples)?;
+        let b = samples.len();
+        let t = pass.t;
+        let lens: Vec<usize> = samples.iter().map(TokenSample::predicted).collect();
+
+        // slot[idx]: position of param idx among the tracked ones.
+        let mut slot = vec![usize::MAX; self.model.params.len()];
+        let mut uses = vec![0usize; self.model.params.len()];
+        for tap in &pass.taps {
+            uses[tap.idx] += 1;
+        }
+        let mut out: Vec<SampleFactors> = samples
+            .iter()
+            .zip(&pass.losses)
+            .zip(&lens)
+            .map(|((s, &l), &n)| SampleFactors {
+                id: s.id.clone(),
+                tokens: n,
+                loss_sum: l as f64,
+                factors: Vec::new(),
+            })
+            .collect();
+        for (idx, p) in self.model.params.iter().enumerate() {
+            if !self.tracked[idx] {
+                continue;
+            }
+            slot[idx] = out[0].factors.len();
+            let (r, c) = (p.shape[0], p.shape[1]);
+            for (s, &n) in out.iter_mut().zip(&lens) {
+                let n = n * uses[idx];
+                s.factors.push(TensorFactors {
+                    name: p.name.clone(),
+                    shape: p.shape.clone(),
+                    n: 0,
+                    a: Vec::with_capacity(n * r),
+                    b: Vec::with_capacity(n * c),
+                });
+            }
+        }
+
+        for tap in pass.taps {
+            let p = &self.model.params[tap.idx];
+            let (r, c) = (p.shape[0], p.shape[1]);
+            let bad =
+                |what: String| backend_err("collecting factors", format!("{}: {what}", p.name));
+            let [db, dt, dw] = tap.delta.dims();
+            if db != b || dt != t {
+                return Err(bad(format!(
+                    "output gradient is [{db}, {dt}, {dw}], batch is [{b}, {t}]"
+                )));
+            }
+            let delta = to_vec(tap.delta, "reading output gradients")?;
+            match tap.input {
+                TapInput::Linear { x, layout } => {
+                    let [xb, xt, xw] = x.dims();
+                    // (A width, B width) = (shape[0], shape[1])
+                    let widths = match layout {
+                        Layout::OutIn => (dw, xw),
+                        Layout::InOut => (xw, dw),
+                    };
+                    if xb != b || xt != t || widths != (r, c) {
+                        return Err(bad(format!(
+                            "tap is δ [{db}, {dt}, {dw}], x [{xb}, {xt}, {xw}] ({layout:?})"
+                        )));
+                    }
+                    let x = to_vec(x, "reading tap inputs")?;
+                    for (i, (s, &n)) in out.iter_mut().zip(&lens).enumerate() {
+                        let f = &mut s.factors[slot[tap.idx]];
+                        let d_rows = &delta[i * t * dw..(i * t + n) * dw];
+                        let x_rows = &x[i * t * xw..(i * t + n) * xw];
+                        let (a, bb) = match layout {
+                            Layout::OutIn => (d_rows, x_rows),
+                            Layout::InOut => (x_rows, d_rows),
+                        };
+                        f.a.extend_from_slice(a);
+                        f.b.extend_from_slice(bb);
+                        f.n += n;
+                    }
+                }
+                TapInput::Rows { ids, rows } => {
+                    let [ib, it] = ids.dims();
+                    if ib != b || it != t || rows != r || dw != c {
+                        return Err(bad(format!(
+                            "tap is δ [{db}, {dt}, {dw}], ids [{ib}, {it}] into {rows} rows"
+                        )));
+                    }
+                    let ids = ids
+                        .into_data()
+                        .convert::<i64>()
+                        .into_vec::<i64>()
+                        .map_err(|e| backend_err("reading tap row ids", e))?;
+                    for (i, (s, &n)) in out.iter_mut().zip(&lens).enumerate() {
+                        let f = &mut s.factors[slot[tap.idx]];
+                        let start = f.a.len();
+                        f.a.resize(start + n * r, 0.0);
+                        for (pos, &id) in ids[i * t..i * t + n].iter().enumerate() {
+                            let id = usize::try_from(id)
+                                .ok()
+                                .filter(|&id| id < r)
+                                .ok_or_else(|| bad(format!("row id {id} outside 0..{r}")))?;
+                            f.a[start + pos * r + id] = 1.0;
+                        }
+                        f.b.extend_from_slice(&delta[i * t * dw..(i * t + n) * dw]);
+                        f.n += n;
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The result of [`Engine::tap_pass`].
+struct TapPass<B: Backend> {
+    /// Padded length of the batch (positions per sample row).
+    t: usize,
+    /// Σ over real positions of the cross-entropy, one per sample.
+    losses: Vec<f32>,
+    /// One per tap, in forward order.
+    taps: Vec<TapGrad<B>>,
+}
+
+/// One tap after the backward: its param, δ = dL/d(output) [b, t, out] and
+/// the input it saved.
+struct TapGrad<B: Backend> {
+    idx: usize,
+    delta: Tensor<B, 3>,
+    input: TapInput<B>,
+}
+
+/// G = AᵀB for one tracked weight of one sample, in the stored orientation:
+/// G has the HF shape `[shape[0], shape[1]]` and the row-major layout of
+/// [`TensorGrad::data`].
+///
+/// Per use of the weight, with the sample's T real positions as rows:
+/// - a torch Linear ([out, in]): A = δ (T × out), B = x (T × in);
+/// - a GPT-2 Conv1D ([in, out]): A = x (T × in), B = δ (T × out);
+/// - an embedding lookup ([rows, D]): A = one-hot of the looked-up ids
+///   (T × rows, dense), B = δ (T × D).
+///
+/// A weight used several times stacks its uses' rows (A = vstack(A_u),
+/// B = vstack(B_u)), so n = Σ_u T.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorFactors {
+    pub name: String,
+    /// Stored (HF) shape `[rows, cols]` of the weight and of G.
+    pub shape: Vec<usize>,
+    /// Number of stacked positions.
+    pub n: usize,
+    /// n × shape[0], row-major.
+    pub a: Vec<f32>,
+    /// n × shape[1], row-major.
+    pub b: Vec<f32>,
+}
+
+impl TensorFactors {
+    /// Forms G = AᵀB (shape[0] × shape[1], row-major, f32) with `gemm`
+    /// (multi-threaded on rayon's pool when large enough).
+    ///
+    /// # Panics
+    /// When `shape` is not 2-D or `a`/`b` do not hold n × shape[0] /
+    /// n × shape[1] values.
+    pub fn gradient(&self) -> Vec<f32> {
+        assert_eq!(
+            self.shape.len(),
+            2,
+            "{}: factors need a 2-D shape",
+            self.name
+        );
+        let (r, c, n) = (self.shape[0], self.shape[1], self.n);
+        assert_eq!(self.a.len(), n * r, "{}: A must be n × shape[0]", self.name);
+        assert_eq!(self.b.len(), n * c, "{}: B must be n × shape[1]", self.name);
+        let mut g = vec![0f32; r * c];
+        if r == 0 || c == 0 || n == 0 {
+            return g;
+        }
+        // SAFETY: dst is `g` [r × c] row-major (column stride 1, row stride c),
+        // r·c values; lhs is Aᵀ [r × n], element (i, k) = a[k·r + i] (column
+        // stride r, row stride 1) inside `a`'s n·r values; rhs is B [n × c]
+        // row-major inside `b`'s n·c values (lengths asserted above).
+        // `read_dst = false`: g = 1·AᵀB.
+        unsafe {
+            gemm::gemm(
+                r,
+                c,
+                n,
+                g.as_mut_ptr(),
+                1,
+                c as isize,
+                false,
+                self.a.as_ptr(),
+                r as isize,
+                1,
+                self.b.as_ptr(),
+                1,
+                c as isize,
+                0.0f32,
+                1.0f32,
+                false,
+                false,
+                false,
+                gemm::Parallelism::Rayon(0),
+            );
+        }
+        g
+    }
+
+    /// The gradient as a [`TensorGrad`] (consumes the factors).
+    pub fn into_grad(self) -> TensorGrad {
+        let data = self.gradient();
+        TensorGrad {
+            name: self.name,
+            shape: self.shape,
+            data,
+        }
+    }
+}
+
+/// One sample's result as factors (see [`TensorFactors`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SampleFactors {
+    pub id: SampleId,
+    /// T, the number of predicted positions (n - 1).
+    pub tokens: usize,
+    /// Σ over predicted positions of the cross-entropy, in nats.
+    pub loss_sum: f64,
+    /// Factors of the tracked weights, in checkpoint order (the order of
+    /// [`SampleGrads::grads`]).
+    pub factors: Vec<TensorFactors>,
+}
+
+impl SampleFactors {
+    /// Forms every gradient.
+    pub fn into_grads(self) -> SampleGrads {
+        SampleGrads {
+            id: self.id,
+            tokens: self.tokens,
+            loss_sum: self.loss_sum,
+            grads: self
+                .factors
+                .into_iter()
+                .map(TensorFactors::into_grad)
+                .collect(),
+        }
     }
 }

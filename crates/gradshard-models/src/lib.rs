@@ -6,7 +6,9 @@
 //!   f32/bf16/f16 checkpoints are widened on load.
 //! - g = d(Σ over predicted positions of cross-entropy)/dW per sample, for a
 //!   chosen [`ParamSet`], under HF parameter names and HF shapes, either one
-//!   sample per backward or several per backward ([`GradModel::grads_batched`]).
+//!   sample per backward or several per backward ([`GradModel::grads_batched`]),
+//!   or as factors G = AᵀB from the batched pass ([`GradModel::factors`],
+//!   [`TensorFactors`]).
 //! - [`write_grads`] implements `gradshard grads` (one `<id>.safetensors` per
 //!   sample).
 //!
@@ -31,7 +33,7 @@ pub use data::{
 pub use device::CudaBackend;
 pub use device::{cuda_available, CpuBackend, Device, GradModel};
 pub use error::{Error, Result};
-pub use grads::{Engine, SampleGrads, SampleLoss, TensorGrad};
+pub use grads::{Engine, SampleFactors, SampleGrads, SampleLoss, TensorFactors, TensorGrad};
 pub use model::{checkpoint_spec, ParamInfo, ParamKind, ParamSet};
 pub use random::{write_random_checkpoint, write_random_tasks, RandomCheckpoint, WeightDtype};
 pub use write::{write_grads, write_sample, GradsOptions, GradsReport, Progress};

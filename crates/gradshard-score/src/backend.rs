@@ -75,6 +75,31 @@ pub trait Backend: Sync {
         Ok(())
     }
 
+    /// Whether [`prefetch_factors`](Self::prefetch_factors) is implemented: a device
+    /// backend multiplies a factored store's factors out on the device, so the reader
+    /// uploads the factors (a fraction of the slice's bytes) instead of the slice.
+    fn wants_factors(&self) -> bool {
+        false
+    }
+
+    /// Like [`prefetch`](Self::prefetch), but from the tile's factors: the device tile
+    /// (`rows × width`) is formed as `pᵀ s` per sample on the device and filed under the
+    /// host buffer `key` (`rows × width` long; its values are not read) for the
+    /// [`fused_slice`](Self::fused_slice) call that follows.
+    fn prefetch_factors(
+        &self,
+        key: &[f32],
+        tile: &gradshard_store::FactorTile,
+        rows: usize,
+        width: usize,
+    ) -> Result<()> {
+        let _ = (key, tile, rows, width);
+        Err(Error::Backend {
+            backend: "engine",
+            message: format!("backend {} takes no factor tiles", self.name()),
+        })
+    }
+
     /// Scores a whole slice in one go and leaves both Fishers on the device (a device
     /// backend's fast path: the only blocking transfer is M). `None`: not supported,
     /// the engine uses the per-step methods. The engine calls it only for slices that

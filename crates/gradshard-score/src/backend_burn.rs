@@ -111,7 +111,14 @@ pub struct BurnBackend<B: BurnB> {
     cache: Mutex<Vec<Cached<B>>>,
     cpu: CpuBackend,
     stats: Mutex<GpuStats>,
+    /// Device copies of the last shared-factor batches `[rows, n_max, c]`, keyed by the
+    /// host factors' addresses: the slices of one layer of a factored store share S, so
+    /// S goes up once per layer and task, and only P per slice.
+    shared: Mutex<Vec<(Vec<(usize, usize)>, usize, Tensor<B, 3>)>>,
 }
+
+/// Shared-factor batches kept on the device (one per task, with room to spare).
+const CACHE_SHARED: usize = 4;
 
 /// Counters of the GPU work (for benchmarks).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -130,6 +137,11 @@ pub struct GpuStats {
     pub fused_slices: u64,
     /// GEMMs run.
     pub gemms: u64,
+    /// Tiles formed on the device from a factored store's factors
+    /// ([`Backend::prefetch_factors`]).
+    pub factor_tiles: u64,
+    /// Shared-factor batches reused on the device (not uploaded again).
+    pub shared_reused: u64,
 }
 
 impl<B: BurnB> std::fmt::Debug for BurnBackend<B> {
@@ -218,6 +230,7 @@ impl<B: BurnB> BurnBackend<B> {
             k_block: 1 << 15,
             fused_enabled: true,
             cache: Mutex::new(Vec::new()),
+            shared: Mutex::new(Vec::new()),
             cpu: CpuBackend::default(),
             stats: Mutex::new(GpuStats::default()),
         }
@@ -514,6 +527,39 @@ impl<B: BurnB> BurnBackend<B> {
     }
 }
 
+impl<B: BurnB> BurnBackend<B> {
+    /// The device batch `[rows, n_max, c]` of the tile's shared factors (zero rows past
+    /// each sample's n), reused when the same host factors were uploaded before.
+    fn shared_batch(&self, t: &gradshard_store::FactorTile, n_max: usize) -> Tensor<B, 3> {
+        let key: Vec<(usize, usize)> = t
+            .samples
+            .iter()
+            .map(|f| (f.s.as_ptr() as usize, f.s.len()))
+            .collect();
+        {
+            let cache = self.shared.lock().unwrap();
+            if let Some((_, _, dev)) = cache.iter().find(|(k, n, _)| *k == key && *n == n_max) {
+                self.stats.lock().unwrap().shared_reused += 1;
+                return dev.clone();
+            }
+        }
+        let rows = t.samples.len();
+        let mut host = vec![0f32; rows * n_max * t.c];
+        host.par_chunks_mut(n_max * t.c)
+            .zip(&t.samples)
+            .for_each(|(dst, f)| dst[..f.s.len()].copy_from_slice(&f.s));
+        let dev = self
+            .upload(&host, rows * n_max, t.c)
+            .reshape([rows, n_max, t.c]);
+        let mut cache = self.shared.lock().unwrap();
+        cache.push((key, n_max, dev.clone()));
+        if cache.len() > CACHE_SHARED {
+            cache.remove(0);
+        }
+        dev
+    }
+}
+
 impl<B: BurnB> Backend for BurnBackend<B> {
     fn name(&self) -> &'static str {
         self.name
@@ -556,6 +602,67 @@ impl<B: BurnB> Backend for BurnBackend<B> {
 
     fn supports_fused(&self) -> bool {
         self.fused_enabled
+    }
+
+    fn wants_factors(&self) -> bool {
+        true
+    }
+
+    fn prefetch_factors(
+        &self,
+        key: &[f32],
+        t: &gradshard_store::FactorTile,
+        rows: usize,
+        width: usize,
+    ) -> Result<()> {
+        check_len("burn", "factor tile key", key.len(), rows * width)?;
+        check_len("burn", "factor tile samples", t.samples.len(), rows)?;
+        check_len("burn", "factor tile width", t.r * t.c, width)?;
+        if rows == 0 || width == 0 {
+            return Ok(());
+        }
+        let n_max = t.samples.iter().map(|f| f.n).max().unwrap_or(0).max(1);
+        let mut p = vec![0f32; rows * n_max * t.r];
+        p.par_chunks_mut(n_max * t.r)
+            .zip(&t.samples)
+            .for_each(|(dst, f)| dst[..f.p.len()].copy_from_slice(&f.p));
+        let pd = self
+            .upload(&p, rows * n_max, t.r)
+            .reshape([rows, n_max, t.r]);
+        let sd = self.shared_batch(t, n_max);
+        // G_i = P_iᵀ S_i for every sample at once; zero rows past n_i add nothing. In the
+        // exact precision the product is formed in f64 (CPU-identical to rounding).
+        let pt = pd.swap_dims(1, 2);
+        let g = match self.precision {
+            // f32 matmul runs as TF32 on Hopper's tensor cores (10-bit mantissa). Split
+            // each operand into a bf16 head and its remainder (a = a_hi + a_lo exactly):
+            // a_hi·b_hi is exact in TF32, the cross terms lose ~2⁻²⁰, and a_lo·b_lo
+            // (≤ 2⁻¹⁸ relative) is kept too, so the product is f32-accurate to ~1e-6.
+            // A bf16 store's factors have no remainder, and their product is exact.
+            // (A device without bf16 tensors — burn ndarray — multiplies in true f32.)
+            GpuPrecision::F64 if self.bf16_uploads => {
+                let split = |t: Tensor<B, 3>| {
+                    let hi = t.clone().cast(DType::BF16).cast(DType::F32);
+                    let lo = t.sub(hi.clone());
+                    (hi, lo)
+                };
+                let (ph, pl) = split(pt);
+                let (sh, sl) = split(sd);
+                ph.clone()
+                    .matmul(sh.clone())
+                    .add(ph.matmul(sl.clone()))
+                    .add(pl.clone().matmul(sh))
+                    .add(pl.matmul(sl))
+            }
+            _ => pt.matmul(sd),
+        };
+        let dev = g.reshape([rows, width]);
+        let _ = B::sync(&self.device);
+        self.remember(key, rows, dev, true);
+        let mut st = self.stats.lock().unwrap();
+        st.prefetched_tiles += 1;
+        st.factor_tiles += 1;
+        Ok(())
     }
 
     fn prefetch(&self, tile: &[f32], rows: usize, width: usize) -> Result<()> {

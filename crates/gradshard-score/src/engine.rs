@@ -324,6 +324,18 @@ fn score_impl(
             }
         }
     }
+    // A factored store's Q, K and V slices of one layer share a factor S per sample (and
+    // its O slices another): visiting the slices layer by layer decodes (and, on a
+    // device, uploads) each S once. Outputs keep the block-major order.
+    let slice_rank: HashMap<(Block, usize, usize), usize> = slices
+        .iter()
+        .enumerate()
+        .map(|(i, s)| ((s.block, s.layer, s.head), i))
+        .collect();
+    let layer_major = source.has_factors();
+    if layer_major {
+        slices.sort_by_key(|s| (s.layer, s.block, s.head));
+    }
     if slices.is_empty() {
         return Err(Error::InvalidOption {
             name: "heads",
@@ -413,6 +425,7 @@ fn score_impl(
         read_s: 0.0,
         prefetch_s: 0.0,
         preloaded: None,
+        host_valid: true,
     };
     let post = Post {
         opts,
@@ -549,12 +562,17 @@ fn score_impl(
     }
 
     let Post {
-        cells,
-        diagnostics,
-        pairs,
+        mut cells,
+        mut diagnostics,
+        mut pairs,
         phase,
         ..
     } = post;
+    if layer_major {
+        cells.sort_by_key(|c| slice_rank[&(c.block, c.layer, c.head)]);
+        diagnostics.sort_by_key(|d| slice_rank[&(d.block, d.layer, d.head)]);
+        pairs.sort_by_key(|p| slice_rank[&(p.block, p.layer, p.head)]);
+    }
     let (mut group_fisher, masks, overlap) = if opts.group_fisher {
         phase.finish(&eng.pa.name, &eng.pb.name)
     } else {
@@ -599,6 +617,13 @@ fn run_pass(
 ) -> Result<(f64, f64)> {
     let total = slices.len();
     let (source, s_len, backend) = (eng.source, eng.s_len, eng.backend);
+    // A device backend builds a factored store's tiles from their factors on the device
+    // (the fused path, whole slices): the host buffers then only key the device tiles.
+    let factors = backend.wants_factors()
+        && source.has_factors()
+        && eng.nchunks == 1
+        && eng.opts.lam_rel == 0.0
+        && backend.supports_fused();
     let (mut compute_s, mut wait_s) = (0.0, 0.0);
     if overlap {
         let (ra, rb) = (
@@ -620,17 +645,23 @@ fn run_pass(
                         }
                     };
                     let t0 = std::time::Instant::now();
-                    let r = read_whole_tile(source, &ra, s, s_len, &mut a)
-                        .and_then(|()| read_whole_tile(source, &rb, s, s_len, &mut b));
-                    let t1 = std::time::Instant::now();
-                    // A device backend starts the host → device copies here.
-                    let r = r
-                        .and_then(|()| backend.prefetch(&a, ra.1.len(), s_len))
-                        .and_then(|()| backend.prefetch(&b, rb.1.len(), s_len));
+                    let (r, t1) = if factors {
+                        read_factor_tiles(source, backend, [(&ra, &mut a), (&rb, &mut b)], s, s_len)
+                    } else {
+                        let r = read_whole_tile(source, &ra, s, s_len, &mut a)
+                            .and_then(|()| read_whole_tile(source, &rb, s, s_len, &mut b));
+                        let t1 = std::time::Instant::now();
+                        // A device backend starts the host → device copies here.
+                        let r = r
+                            .and_then(|()| backend.prefetch(&a, ra.1.len(), s_len))
+                            .and_then(|()| backend.prefetch(&b, rb.1.len(), s_len));
+                        (r, t1)
+                    };
                     let failed = r.is_err();
                     let msg = r.map(|()| Prefetched {
                         a,
                         b,
+                        host_valid: !factors,
                         read_s: (t1 - t0).as_secs_f64(),
                         prefetch_s: t1.elapsed().as_secs_f64(),
                     });
@@ -648,7 +679,7 @@ fn run_pass(
                 wait_s += t0.elapsed().as_secs_f64();
                 eng.read_s += got.read_s;
                 eng.prefetch_s += got.prefetch_s;
-                eng.preloaded = Some((got.a, got.b));
+                eng.preloaded = Some((got.a, got.b, got.host_valid));
                 let t1 = std::time::Instant::now();
                 eng.slice(s)?;
                 compute_s += t1.elapsed().as_secs_f64();
@@ -704,17 +735,61 @@ struct Engine<'a> {
     read_s: f64,
     /// Seconds in `Backend::prefetch` on the reader thread.
     prefetch_s: f64,
-    /// Whole-slice tiles of both tasks already read by the reader thread.
-    preloaded: Option<(Vec<f32>, Vec<f32>)>,
+    /// Whole-slice tiles of both tasks already read by the reader thread, and whether
+    /// the host buffers hold their values (false: formed on the device from factors).
+    preloaded: Option<(Vec<f32>, Vec<f32>, bool)>,
+    /// Whether `buf_a`/`buf_b` hold the slice's values (see `preloaded`).
+    host_valid: bool,
 }
 
 /// Whole-slice tiles of both tasks read ahead by the reader thread.
 struct Prefetched {
     a: Vec<f32>,
     b: Vec<f32>,
+    /// False when the tiles were formed on the device from factors (see `Engine::preloaded`).
+    host_valid: bool,
     read_s: f64,
     /// Seconds in [`Backend::prefetch`] (host → device copies of a device backend).
     prefetch_s: f64,
+}
+
+/// Reads slice `s` of both tasks as factors and has the backend form the tiles on its
+/// device, filed under the host buffers (sized `rows × s_len`, left unread: a fresh
+/// zeroed allocation costs no memory until touched). Returns when the reads ended.
+fn read_factor_tiles(
+    source: &dyn TileSource,
+    backend: &dyn Backend,
+    tasks: [(&(TaskName, Vec<usize>), &mut Vec<f32>); 2],
+    s: &Slice,
+    s_len: usize,
+) -> (Result<()>, std::time::Instant) {
+    let mut tiles = Vec::with_capacity(2);
+    for ((name, rows), _) in &tasks {
+        match source.read_factor_tile(name, rows, s.layer, s.block, s.head) {
+            Ok(Some(t)) => tiles.push(t),
+            Ok(None) => {
+                return (
+                    Err(Error::Backend {
+                        backend: "engine",
+                        message: "the tile source has no factors for this slice".into(),
+                    }),
+                    std::time::Instant::now(),
+                )
+            }
+            Err(e) => return (Err(e), std::time::Instant::now()),
+        }
+    }
+    let t1 = std::time::Instant::now();
+    let r = tasks
+        .into_iter()
+        .zip(&tiles)
+        .try_for_each(|(((_, rows), buf), t)| {
+            if buf.len() != rows.len() * s_len {
+                *buf = vec![0f32; rows.len() * s_len];
+            }
+            backend.prefetch_factors(buf, t, rows.len(), s_len)
+        });
+    (r, t1)
 }
 
 /// Reads all columns of slice `s` for the rows of one task into `buf`.
@@ -740,8 +815,9 @@ impl Engine<'_> {
         } else {
             None
         };
+        self.host_valid = pre.as_ref().is_none_or(|p| p.2);
         let (mut pre_a, mut pre_b) = match pre {
-            Some((a, b)) => (Some(a), Some(b)),
+            Some((a, b, _)) => (Some(a), Some(b)),
             None => (None, None),
         };
         for (plan, buf, pre) in [
@@ -915,6 +991,20 @@ impl Engine<'_> {
         if !out.fisher_finite {
             // Name the first non-finite value (a Fisher sum that overflowed with finite
             // values has none, and goes on).
+            if !self.host_valid {
+                for (plan, buf) in [(&self.pa, &mut self.buf_a), (&self.pb, &mut self.buf_b)] {
+                    self.source.read_tile(
+                        &plan.name,
+                        &plan.rows,
+                        s.layer,
+                        s.block,
+                        s.head,
+                        0..s_len,
+                        buf,
+                    )?;
+                }
+                self.host_valid = true;
+            }
             for (plan, buf) in [(&self.pa, &self.buf_a), (&self.pb, &self.buf_b)] {
                 if let Some(pos) = buf.iter().position(|v| !v.is_finite()) {
                     let (r, k) = (pos / s_len, pos % s_len);
@@ -935,8 +1025,10 @@ impl Engine<'_> {
         let (mut fa, mut fb) = (FisherVec::OnDevice(out.fa), FisherVec::OnDevice(out.fb));
         self.finish_m(s, &mut m)?;
         // The buffers keep the scored rows only, as on the per-step path.
-        compact_rows(&mut self.buf_a, &self.pa.sel_pos, s_len);
-        compact_rows(&mut self.buf_b, &self.pb.sel_pos, s_len);
+        if self.host_valid {
+            compact_rows(&mut self.buf_a, &self.pa.sel_pos, s_len);
+            compact_rows(&mut self.buf_b, &self.pb.sel_pos, s_len);
+        }
         if self.admit(s, &m) {
             let (va, vb) = (fa.get()?, fb.get()?);
             let den: Vec<f64> = (0..s_len)
@@ -1039,7 +1131,7 @@ impl Engine<'_> {
             .collect();
         let xs: BTreeSet<usize> = live.iter().map(|p| p.0).collect();
         let ys: BTreeSet<usize> = live.iter().map(|p| p.1).collect();
-        let (xrows, yrows): (RowMap, RowMap) = if self.nchunks == 1 {
+        let (xrows, yrows): (RowMap, RowMap) = if self.nchunks == 1 && self.host_valid {
             // The buffers still hold the scored rows (compacted) of the whole slice.
             (
                 self.rows_from_buffer(true, &xs, den)?,

@@ -42,6 +42,26 @@ pub trait TileSource: Sync {
         out: &mut [f32],
     ) -> Result<()>;
 
+    /// Whether any sample is stored as factors (then a device backend may take
+    /// [`read_factor_tile`](Self::read_factor_tile) instead of the slice).
+    fn has_factors(&self) -> bool {
+        false
+    }
+
+    /// The whole slice `(layer, block, head)` of the chosen samples as factors (see
+    /// `gradshard_store::FactorTile`); `None` when the source has none.
+    fn read_factor_tile(
+        &self,
+        task: &TaskName,
+        samples: &[usize],
+        layer: usize,
+        block: Block,
+        head: usize,
+    ) -> Result<Option<gradshard_store::FactorTile>> {
+        let _ = (task, samples, layer, block, head);
+        Ok(None)
+    }
+
     /// Non-attention 2-D tensors stored (name, shape, out_axis), for the MLP
     /// per-channel Fisher of phases 2-4. Empty when none are stored.
     fn other_tensors(&self) -> Vec<OtherTensor>;

@@ -63,6 +63,32 @@ impl TileSource for StoreSource<'_> {
         Ok(())
     }
 
+    fn has_factors(&self) -> bool {
+        self.store.any_factored()
+    }
+
+    fn read_factor_tile(
+        &self,
+        task: &TaskName,
+        samples: &[usize],
+        layer: usize,
+        block: Block,
+        head: usize,
+    ) -> Result<Option<gradshard_store::FactorTile>> {
+        self.store
+            .read_factor_tile(task.as_str(), samples, layer, block, head)
+            .map(Some)
+            .map_err(|e| {
+                Error::source(
+                    format!(
+                        "store {}: task `{task}` layer {layer} block {block} head {head}",
+                        self.store.dir().display()
+                    ),
+                    e,
+                )
+            })
+    }
+
     fn other_tensors(&self) -> Vec<OtherTensor> {
         self.store.order().others().to_vec()
     }

@@ -16,9 +16,13 @@ use std::path::{Path, PathBuf};
 
 pub use error::{Error, Result};
 pub use manifest::{CodecName, CodecSpec, Manifest, StoreSpec, MANIFEST_FILE};
-pub use reader::{IoStats, Store};
+pub use reader::{
+    Factor, FactorTile, Footprint, IoStats, SliceFactors, Store, DEFAULT_SHARED_CACHE_BYTES,
+};
 pub use verify::{verify, VerifyReport};
-pub use writer::{LiveCounters, SampleHandle, SampleMeta, StoreWriter, WriteReport, WriterOptions};
+pub use writer::{
+    LiveCounters, Representation, SampleHandle, SampleMeta, StoreWriter, WriteReport, WriterOptions,
+};
 
 pub(crate) fn shards_dir(dir: &Path) -> PathBuf {
     dir.join("shards")

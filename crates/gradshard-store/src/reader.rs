@@ -4,10 +4,11 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use gradshard_core::{Block, SampleId, TaskName};
-use gradshard_format::{decode_frame, decode_log, LogRecord};
-use gradshard_index::{FrameOrder, Index, ReadPlan};
+use gradshard_format::{decode_frame, decode_log, FrameKind, LogRecord, TableEntry};
+use gradshard_index::{FrameOrder, Index, PlannedRead, ReadPlan};
 use memmap2::Mmap;
 use rayon::prelude::*;
 
@@ -36,9 +37,14 @@ fn release_pages(m: &Mmap, start: usize, end: usize) {
 /// I/O counters, for tests and benchmarks ("reading one slice performs one frame read").
 #[derive(Debug, Default)]
 pub struct IoStats {
+    /// Frames verified and decoded (full frames, factors P, shared factors S).
     pub frames_read: AtomicU64,
     pub frame_bytes: AtomicU64,
     pub table_lookups: AtomicU64,
+    /// Shared factors decoded (also counted in `frames_read`).
+    pub shared_decoded: AtomicU64,
+    /// Shared factors served from the decoded-factor cache (no read, no decode).
+    pub shared_hits: AtomicU64,
 }
 
 impl IoStats {
@@ -48,10 +54,104 @@ impl IoStats {
     pub fn bytes(&self) -> u64 {
         self.frame_bytes.load(Ordering::Relaxed)
     }
+    pub fn shared_decoded(&self) -> u64 {
+        self.shared_decoded.load(Ordering::Relaxed)
+    }
+    pub fn shared_hits(&self) -> u64 {
+        self.shared_hits.load(Ordering::Relaxed)
+    }
     pub fn reset(&self) {
-        self.frames_read.store(0, Ordering::Relaxed);
-        self.frame_bytes.store(0, Ordering::Relaxed);
-        self.table_lookups.store(0, Ordering::Relaxed);
+        for c in [
+            &self.frames_read,
+            &self.frame_bytes,
+            &self.table_lookups,
+            &self.shared_decoded,
+            &self.shared_hits,
+        ] {
+            c.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+/// What one sample occupies (see [`Store::footprint`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Footprint {
+    pub factored: bool,
+    /// Frame bytes in the shard (headers + compressed payloads).
+    pub stored_bytes: u64,
+    /// Decoded bytes of those frames (factors count their own size).
+    pub raw_bytes: u64,
+}
+
+/// A decoded factor: `rows × (values.len() / rows)` f32, position-major.
+#[derive(Debug, Clone)]
+pub struct Factor {
+    pub rows: usize,
+    pub values: Arc<Vec<f32>>,
+}
+
+/// One slice of one sample as factors: the slice is `pᵀ s` (`p` is `n × r`, `s` is
+/// `n × c`). A sample stored as full slices is given as `p = I_r` (n = r) and `s` = the
+/// slice itself, so every sample of a tile has this one form.
+#[derive(Debug, Clone)]
+pub struct SliceFactors {
+    pub n: usize,
+    pub p: Vec<f32>,
+    pub s: Arc<Vec<f32>>,
+}
+
+/// The slice (layer, block, head) of several samples as factors, for a compute backend
+/// that reconstructs on its device: `r × c` is the slice shape (`d × D`).
+#[derive(Debug, Clone)]
+pub struct FactorTile {
+    pub r: usize,
+    pub c: usize,
+    pub samples: Vec<SliceFactors>,
+}
+
+impl FactorTile {
+    /// f32 values the tile holds (what a device upload moves).
+    pub fn values(&self) -> usize {
+        self.samples.iter().map(|f| f.p.len() + f.s.len()).sum()
+    }
+}
+
+/// Decoded shared factors, least recently used evicted past a byte budget: the Q, K and
+/// V slices of one layer (and the O slices) of a sample all need the same S, so a pass
+/// over a layer's slices decodes each sample's S once when the budget holds them.
+struct SharedCache {
+    cap: u64,
+    used: u64,
+    tick: u64,
+    map: HashMap<(u32, u64), (Factor, u64)>,
+}
+
+impl SharedCache {
+    fn get(&mut self, key: (u32, u64)) -> Option<Factor> {
+        self.tick += 1;
+        let t = self.tick;
+        self.map.get_mut(&key).map(|(f, last)| {
+            *last = t;
+            f.clone()
+        })
+    }
+
+    fn put(&mut self, key: (u32, u64), f: Factor) {
+        let size = f.values.len() as u64 * 4;
+        if size > self.cap {
+            return;
+        }
+        while self.used + size > self.cap {
+            let Some((&k, _)) = self.map.iter().min_by_key(|(_, (_, last))| *last) else {
+                break;
+            };
+            let (old, _) = self.map.remove(&k).expect("present");
+            self.used -= old.values.len() as u64 * 4;
+        }
+        self.tick += 1;
+        if self.map.insert(key, (f, self.tick)).is_none() {
+            self.used += size;
+        }
     }
 }
 
@@ -63,9 +163,14 @@ pub struct Store {
     index: Index,
     shards: HashMap<u32, Mmap>,
     stats: IoStats,
+    shared_cache: Mutex<SharedCache>,
+    any_factored: std::sync::OnceLock<bool>,
     /// Bytes of a torn log tail (a crashed writer; the next writer cuts it).
     pub torn_log_tail: u64,
 }
+
+/// Default byte budget of the decoded shared-factor cache.
+pub const DEFAULT_SHARED_CACHE_BYTES: u64 = 1 << 30;
 
 impl Store {
     pub fn open(dir: &Path) -> Result<Store> {
@@ -94,8 +199,23 @@ impl Store {
             index,
             shards,
             stats: IoStats::default(),
+            shared_cache: Mutex::new(SharedCache {
+                cap: DEFAULT_SHARED_CACHE_BYTES,
+                used: 0,
+                tick: 0,
+                map: HashMap::new(),
+            }),
+            any_factored: std::sync::OnceLock::new(),
             torn_log_tail: scan.torn_tail,
         })
+    }
+
+    /// Sets the byte budget of the decoded shared-factor cache (0 disables it) and empties it.
+    pub fn set_shared_cache_bytes(&self, bytes: u64) {
+        let mut c = self.shared_cache.lock().expect("cache lock");
+        c.cap = bytes;
+        c.used = 0;
+        c.map.clear();
     }
 
     pub fn dir(&self) -> &Path {
@@ -172,28 +292,53 @@ impl Store {
 
     /// Plans reading `frames` of `samples` (records of one task).
     pub fn plan(&self, samples: &[&LogRecord], frames: &[usize]) -> Result<ReadPlan> {
-        Ok(ReadPlan::for_frames(&self.order, samples, frames, |r| {
+        let plan = ReadPlan::for_frames(&self.order, samples, frames, |r| {
             self.table_bytes(r)
                 .map_err(|e| gradshard_index::Error::NoSuchFrame {
                     what: "sample table",
                     detail: e.to_string(),
                 })
-        })?)
+        })?;
+        if self.manifest.format_version < 2 {
+            if let Some(p) = plan.reads.iter().find(|p| p.shared.is_some()) {
+                let r = samples
+                    .iter()
+                    .find(|r| r.shard == p.shard)
+                    .expect("a planned sample");
+                return Err(self.table_error(
+                    r,
+                    gradshard_format::Error::Invalid {
+                        what: "sample table",
+                        detail: format!(
+                            "lists shared factors, which format version {} does not have",
+                            self.manifest.format_version
+                        ),
+                    },
+                ));
+            }
+        }
+        Ok(plan)
     }
 
-    /// Reads, verifies and decodes one frame into `out` (cleared first) as f32.
-    fn read_entry(
+    /// Reads, verifies and decodes one frame into `out` (cleared first) as f32. `what`
+    /// names it in errors; the frame must be of `kind`, and hold `width`-wide rows (a
+    /// factor: `rows × width`, the header's n) or exactly `numel` values (a full frame).
+    /// Returns the factor's row count (0 for a full frame).
+    #[allow(clippy::too_many_arguments)]
+    fn decode_entry(
         &self,
         r: &LogRecord,
-        frame: usize,
-        entry: gradshard_format::TableEntry,
+        what: &dyn Fn() -> String,
+        entry: TableEntry,
+        kind: FrameKind,
+        width: usize,
         scratch: &mut Vec<u8>,
         out: &mut Vec<f32>,
-    ) -> Result<()> {
+    ) -> Result<usize> {
         let m = self.shard(r)?;
         let end = entry.offset.saturating_add(entry.frame_len as u64);
         if end > m.len() as u64 {
-            return Err(self.past_end(r, &self.order.describe(frame), end, m.len()));
+            return Err(self.past_end(r, &what(), end, m.len()));
         }
         let bytes = &m[entry.offset as usize..end as usize];
         self.stats.frames_read.fetch_add(1, Ordering::Relaxed);
@@ -204,33 +349,210 @@ impl Store {
             path: shard_path(&self.dir, r.shard),
             task: r.task.clone(),
             id: r.id.clone(),
-            slice: format!(
-                "{} (frame {frame} at offset {})",
-                self.order.describe(frame),
-                entry.offset
-            ),
+            slice: format!("{} (at offset {})", what(), entry.offset),
             source: Box::new(source),
         };
         let decoded = decode_frame(bytes, Some(entry.checksum), scratch);
         release_pages(m, entry.offset as usize, end as usize);
         let h = decoded.map_err(corrupt)?;
-        let want =
-            self.order.frame_numel(frame).expect("planned frame") * self.manifest.spec.dtype.size();
-        if h.raw_len as usize != want
+        let dtype = self.manifest.spec.dtype;
+        let rows = h.rows as usize;
+        let want = match kind {
+            FrameKind::Full => width * dtype.size(),
+            _ => rows * width * dtype.size(),
+        };
+        if h.kind != kind
+            || h.raw_len as usize != want
             || h.raw_len != entry.raw_len
-            || h.dtype != self.manifest.spec.dtype
+            || h.dtype != dtype
         {
             return Err(corrupt(gradshard_format::Error::Invalid {
                 what: "frame",
                 detail: format!(
-                    "{} bytes of {}, expected {want} bytes of {}",
-                    h.raw_len, h.dtype, self.manifest.spec.dtype
+                    "{} of {} bytes of {}, expected a {kind} of {want} bytes of {dtype}",
+                    h.kind, h.raw_len, h.dtype
                 ),
             }));
         }
         out.clear();
-        self.manifest.spec.dtype.decode_into(scratch, out);
+        dtype.decode_into(scratch, out);
+        Ok(rows)
+    }
+
+    /// A shared factor of a sample, from the cache or decoded (and cached).
+    fn shared_factor(
+        &self,
+        r: &LogRecord,
+        j: usize,
+        entry: TableEntry,
+        scratch: &mut Vec<u8>,
+    ) -> Result<Factor> {
+        let key = (r.shard, entry.offset);
+        if let Some(f) = self.shared_cache.lock().expect("cache lock").get(key) {
+            self.stats.shared_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(f);
+        }
+        let cols = self.order.shared()[j].cols;
+        let mut vals = Vec::new();
+        let rows = self.decode_entry(
+            r,
+            &|| self.order.describe_shared(j),
+            entry,
+            FrameKind::Shared,
+            cols,
+            scratch,
+            &mut vals,
+        )?;
+        self.stats.shared_decoded.fetch_add(1, Ordering::Relaxed);
+        let f = Factor {
+            rows,
+            values: Arc::new(vals),
+        };
+        self.shared_cache
+            .lock()
+            .expect("cache lock")
+            .put(key, f.clone());
+        Ok(f)
+    }
+
+    /// The factors of one planned frame of a factored sample: (P, S).
+    fn planned_factors(
+        &self,
+        r: &LogRecord,
+        p: &PlannedRead,
+        scratch: &mut Vec<u8>,
+    ) -> Result<(Factor, Factor)> {
+        let (j, se) = p.shared.expect("a factored read");
+        let (_, width, _) = self.order.factor_of(p.frame).expect("planned frame");
+        let what = || format!("{} (factor P)", self.order.describe(p.frame));
+        let mut pv = Vec::new();
+        let n = self.decode_entry(
+            r,
+            &what,
+            p.entry,
+            FrameKind::Factor,
+            width,
+            scratch,
+            &mut pv,
+        )?;
+        let s = self.shared_factor(r, j, se, scratch)?;
+        if s.rows != n {
+            return Err(Error::Corrupt {
+                path: shard_path(&self.dir, r.shard),
+                task: r.task.clone(),
+                id: r.id.clone(),
+                slice: what(),
+                source: Box::new(gradshard_format::Error::Invalid {
+                    what: "factor rows",
+                    detail: format!(
+                        "P has {n} rows, its {} has {}",
+                        self.order.describe_shared(j),
+                        s.rows
+                    ),
+                }),
+            });
+        }
+        Ok((
+            Factor {
+                rows: n,
+                values: Arc::new(pv),
+            },
+            s,
+        ))
+    }
+
+    /// Reads one planned frame as f32 values (`frame_numel`), reconstructing Pᵀ S for a
+    /// factored sample.
+    fn read_planned(
+        &self,
+        r: &LogRecord,
+        p: &PlannedRead,
+        scratch: &mut Vec<u8>,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        let numel = self.order.frame_numel(p.frame).expect("planned frame");
+        if p.shared.is_none() {
+            let what = || format!("{} (frame {})", self.order.describe(p.frame), p.frame);
+            self.decode_entry(r, &what, p.entry, FrameKind::Full, numel, scratch, out)?;
+            return Ok(());
+        }
+        let (pf, sf) = self.planned_factors(r, p, scratch)?;
+        let (_, rr, c) = self.order.factor_of(p.frame).expect("planned frame");
+        out.clear();
+        out.resize(numel, 0.0);
+        gradshard_core::factor::pt_s(&pf.values, &sf.values, pf.rows, rr, c, out);
         Ok(())
+    }
+
+    /// One frame of one sample, as f32 (reconstructed from its factors when factored).
+    pub fn read_frame(&self, r: &LogRecord, frame: usize) -> Result<Vec<f32>> {
+        let plan = self.plan(&[r], &[frame])?;
+        let mut out = Vec::new();
+        self.read_planned(r, &plan.reads[0], &mut Vec::new(), &mut out)?;
+        Ok(out)
+    }
+
+    /// The factors of frame `frame` of a factored sample: (shared-factor index j, P, S);
+    /// an error for a sample stored as full slices.
+    pub fn read_frame_factors(
+        &self,
+        r: &LogRecord,
+        frame: usize,
+    ) -> Result<(usize, Factor, Factor)> {
+        let plan = self.plan(&[r], &[frame])?;
+        let p = &plan.reads[0];
+        let Some((j, _)) = p.shared else {
+            return Err(Error::Invalid(format!(
+                "task `{}` sample {} is stored as full slices, not factors",
+                r.task, r.id
+            )));
+        };
+        let (pf, sf) = self.planned_factors(r, p, &mut Vec::new())?;
+        Ok((j, pf, sf))
+    }
+
+    /// How a sample is stored: representation, bytes of its frames in the shard and
+    /// their decoded bytes (from its sample table; nothing is decoded).
+    pub fn footprint(&self, r: &LogRecord) -> Result<Footprint> {
+        let view = gradshard_format::TableView::parse_unverified(self.table_bytes(r)?)
+            .map_err(|e| self.table_error(r, e))?;
+        let (mut stored, mut raw) = (0u64, 0u64);
+        for e in view.all_entries() {
+            stored += e.frame_len as u64;
+            raw += e.raw_len as u64;
+        }
+        Ok(Footprint {
+            factored: view.is_factored(),
+            stored_bytes: stored,
+            raw_bytes: raw,
+        })
+    }
+
+    /// Whether any committed sample is stored as factors (read from the sample tables
+    /// once, then remembered).
+    pub fn any_factored(&self) -> bool {
+        *self.any_factored.get_or_init(|| {
+            self.index
+                .records()
+                .any(|r| self.is_factored(r).unwrap_or(false))
+        })
+    }
+
+    /// Whether a sample is stored as factors (format v2) rather than full slices.
+    pub fn is_factored(&self, r: &LogRecord) -> Result<bool> {
+        let view = gradshard_format::TableView::parse_unverified(self.table_bytes(r)?)
+            .map_err(|e| self.table_error(r, e))?;
+        Ok(view.is_factored())
+    }
+
+    fn table_error(&self, r: &LogRecord, source: gradshard_format::Error) -> Error {
+        Error::Corrupt {
+            path: shard_path(&self.dir, r.shard),
+            task: r.task.clone(),
+            id: r.id.clone(),
+            slice: "sample table".into(),
+            source: Box::new(source),
+        }
     }
 
     fn attn_frame(&self, layer: usize, block: Block, head: usize) -> Result<usize> {
@@ -259,14 +581,6 @@ impl Store {
         self.read_frame(r, frame)
     }
 
-    /// One frame of one sample, as f32.
-    pub fn read_frame(&self, r: &LogRecord, frame: usize) -> Result<Vec<f32>> {
-        let plan = self.plan(&[r], &[frame])?;
-        let mut out = Vec::new();
-        self.read_entry(r, frame, plan.reads[0].entry, &mut Vec::new(), &mut out)?;
-        Ok(out)
-    }
-
     /// A tile: slice (layer, block, head) of the samples at `positions` (into
     /// [`samples`](Self::samples) of `task`), row-major `[positions.len() × d·D]` into `out`.
     /// Frames are decoded in parallel; exactly one frame read per sample.
@@ -280,18 +594,7 @@ impl Store {
         out: &mut [f32],
     ) -> Result<()> {
         let frame = self.attn_frame(layer, block, head)?;
-        let recs = self.samples(task)?;
-        let chosen: Vec<&LogRecord> = positions
-            .iter()
-            .map(|p| {
-                recs.get(*p).ok_or_else(|| {
-                    Error::Invalid(format!(
-                        "task `{task}` has {} samples, asked for #{p}",
-                        recs.len()
-                    ))
-                })
-            })
-            .collect::<Result<_>>()?;
+        let chosen = self.chosen(task, positions)?;
         let numel = self.order.geometry().slice_numel();
         if out.len() != chosen.len() * numel {
             return Err(Error::Invalid(format!(
@@ -301,19 +604,81 @@ impl Store {
             )));
         }
         let plan = self.plan(&chosen, &[frame])?;
-        let mut slots: Vec<(usize, gradshard_format::TableEntry)> =
-            plan.reads.iter().map(|p| (p.slot, p.entry)).collect();
-        slots.sort_by_key(|s| s.0);
+        let mut reads = plan.reads;
+        reads.sort_by_key(|p| p.slot);
         out.par_chunks_mut(numel)
-            .zip(slots.par_iter())
+            .zip(reads.par_iter())
             .try_for_each_init(
                 || (Vec::new(), Vec::new()),
-                |(scratch, vals), (row, (slot, entry))| {
-                    self.read_entry(chosen[*slot], frame, *entry, scratch, vals)?;
+                |(scratch, vals), (row, p)| {
+                    self.read_planned(chosen[p.slot], p, scratch, vals)?;
                     row.copy_from_slice(vals);
                     Ok(())
                 },
             )
+    }
+
+    /// The samples at `positions` of a task (records, checked).
+    fn chosen(&self, task: &str, positions: &[usize]) -> Result<Vec<&LogRecord>> {
+        let recs = self.samples(task)?;
+        positions
+            .iter()
+            .map(|p| {
+                recs.get(*p).ok_or_else(|| {
+                    Error::Invalid(format!(
+                        "task `{task}` has {} samples, asked for #{p}",
+                        recs.len()
+                    ))
+                })
+            })
+            .collect()
+    }
+
+    /// Like [`read_tile`](Self::read_tile), but as factors, for a backend that multiplies
+    /// them out on its device: factored samples give their stored P and S (S decoded once
+    /// per sample and layer while the shared-factor cache holds it); full samples are
+    /// given as `I · slice` (see [`SliceFactors`]). Frames are decoded in parallel.
+    pub fn read_factor_tile(
+        &self,
+        task: &str,
+        positions: &[usize],
+        layer: usize,
+        block: Block,
+        head: usize,
+    ) -> Result<FactorTile> {
+        let frame = self.attn_frame(layer, block, head)?;
+        let chosen = self.chosen(task, positions)?;
+        let plan = self.plan(&chosen, &[frame])?;
+        let mut reads = plan.reads;
+        reads.sort_by_key(|p| p.slot);
+        let g = self.order.geometry();
+        let (r, c) = (g.head_dim, g.hidden);
+        let samples = reads
+            .par_iter()
+            .map_init(Vec::new, |scratch, p| -> Result<SliceFactors> {
+                let rec = chosen[p.slot];
+                if p.shared.is_some() {
+                    let (pf, sf) = self.planned_factors(rec, p, scratch)?;
+                    return Ok(SliceFactors {
+                        n: pf.rows,
+                        p: Arc::try_unwrap(pf.values).unwrap_or_else(|a| (*a).clone()),
+                        s: sf.values,
+                    });
+                }
+                let mut vals = Vec::new();
+                self.read_planned(rec, p, scratch, &mut vals)?;
+                let mut eye = vec![0f32; r * r];
+                for i in 0..r {
+                    eye[i * r + i] = 1.0;
+                }
+                Ok(SliceFactors {
+                    n: r,
+                    p: eye,
+                    s: Arc::new(vals),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(FactorTile { r, c, samples })
     }
 
     /// Rows `[start, end)` of a non-attention tensor of one sample (reads only the row groups that hold them).
@@ -352,7 +717,7 @@ impl Store {
         for p in reads {
             let g = p.frame - self.order.other(ti, 0).expect("group 0");
             let (g0, g1) = t.group_rows(g);
-            self.read_entry(r, p.frame, p.entry, &mut scratch, &mut vals)?;
+            self.read_planned(r, &p, &mut scratch, &mut vals)?;
             let (a, b) = (start.max(g0), end.min(g1));
             out.extend_from_slice(&vals[(a - g0) * cols..(b - g0) * cols]);
         }

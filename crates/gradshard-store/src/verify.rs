@@ -5,8 +5,8 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use gradshard_format::{
-    decode_frame, decode_log, parse_footer, LogRecord, ShardHeader, TableView, SHARD_HEADER_LEN,
-    TRAILER_LEN,
+    decode_frame, decode_log, parse_footer, FrameKind, LogRecord, ShardHeader, TableView,
+    SHARD_HEADER_LEN, TRAILER_LEN,
 };
 use rayon::prelude::*;
 
@@ -193,11 +193,33 @@ pub fn verify(dir: &Path, progress: &(dyn Fn(u64, u64) + Sync)) -> Result<Verify
                 ));
                 return (probs, ranges);
             }
+            let factored = view.is_factored();
+            if factored && (view.n_shared as usize != order.n_shared() || manifest.format_version < 2) {
+                probs.push(format!(
+                    "{}: {who}: sample table has {} shared factors, expected 0 or {} (format version {})",
+                    p.display(),
+                    view.n_shared,
+                    order.n_shared(),
+                    manifest.format_version
+                ));
+                return (probs, ranges);
+            }
             ranges.push((r.shard, r.table_offset, end));
             let mut scratch = Vec::new();
-            for (f, e) in view.entries().enumerate() {
+            // Factor row counts: every P of a shared factor S has S's n.
+            let mut shared_rows = vec![None; view.n_shared as usize];
+            let mut factor_rows: Vec<(usize, usize)> = Vec::new();
+            for (i, e) in view.all_entries().enumerate() {
                 let fend = e.offset.saturating_add(e.frame_len as u64);
-                let slice = order.describe(f);
+                let (slice, kind, width) = if i >= n_frames {
+                    let j = i - n_frames;
+                    (order.describe_shared(j), FrameKind::Shared, order.shared()[j].cols)
+                } else if factored {
+                    let (_, w, _) = order.factor_of(i).expect("frame in range");
+                    (format!("{} (factor P)", order.describe(i)), FrameKind::Factor, w)
+                } else {
+                    (order.describe(i), FrameKind::Full, order.frame_numel(i).unwrap_or(0))
+                };
                 if fend > data.len() as u64 || e.offset < SHARD_HEADER_LEN as u64 {
                     probs.push(format!(
                         "{}: {who} {slice}: index entry past end of file (frame {}..{fend}, file {} bytes)",
@@ -210,19 +232,37 @@ pub fn verify(dir: &Path, progress: &(dyn Fn(u64, u64) + Sync)) -> Result<Verify
                 ranges.push((r.shard, e.offset, fend));
                 match decode_frame(&data[e.offset as usize..fend as usize], Some(e.checksum), &mut scratch) {
                     Ok(h) => {
-                        let want = order.frame_numel(f).unwrap_or(0) * dtype.size();
-                        if h.raw_len as usize != want || h.dtype != dtype || h.raw_len != e.raw_len {
+                        let rows = if kind == FrameKind::Full { 1 } else { h.rows as usize };
+                        let want = rows * width * dtype.size();
+                        if h.kind != kind || h.raw_len as usize != want || h.dtype != dtype || h.raw_len != e.raw_len {
                             probs.push(format!(
-                                "{}: {who} {slice}: {} bytes of {}, expected {want} of {dtype}",
+                                "{}: {who} {slice}: a {} of {} bytes of {}, expected a {kind} of {want} bytes of {dtype}",
                                 p.display(),
+                                h.kind,
                                 h.raw_len,
                                 h.dtype
                             ));
+                        }
+                        match kind {
+                            FrameKind::Shared => shared_rows[i - n_frames] = Some(rows),
+                            FrameKind::Factor => factor_rows.push((i, rows)),
+                            FrameKind::Full => {}
                         }
                         frames.fetch_add(1, Ordering::Relaxed);
                         bytes.fetch_add(e.frame_len as u64, Ordering::Relaxed);
                     }
                     Err(err) => probs.push(format!("{}: {who} {slice} at offset {}: {err}", p.display(), e.offset)),
+                }
+            }
+            for (f, n) in factor_rows {
+                let (j, _, _) = order.factor_of(f).expect("frame in range");
+                if let Some(sn) = shared_rows[j].filter(|sn| *sn != n) {
+                    probs.push(format!(
+                        "{}: {who} {} (factor P): {n} rows, its {} has {sn}",
+                        p.display(),
+                        order.describe(f),
+                        order.describe_shared(j)
+                    ));
                 }
             }
             progress(done.fetch_add(1, Ordering::Relaxed) + 1, total);

@@ -18,7 +18,7 @@ use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 use gradshard_core::{DType, SampleId, TaskName};
 use gradshard_format::{
     decode_log, encode_footer, encode_log_record, encode_sample_table, parse_footer, Encoder,
-    LogRecord, ShardHeader, TableEntry, LOG_HEADER, SHARD_HEADER_LEN,
+    FrameKind, LogRecord, ShardHeader, TableEntry, LOG_HEADER, SHARD_HEADER_LEN,
 };
 use gradshard_index::{FrameOrder, Index};
 
@@ -143,7 +143,11 @@ enum Payload {
 
 struct Job {
     seq: u64,
+    /// Table slot: a frame number, or `n_frames + j` for shared factor j.
     frame: usize,
+    kind: FrameKind,
+    /// Factor rows n (0 for a full frame).
+    rows: u32,
     payload: Payload,
     charge: u64,
 }
@@ -152,6 +156,7 @@ enum AppMsg {
     Begin {
         seq: u64,
         meta: SampleMeta,
+        factored: bool,
     },
     Frame {
         seq: u64,
@@ -166,12 +171,42 @@ enum AppMsg {
     },
 }
 
+/// How one sample's slices are stored (docs/format.md, "Factored samples").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Representation {
+    /// One frame per slice or row group (format v1 and v2).
+    #[default]
+    Full,
+    /// A per-frame factor P for every slice plus the shared factors S (format v2):
+    /// each slice is Pᵀ S.
+    Factored,
+}
+
+impl std::fmt::Display for Representation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Representation::Full => "full",
+            Representation::Factored => "factored",
+        })
+    }
+}
+
 /// Handle of a sample being written.
 #[derive(Debug)]
 pub struct SampleHandle {
     seq: u64,
+    repr: Representation,
+    /// Table slots handed in: frames, then (factored) shared factors.
     put: Vec<bool>,
     n_put: usize,
+    /// Row count n of each shared factor handed in (factored samples).
+    shared_rows: Vec<u32>,
+}
+
+impl SampleHandle {
+    pub fn representation(&self) -> Representation {
+        self.repr
+    }
 }
 
 /// Writes samples into a store. One writer per store (a lock file enforces it).
@@ -308,7 +343,9 @@ impl StoreWriter {
         let state = Appender {
             dir: dir.to_path_buf(),
             store_id: manifest.store_id_bytes()?,
+            version: manifest.format_version,
             n_frames: order.n_frames(),
+            n_shared: order.n_shared(),
             target: manifest.shard_target_bytes,
             next_shard,
             shards: HashMap::new(),
@@ -387,9 +424,28 @@ impl StoreWriter {
         }
     }
 
-    /// Starts a sample. A (task, id) that is committed or in flight is refused.
+    /// Starts a sample stored as full slices. A (task, id) that is committed or in flight
+    /// is refused.
     pub fn begin_sample(&mut self, meta: SampleMeta) -> Result<SampleHandle> {
+        self.begin_sample_as(meta, Representation::Full)
+    }
+
+    /// Starts a sample in the given representation. A factored sample takes
+    /// [`put_factor`](Self::put_factor) for every frame and
+    /// [`put_shared`](Self::put_shared) for every shared factor.
+    pub fn begin_sample_as(
+        &mut self,
+        meta: SampleMeta,
+        repr: Representation,
+    ) -> Result<SampleHandle> {
         self.check_failed()?;
+        if repr == Representation::Factored && self.manifest.format_version < 2 {
+            return Err(Error::Invalid(format!(
+                "store {} is format version {}: factored samples need version 2 (collect into a new store)",
+                self.dir.display(),
+                self.manifest.format_version
+            )));
+        }
         let key = (meta.task.clone(), meta.id.clone());
         if self.committed.contains(&key) || self.in_flight.contains(&key) {
             return Err(Error::Sample {
@@ -410,19 +466,34 @@ impl StoreWriter {
         self.in_flight.insert(key);
         let seq = self.next_seq;
         self.next_seq += 1;
+        let factored = repr == Representation::Factored;
         self.app_tx
             .as_ref()
             .expect("open writer")
-            .send(AppMsg::Begin { seq, meta })
+            .send(AppMsg::Begin {
+                seq,
+                meta,
+                factored,
+            })
             .map_err(|_| self.pipeline_error())?;
+        let slots = self.order.n_frames() + if factored { self.order.n_shared() } else { 0 };
         Ok(SampleHandle {
             seq,
-            put: vec![false; self.order.n_frames()],
+            repr,
+            put: vec![false; slots],
             n_put: 0,
+            shared_rows: vec![0; if factored { self.order.n_shared() } else { 0 }],
         })
     }
 
     fn check_frame(&self, h: &SampleHandle, frame: usize, numel: usize) -> Result<()> {
+        if h.repr != Representation::Full {
+            return Err(Error::Invalid(format!(
+                "{}: a full frame handed to a {} sample",
+                self.order.describe(frame),
+                h.repr
+            )));
+        }
         let want = self.order.frame_numel(frame).ok_or_else(|| {
             Error::Invalid(format!(
                 "frame {frame} out of range ({} frames per sample)",
@@ -435,12 +506,118 @@ impl StoreWriter {
                 self.order.describe(frame)
             )));
         }
-        if h.put[frame] {
+        self.check_unput(h, frame, || self.order.describe(frame))
+    }
+
+    fn check_unput(
+        &self,
+        h: &SampleHandle,
+        slot: usize,
+        what: impl FnOnce() -> String,
+    ) -> Result<()> {
+        if h.put[slot] {
+            return Err(Error::Invalid(format!("{} written twice", what())));
+        }
+        Ok(())
+    }
+
+    /// Checks a factor of `rows × width` values for a factored sample's `what`.
+    fn check_factor(
+        &self,
+        h: &SampleHandle,
+        what: &dyn Fn() -> String,
+        n: usize,
+        width: usize,
+        numel: usize,
+    ) -> Result<u32> {
+        if h.repr != Representation::Factored {
             return Err(Error::Invalid(format!(
-                "{} written twice",
-                self.order.describe(frame)
+                "{}: a factor handed to a {} sample",
+                what(),
+                h.repr
             )));
         }
+        let rows = u32::try_from(n)
+            .ok()
+            .filter(|r| (1..=gradshard_format::MAX_FACTOR_ROWS).contains(r))
+            .ok_or_else(|| {
+                Error::Invalid(format!(
+                    "{}: {n} factor rows (1..={} allowed)",
+                    what(),
+                    gradshard_format::MAX_FACTOR_ROWS
+                ))
+            })?;
+        if numel != n * width {
+            return Err(Error::Invalid(format!(
+                "{}: {numel} values, expected {n} rows × {width}",
+                what()
+            )));
+        }
+        Ok(rows)
+    }
+
+    /// Hands in the per-frame factor P (`n × rows`, position-major) of frame `frame` of a
+    /// factored sample: the slice is Pᵀ S with S its shared factor.
+    pub fn put_factor(
+        &mut self,
+        h: &mut SampleHandle,
+        frame: usize,
+        n: usize,
+        values: Vec<f32>,
+    ) -> Result<()> {
+        let (_, width, _) = self.order.factor_of(frame).ok_or_else(|| {
+            Error::Invalid(format!(
+                "frame {frame} out of range ({} frames per sample)",
+                self.order.n_frames()
+            ))
+        })?;
+        let what = || format!("{} (factor P)", self.order.describe(frame));
+        let rows = self.check_factor(h, &what, n, width, values.len())?;
+        self.check_unput(h, frame, what)?;
+        let charge = self.charge(values.len());
+        self.submit(
+            h,
+            frame,
+            FrameKind::Factor,
+            rows,
+            Payload::F32(values),
+            charge,
+        )
+    }
+
+    /// Hands in shared factor `j` (`n × cols`, position-major) of a factored sample.
+    pub fn put_shared(
+        &mut self,
+        h: &mut SampleHandle,
+        j: usize,
+        n: usize,
+        values: Vec<f32>,
+    ) -> Result<()> {
+        let cols = self
+            .order
+            .shared()
+            .get(j)
+            .ok_or_else(|| {
+                Error::Invalid(format!(
+                    "shared factor {j} out of range ({} per sample)",
+                    self.order.n_shared()
+                ))
+            })?
+            .cols;
+        let what = || self.order.describe_shared(j);
+        let rows = self.check_factor(h, &what, n, cols, values.len())?;
+        let slot = self.order.n_frames() + j;
+        self.check_unput(h, slot, what)?;
+        let charge = self.charge(values.len());
+        self.submit(
+            h,
+            slot,
+            FrameKind::Shared,
+            rows,
+            Payload::F32(values),
+            charge,
+        )?;
+        h.shared_rows[j] = rows;
         Ok(())
     }
 
@@ -453,6 +630,8 @@ impl StoreWriter {
         &mut self,
         h: &mut SampleHandle,
         frame: usize,
+        kind: FrameKind,
+        rows: u32,
         payload: Payload,
         charge: u64,
     ) -> Result<()> {
@@ -460,6 +639,8 @@ impl StoreWriter {
         let job = Job {
             seq: h.seq,
             frame,
+            kind,
+            rows,
             payload,
             charge,
         };
@@ -488,7 +669,7 @@ impl StoreWriter {
     ) -> Result<()> {
         self.check_frame(h, frame, values.len())?;
         let charge = self.charge(values.len());
-        self.submit(h, frame, Payload::F32(values), charge)
+        self.submit(h, frame, FrameKind::Full, 0, Payload::F32(values), charge)
     }
 
     /// Like [`put_frame`](Self::put_frame), but the values are produced by `fill` on a
@@ -502,18 +683,30 @@ impl StoreWriter {
         let numel = self.order.frame_numel(frame).unwrap_or(0);
         self.check_frame(h, frame, numel)?;
         let charge = self.charge(numel);
-        self.submit(h, frame, Payload::Gen(numel, Box::new(fill)), charge)
+        self.submit(
+            h,
+            frame,
+            FrameKind::Full,
+            0,
+            Payload::Gen(numel, Box::new(fill)),
+            charge,
+        )
     }
 
     /// Declares a sample complete; it commits once its frames are written.
     pub fn end_sample(&mut self, h: SampleHandle) -> Result<()> {
         if h.n_put != h.put.len() {
             let missing = h.put.iter().position(|p| !p).expect("a frame is missing");
+            let n = self.order.n_frames();
             return Err(Error::Invalid(format!(
                 "sample ended with {} of {} frames; first missing: {}",
                 h.n_put,
                 h.put.len(),
-                self.order.describe(missing)
+                if missing < n {
+                    self.order.describe(missing)
+                } else {
+                    self.order.describe_shared(missing - n)
+                }
             )));
         }
         self.app_tx
@@ -599,7 +792,7 @@ fn compress_worker(
         dtype.encode_into(&values, &mut raw);
         drop(values);
         let mut out = Vec::new();
-        match enc.encode(dtype, &raw, &mut out) {
+        match enc.encode_kind(dtype, job.kind, job.rows, &raw, &mut out) {
             Ok(h) => {
                 busy += t.elapsed();
                 let msg = AppMsg::Frame {
@@ -636,6 +829,7 @@ struct OpenShard {
 
 struct PendingSample {
     meta: Option<SampleMeta>,
+    factored: bool,
     shard: Option<u32>,
     entries: Vec<Option<TableEntry>>,
     received: usize,
@@ -645,7 +839,10 @@ struct PendingSample {
 struct Appender {
     dir: PathBuf,
     store_id: [u8; 16],
+    /// Format version of new shard headers (the store's).
+    version: u16,
     n_frames: usize,
+    n_shared: usize,
     target: u64,
     next_shard: u32,
     shards: HashMap<u32, OpenShard>,
@@ -672,7 +869,8 @@ impl Appender {
         if let Some((no, s)) = self.samples.iter().next() {
             return Err(Error::Pipeline(format!(
                 "sample seq {no} ended incomplete ({} of {} frames)",
-                s.received, self.n_frames
+                s.received,
+                s.entries.len()
             )));
         }
         let open: Vec<u32> = self.shards.keys().copied().collect();
@@ -684,13 +882,19 @@ impl Appender {
 
     fn handle(&mut self, msg: AppMsg) -> Result<()> {
         match msg {
-            AppMsg::Begin { seq, meta } => {
+            AppMsg::Begin {
+                seq,
+                meta,
+                factored,
+            } => {
+                let slots = self.n_frames + if factored { self.n_shared } else { 0 };
                 self.samples.insert(
                     seq,
                     PendingSample {
                         meta: Some(meta),
+                        factored,
                         shard: None,
-                        entries: vec![None; self.n_frames],
+                        entries: vec![None; slots],
                         received: 0,
                         ended: false,
                     },
@@ -770,7 +974,7 @@ impl Appender {
             .create_new(true)
             .open(&path)
             .at(&path)?;
-        file.write_all(&ShardHeader::new(no, self.store_id).encode())
+        file.write_all(&ShardHeader::with_version(self.version, no, self.store_id).encode())
             .at(&path)?;
         file.sync_all().at(&path)?;
         sync_dir(&shards_dir(&self.dir))?;
@@ -791,7 +995,7 @@ impl Appender {
 
     fn maybe_complete(&mut self, seq: u64) -> Result<()> {
         let s = &self.samples[&seq];
-        if !(s.ended && s.received == self.n_frames) {
+        if !(s.ended && s.received == s.entries.len()) {
             return Ok(());
         }
         let mut s = self.samples.remove(&seq).expect("present");
@@ -800,7 +1004,9 @@ impl Appender {
             .iter()
             .map(|e| e.expect("all frames received"))
             .collect();
-        let table = encode_sample_table(seq, &entries);
+        let (frames, shared) = entries.split_at(self.n_frames);
+        debug_assert_eq!(shared.is_empty(), !s.factored);
+        let table = encode_sample_table(seq, frames, shared);
         let shard_no = s.shard.expect("assigned on first frame");
         let sh = self.shards.get_mut(&shard_no).expect("open shard");
         let t = Instant::now();

@@ -396,7 +396,7 @@ fn rejects_unknown_version() {
     let m = dir.path().join("manifest.json");
     let text = std::fs::read_to_string(&m)
         .unwrap()
-        .replace("\"format_version\": 1", "\"format_version\": 7");
+        .replace("\"format_version\": 2", "\"format_version\": 7");
     std::fs::write(&m, text).unwrap();
     let e = Store::open(dir.path()).err().unwrap().to_string();
     assert!(
