@@ -43,7 +43,7 @@ for dtype in bf16 f32; do
     sps=$(python3 -c "import json,sys; print('%.2f' % json.load(open(sys.argv[1]))['samples_per_s'])" "$DIR/r-collect.json")
     t0=$(date +%s.%N)
     "$BIN" score --store "$s" --task-a math --task-b general --out "$DIR/scores-$dtype-$repr" \
-      --n-boot 0 --n-perm 0 --quiet >/dev/null
+      --n-boot 0 --n-perm 0 --no-pictures >/dev/null 2>&1
     t1=$(date +%s.%N)
     [ -n "$full_bytes" ] || full_bytes=$bytes
     printf '| %s | %s | %s | %.3fx | %s | %.2f |\n' "$repr" "$dtype" "$bytes" \

@@ -8,7 +8,8 @@
 # Environment: BENCH_DIR (default /tmp/gradshard-bench-gpu), SAMPLES per task
 # (default: 4, or 2 when the disk has < 60 GB free), COLLECT_SAMPLES per task for the
 # collect run (default 12; 0 skips it; COLLECT_PRESET / COLLECT_SEQ change its
-# llama-0.9b / 512 for a dry run), LAYERS (layers scored, default
+# llama-0.9b / 512 for a dry run), FLAYERS (layers of that factored store scored on
+# CPU and GPU, default 0,1), LAYERS (layers scored, default
 # 0-7 of 32: a quarter of the store, to keep the run short), DEVICE (default cuda:0),
 # CONFIG (a config.json to use instead of the llama-2-7b preset, e.g. fewer layers of
 # the same 4096 x 4096 shape on a small disk; set LAYERS to match).
@@ -110,10 +111,10 @@ if [ "$CS" -gt 0 ]; then
   # multiplied out on the device), and compare the heatmaps.
   FS="$DIR/cstore"
   if [ -d "$FS" ]; then
-    FI=$("$BIN" inspect --store "$FS" --json 2>>"$LOG" | tr -d ' \n' | sed -nE 's/.*"shard_bytes":([0-9]+).*"equivalent_full_bytes":([0-9]+).*/\1 \2/p')
+    FI=$("$BIN" inspect --store "$FS" --json 2>>"$LOG" | python3 -c 'import json,sys; j=json.load(sys.stdin); print("%.3f GB in shards, %.3f GB as full slices (%.1fx), %d of %d samples factored" % (j["shard_bytes"]/1e9, j["equivalent_full_bytes"]/1e9*1.0, j["equivalent_full_bytes"]/max(j["shard_bytes"],1), j["representations"]["factored"]["samples"], j["samples"]))' 2>>"$LOG")
     for dev in cpu "$DEVICE"; do
       t0=$(date +%s.%N)
-      "$BIN" score --store "$FS" --task-a math --task-b general --n-boot 0 --n-perm 0 --min-samples 0 \
+      "$BIN" score --store "$FS" --task-a math --task-b general --layers "${FLAYERS:-0,1}" --n-boot 0 --n-perm 0 --min-samples 0 \
         --no-pictures --out "$DIR/fout-${dev%%:*}" --overwrite --device "$dev" >>"$LOG" 2>&1 || echo "factored score on $dev FAILED" >>"$LOG"
       t1=$(date +%s.%N)
       FR="${FR:-}${dev}: $(calc "$t1-$t0") s; "
@@ -136,7 +137,7 @@ walk(a, b, acc)
 print(f"summary.json numbers CPU vs GPU: worst relative difference {max(acc):.2e} over {len(acc)} values")
 PY
 )
-    FR="${FR}store $FI (shard bytes, equivalent full bytes); $FD"
+    FR="${FR}store: $FI; $FD"
   fi
   rm -rf "$DIR/cstore" "$DIR/cstore-none"
 fi
@@ -162,6 +163,6 @@ echo "(goal, issue 6: tile compute < 10% of tile I/O on the GPU rows)"
 printf "\nraw disk read (dd, O_DIRECT, %s): %.2f GB/s\n" "$state" "$DD"
 echo "per-sample gradients, models on $DEVICE (bench_grads --shape large: D 1024, 8 layers, seq <= 256): $GR"
 echo "collect on $DEVICE, random ${COLLECT_PRESET:-llama-0.9b} LLaMA checkpoint (make-model), seq ${COLLECT_SEQ:-512}, attention gradients, $CS samples per task: $CR"
-echo "factored store (the collect above), score CPU vs $DEVICE: ${FR:--}"
+echo "factored store (the collect above), score layers ${FLAYERS:-0,1}, CPU vs $DEVICE: ${FR:--}"
 echo "PyTorch reference (DESIGN §6, 0.89 B LLaMA shape, seq 512, bf16, H100): 17.5 samples/s fwd+bwd; 14.2 with pinned copies of attention grads; 9.0 with pageable copies"
 echo "full log: $LOG"

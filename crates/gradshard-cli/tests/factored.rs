@@ -277,3 +277,39 @@ fn factored_bytes_are_under_a_third_at_64_tokens_and_auto_chooses_by_length() {
     assert_eq!(plan(&m400)["auto"]["factored_samples"], 0);
     assert_eq!(plan(&m64)["break_even_positions"], 307);
 }
+
+/// `--params all-2d` (embeddings, GPT-2's tied `wte` used twice, untied LLaMA
+/// `lm_head`): every frame of a factored store equals the full store's.
+#[test]
+fn all_2d_factored_equals_full_slices() {
+    for name in ["gpt2", "llama-gqa"] {
+        let fx = fixtures().join(name);
+        let dir = tempfile::tempdir().unwrap();
+        let mut stores = Vec::new();
+        for repr in ["full", "factored"] {
+            let store = dir.path().join(repr);
+            collect(
+                &fx.join("model"),
+                &fx.join("tasks"),
+                &store,
+                &[
+                    "--dtype",
+                    "f32",
+                    "--params",
+                    "all-2d",
+                    "--representation",
+                    repr,
+                    "--batch",
+                    "4",
+                ],
+            );
+            stores.push(store);
+        }
+        let errs = frame_errors(&stores[1], &stores[0]);
+        let worst = errs.iter().map(|e| e.1).fold(0.0, f64::max);
+        eprintln!("{name} all-2d factored vs full: worst frame difference {worst:.2e}");
+        for (what, e) in &errs {
+            assert!(*e <= 1e-5, "{name} {what}: {e:.2e}");
+        }
+    }
+}

@@ -740,6 +740,21 @@ pub fn collect(
         None => (spec.frame_order(), spec.dtype),
     };
     let layout = StatsLayout::new(&order, dtype);
+    // A format-1 store holds full slices only: `auto` stores full slices there, and
+    // `factored` is refused before any compute.
+    let mut representation = opts.representation;
+    if let Some(w) = &writer {
+        if w.manifest().format_version < 2 && representation != RepresentationChoice::Full {
+            if representation == RepresentationChoice::Factored {
+                return Err(Error::InvalidArgument(format!(
+                    "store {} is format version {}, which holds full slices only: collect --representation factored into a new store",
+                    opts.store.display(),
+                    w.manifest().format_version
+                )));
+            }
+            representation = RepresentationChoice::Full;
+        }
+    }
     // Opened (and a torn tail cut) while this process holds the store's LOCK.
     let side = match &writer {
         Some(_) => Some(SideLog::open(&opts.store, layout.len(), true)?),
@@ -774,7 +789,7 @@ pub fn collect(
         attn_of,
         geometry,
         nan_policy: opts.nan_policy,
-        representation: opts.representation,
+        representation,
         dtype,
         full_samples: 0,
         factored_samples: 0,
@@ -882,7 +897,7 @@ pub fn collect(
                     gradshard_models::Error::InvalidArgument(msg)
                 })
             };
-            let r = if opts.representation == RepresentationChoice::Full {
+            let r = if representation == RepresentationChoice::Full {
                 model.for_each_grads(iter, opts.batch, |g| handle(Got::Grads(g)))
             } else {
                 model.for_each_factors(iter, opts.batch, |f| handle(Got::Factors(f)))

@@ -6,10 +6,28 @@
 //! helpers turn them back into G and compute G's squared sums without forming it.
 
 /// `out = Pᵀ S` (`r × c`, row-major) for `p` (`n × r`) and `s` (`n × c`), both row-major,
-/// accumulated in f32 by the `gemm` crate on the calling thread.
+/// accumulated in f32 by the `gemm` crate on the calling thread (readers call it from
+/// their own parallel loops).
 ///
 /// Panics when a length does not match (callers check shapes against the manifest).
 pub fn pt_s(p: &[f32], s: &[f32], n: usize, r: usize, c: usize, out: &mut [f32]) {
+    pt_s_with(p, s, n, r, c, out, gemm::Parallelism::None)
+}
+
+/// [`pt_s`] with gemm's own rayon threads, for one large product (a whole tensor).
+pub fn pt_s_parallel(p: &[f32], s: &[f32], n: usize, r: usize, c: usize, out: &mut [f32]) {
+    pt_s_with(p, s, n, r, c, out, gemm::Parallelism::Rayon(0))
+}
+
+fn pt_s_with(
+    p: &[f32],
+    s: &[f32],
+    n: usize,
+    r: usize,
+    c: usize,
+    out: &mut [f32],
+    par: gemm::Parallelism,
+) {
     assert_eq!(p.len(), n * r, "P is not n × r");
     assert_eq!(s.len(), n * c, "S is not n × c");
     assert_eq!(out.len(), r * c, "out is not r × c");
@@ -44,7 +62,7 @@ pub fn pt_s(p: &[f32], s: &[f32], n: usize, r: usize, c: usize, out: &mut [f32])
             false,
             false,
             false,
-            gemm::Parallelism::None,
+            par,
         );
     }
 }

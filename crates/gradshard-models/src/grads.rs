@@ -538,37 +538,7 @@ impl TensorFactors {
         assert_eq!(self.a.len(), n * r, "{}: A must be n × shape[0]", self.name);
         assert_eq!(self.b.len(), n * c, "{}: B must be n × shape[1]", self.name);
         let mut g = vec![0f32; r * c];
-        if r == 0 || c == 0 || n == 0 {
-            return g;
-        }
-        // SAFETY: dst is `g` [r × c] row-major (column stride 1, row stride c),
-        // r·c values; lhs is Aᵀ [r × n], element (i, k) = a[k·r + i] (column
-        // stride r, row stride 1) inside `a`'s n·r values; rhs is B [n × c]
-        // row-major inside `b`'s n·c values (lengths asserted above).
-        // `read_dst = false`: g = 1·AᵀB.
-        unsafe {
-            gemm::gemm(
-                r,
-                c,
-                n,
-                g.as_mut_ptr(),
-                1,
-                c as isize,
-                false,
-                self.a.as_ptr(),
-                r as isize,
-                1,
-                self.b.as_ptr(),
-                1,
-                c as isize,
-                0.0f32,
-                1.0f32,
-                false,
-                false,
-                false,
-                gemm::Parallelism::Rayon(0),
-            );
-        }
+        gradshard_core::factor::pt_s_parallel(&self.a, &self.b, n, r, c, &mut g);
         g
     }
 

@@ -114,7 +114,16 @@ pub struct BurnBackend<B: BurnB> {
     /// Device copies of the last shared-factor batches `[rows, n_max, c]`, keyed by the
     /// host factors' addresses: the slices of one layer of a factored store share S, so
     /// S goes up once per layer and task, and only P per slice.
-    shared: Mutex<Vec<(Vec<(usize, usize)>, usize, Tensor<B, 3>)>>,
+    shared: Mutex<Vec<SharedBatch<B>>>,
+}
+
+/// A device batch `[rows, n_max, c]` of shared factors, keyed by the host factors it
+/// was made from. The entry holds those `Arc`s, so their memory cannot be freed and
+/// reused by other factors while the entry exists: pointer equality is identity.
+struct SharedBatch<B: BurnB> {
+    key: Vec<std::sync::Arc<Vec<f32>>>,
+    n_max: usize,
+    dev: Tensor<B, 3>,
 }
 
 /// Shared-factor batches kept on the device (one per task, with room to spare).
@@ -531,16 +540,20 @@ impl<B: BurnB> BurnBackend<B> {
     /// The device batch `[rows, n_max, c]` of the tile's shared factors (zero rows past
     /// each sample's n), reused when the same host factors were uploaded before.
     fn shared_batch(&self, t: &gradshard_store::FactorTile, n_max: usize) -> Tensor<B, 3> {
-        let key: Vec<(usize, usize)> = t
-            .samples
-            .iter()
-            .map(|f| (f.s.as_ptr() as usize, f.s.len()))
-            .collect();
+        let key: Vec<std::sync::Arc<Vec<f32>>> = t.samples.iter().map(|f| f.s.clone()).collect();
         {
             let cache = self.shared.lock().unwrap();
-            if let Some((_, _, dev)) = cache.iter().find(|(k, n, _)| *k == key && *n == n_max) {
+            let same = |b: &SharedBatch<B>| {
+                b.n_max == n_max
+                    && b.key.len() == key.len()
+                    && b.key
+                        .iter()
+                        .zip(&key)
+                        .all(|(x, y)| std::sync::Arc::ptr_eq(x, y))
+            };
+            if let Some(b) = cache.iter().find(|b| same(b)) {
                 self.stats.lock().unwrap().shared_reused += 1;
-                return dev.clone();
+                return b.dev.clone();
             }
         }
         let rows = t.samples.len();
@@ -552,7 +565,11 @@ impl<B: BurnB> BurnBackend<B> {
             .upload(&host, rows * n_max, t.c)
             .reshape([rows, n_max, t.c]);
         let mut cache = self.shared.lock().unwrap();
-        cache.push((key, n_max, dev.clone()));
+        cache.push(SharedBatch {
+            key,
+            n_max,
+            dev: dev.clone(),
+        });
         if cache.len() > CACHE_SHARED {
             cache.remove(0);
         }

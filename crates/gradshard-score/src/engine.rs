@@ -753,13 +753,16 @@ struct Prefetched {
     prefetch_s: f64,
 }
 
+/// A task and the stored-order indices of the rows it reads.
+type TaskRows = (TaskName, Vec<usize>);
+
 /// Reads slice `s` of both tasks as factors and has the backend form the tiles on its
 /// device, filed under the host buffers (sized `rows × s_len`, left unread: a fresh
 /// zeroed allocation costs no memory until touched). Returns when the reads ended.
 fn read_factor_tiles(
     source: &dyn TileSource,
     backend: &dyn Backend,
-    tasks: [(&(TaskName, Vec<usize>), &mut Vec<f32>); 2],
+    tasks: [(&TaskRows, &mut Vec<f32>); 2],
     s: &Slice,
     s_len: usize,
 ) -> (Result<()>, std::time::Instant) {

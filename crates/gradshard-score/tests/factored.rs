@@ -173,3 +173,35 @@ fn factored_store_scores_like_full_slices_on_the_cpu_and_the_device_path() {
     };
     assert_eq!(ids(&on_cpu), ids(&base));
 }
+
+/// On a CUDA device (built with `--features cuda` and a GPU present; otherwise it
+/// prints SKIPPED and passes): the factored store's tiles formed on the GPU score like
+/// the full-slice store on the CPU.
+#[cfg(feature = "cuda")]
+#[test]
+fn factored_store_on_cuda_scores_like_full_slices() {
+    use gradshard_score::CudaBackend;
+    let Ok(dev) = CudaBackend::new(0, GpuPrecision::F64) else {
+        eprintln!("SKIPPED: no CUDA device");
+        return;
+    };
+    let full = tempfile::tempdir().unwrap();
+    let fact = tempfile::tempdir().unwrap();
+    write_store(full.path(), |_, _| Representation::Full);
+    write_store(fact.path(), |_, _| Representation::Factored);
+    let o = opts();
+    let s_full = Store::open(full.path()).unwrap();
+    let s_fact = Store::open(fact.path()).unwrap();
+    let base = score_with_backend(
+        &StoreSource { store: &s_full },
+        &o,
+        &CpuBackend::default(),
+        &mut |_| {},
+    )
+    .unwrap();
+    let r = score_with_backend(&StoreSource { store: &s_fact }, &o, &dev, &mut |_| {}).unwrap();
+    let w = worst(&r, &base);
+    eprintln!("factored store on CUDA (3x split TF32 products): worst relative difference {w:.2e}");
+    assert!(dev.stats().factor_tiles > 0);
+    assert!(w <= 1e-4, "{w:.2e}");
+}

@@ -155,11 +155,12 @@ fn factored_and_full_samples_read_back_as_their_slices_in_every_layout() {
             let recs = store.samples("t").unwrap().to_vec();
             for (i, r) in recs.iter().enumerate() {
                 assert_eq!(store.is_factored(r).unwrap(), mix[i]);
-                for f in 0..store.order().n_frames() {
+                assert_eq!(truth[i].len(), store.order().n_frames());
+                for (f, want) in truth[i].iter().enumerate() {
                     let v = store.read_frame(r, f).unwrap();
                     assert_close(
                         &v,
-                        &truth[i][f],
+                        want,
                         &format!(
                             "{} {dtype} sample {i} {}",
                             g.model_type,
@@ -302,4 +303,48 @@ fn corrupted_factor_frames_and_mismatched_rows_are_reported() {
     store
         .read_slice("t", &SampleId::Int(0), 0, Block::K, 1)
         .unwrap();
+}
+
+#[test]
+fn random_single_byte_flips_in_factor_frames_are_all_detected() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(2025);
+    let g = geometries().remove(0);
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = StoreWriter::open_or_create(dir.path(), &spec(&g, DType::Bf16), opts()).unwrap();
+    write_samples(&mut w, &mut rng, &[true, true, false]);
+    w.finish().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    // Every P and S frame of the factored samples, with a frame that reads it.
+    let mut frames = Vec::new();
+    for r in s.samples("t").unwrap() {
+        if !s.is_factored(r).unwrap() {
+            continue;
+        }
+        let all: Vec<usize> = (0..s.order().n_frames()).collect();
+        for p in s.plan(&[r], &all).unwrap().reads {
+            frames.push((r.clone(), p.frame, p.entry.offset, p.entry.frame_len));
+            let (_, e) = p.shared.unwrap();
+            frames.push((r.clone(), p.frame, e.offset, e.frame_len));
+        }
+    }
+    drop(s);
+    for _ in 0..100 {
+        let (rec, frame, off, len) = frames[rng.random_range(0..frames.len())].clone();
+        let pos = off + rng.random_range(0..len as u64);
+        let shard = gradshard_store::shard_path(dir.path(), rec.shard);
+        let orig = std::fs::read(&shard).unwrap();
+        let mut d = orig.clone();
+        d[pos as usize] ^= rng.random_range(1..=255u8);
+        std::fs::write(&shard, &d).unwrap();
+        let rep = verify(dir.path(), &|_, _| {}).unwrap();
+        assert!(!rep.ok(), "flip at {pos} not detected by verify");
+        let s = Store::open(dir.path()).unwrap();
+        assert!(
+            s.read_frame(&rec, frame).is_err(),
+            "flip at {pos} not detected by the reader"
+        );
+        drop(s);
+        std::fs::write(&shard, &orig).unwrap();
+    }
+    assert!(verify(dir.path(), &|_, _| {}).unwrap().ok());
 }
