@@ -19,7 +19,7 @@
 #   score throughput CPU vs GPU (exact f64 and f32/TF32 GEMM), store GB/s vs the disk's
 #   raw read speed (dd, page cache dropped when allowed), tile compute vs tile I/O
 #   time, host->device copy rate, and per-sample gradient throughput with the
-#   models on the GPU vs PyTorch's 17.5 samples/s (DESIGN §6).
+#   models on the GPU vs PyTorch's 17.5 samples/s (docs/design.md §6).
 set -euo pipefail
 BIN=${1:-${GRADSHARD_BIN:-}}
 GRADS_BIN=${2:-${BENCH_GRADS_BIN:-}}
@@ -90,7 +90,7 @@ rows+=("$(score gpu-f64 --device "$DEVICE" --gpu-precision f64)")
 rows+=("$(score gpu-f64-per-step --device "$DEVICE" --gpu-precision f64 --gpu-path per-step)")
 rows+=("$(score gpu-f32 --device "$DEVICE" --gpu-precision f32)")
 
-# Collect on the GPU at DESIGN §6's PyTorch shape: a random 0.89 B LLaMA checkpoint
+# Collect on the GPU at docs/design.md §6's PyTorch shape: a random 0.89 B LLaMA checkpoint
 # (make-model --preset llama-0.9b, bf16), seq 512, attention gradients, bf16 store.
 # Model only (gradients computed and copied to the host, nothing stored) and the
 # full collect, samples/s each. The 7B store is removed first to make room.
@@ -164,5 +164,5 @@ printf "\nraw disk read (dd, O_DIRECT, %s): %.2f GB/s\n" "$state" "$DD"
 echo "per-sample gradients, models on $DEVICE (bench_grads --shape large: D 1024, 8 layers, seq <= 256): $GR"
 echo "collect on $DEVICE, random ${COLLECT_PRESET:-llama-0.9b} LLaMA checkpoint (make-model), seq ${COLLECT_SEQ:-512}, attention gradients, $CS samples per task: $CR"
 echo "factored store (the collect above), score layers ${FLAYERS:-0,1}, CPU vs $DEVICE: ${FR:--}"
-echo "PyTorch reference (DESIGN §6, 0.89 B LLaMA shape, seq 512, bf16, H100): 17.5 samples/s fwd+bwd; 14.2 with pinned copies of attention grads; 9.0 with pageable copies"
+echo "PyTorch reference (docs/design.md §6, 0.89 B LLaMA shape, seq 512, bf16, H100): 17.5 samples/s fwd+bwd; 14.2 with pinned copies of attention grads; 9.0 with pageable copies"
 echo "full log: $LOG"

@@ -110,7 +110,7 @@ pub fn demo(a: DemoArgs) -> Result<ExitCode> {
     crate::scorecmd::score(sc)?;
     println!();
     println!("demo done in {:.1} s.", t.elapsed().as_secs_f64());
-    println!("  Parquet tables : {scores}/*.parquet (heatmap, top_pairs, diagnostics, group_fisher, masks, overlap)");
+    println!("  Parquet tables : {scores}/*.parquet (heatmap, top_pairs, pairs, diagnostics, group_fisher, masks, overlap)");
     println!("  heatmaps       : {scores}/heatmap_Q.png, heatmap_K.png, heatmap_V.png, heatmap_O.png (and .svg)");
     println!("  summary        : {scores}/summary.json");
     println!("  store          : {store} (try: gradshard inspect --store {store})");

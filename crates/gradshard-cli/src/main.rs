@@ -27,6 +27,8 @@ struct Cli {
     cmd: Cmd,
 }
 
+// One value, parsed once at start-up: the size of its largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Write per-sample safetensors gradient files (PyTorch users' output) into a store.
@@ -158,15 +160,47 @@ fn main() -> ExitCode {
     match r {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", render_error(&e));
             ExitCode::from(1)
         }
     }
 }
 
+/// The error and its causes, each said once: library errors already name their cause
+/// in their own message (`path: cause`), so a cause whose text is already there is
+/// not repeated.
+fn render_error(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        if s.is_empty() || out.contains(&s) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&s);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn errors_say_each_cause_once() {
+        let io = std::io::Error::from(std::io::ErrorKind::NotFound);
+        let msg = io.to_string();
+        let e = anyhow::Error::new(gradshard_store::Error::Io {
+            path: "/x/manifest.json".into(),
+            source: io,
+        })
+        .context("inspect /x");
+        let r = render_error(&e);
+        assert_eq!(r.matches(&msg).count(), 1, "{r}");
+        assert!(r.starts_with("inspect /x: /x/manifest.json"), "{r}");
+    }
 
     #[test]
     fn sizes() {

@@ -1,6 +1,6 @@
 //! `make-model`: a seeded random checkpoint (and random token tasks) of a named or
 //! given shape, for benchmarks on machines with no model hub — e.g. the 0.89 B
-//! LLaMA shape of DESIGN §6's PyTorch figure, for `collect --device cuda`.
+//! LLaMA shape of docs/design.md §6's PyTorch figure, for `collect --device cuda`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -17,7 +17,7 @@ pub struct MakeModelArgs {
     pub out: PathBuf,
     /// Named shape (the `synth` presets: tiny, small, llama-0.9b, llama-2-7b,
     /// llama-3-8b, gpt2).
-    #[arg(long, default_value = "llama-0.9b", conflicts_with = "config")]
+    #[arg(long, default_value = "small", conflicts_with = "config")]
     pub preset: String,
     /// A config.json to use as it is instead of a preset.
     #[arg(long)]
@@ -45,6 +45,15 @@ pub struct MakeModelArgs {
     /// Tokens per sample in the task files.
     #[arg(long, default_value_t = 512)]
     pub seq: usize,
+}
+
+/// 44.2 M, 0.89 B, 6.74 B: a parameter count people read at a glance.
+fn count(n: u64) -> String {
+    match n {
+        0..1_000_000 => format!("{:.1} K", n as f64 / 1e3),
+        1_000_000..1_000_000_000 => format!("{:.1} M", n as f64 / 1e6),
+        _ => format!("{:.2} B", n as f64 / 1e9),
+    }
 }
 
 /// The Hugging Face config of a `synth` preset.
@@ -89,11 +98,15 @@ pub fn make_model(a: MakeModelArgs) -> Result<ExitCode> {
         WeightDtype::Bf16
     };
     let t0 = std::time::Instant::now();
-    let w = gradshard_models::write_random_checkpoint(&a.out, &config, a.seed, dtype, a.std)?;
+    let w = gradshard_models::write_random_checkpoint(&a.out, &config, a.seed, dtype, a.std)
+        .with_context(|| match &a.config {
+            Some(p) => format!("model config {}", p.display()),
+            None => format!("preset `{}`", a.preset),
+        })?;
     println!(
-        "make-model: {} tensors, {:.3} B parameters, {:.2} GB ({}) in {} ({:.1} s)",
+        "make-model: {} tensors, {} parameters, {:.2} GB ({}) in {} ({:.1} s)",
         w.tensors,
-        w.params as f64 / 1e9,
+        count(w.params as u64),
         w.bytes as f64 / 1e9,
         a.dtype,
         a.out.display(),

@@ -36,9 +36,13 @@ pub struct PlanArgs {
     /// Where the store will live (its disk's free space is checked).
     #[arg(long, default_value = ".")]
     pub dir: PathBuf,
-    /// Compression ratio to assume (default: 1.46 for bf16, 1.10 for f32; see the README's measurements).
-    #[arg(long)]
+    /// Compression ratio to assume (default: measured on --like, else 1.25 for bf16 and
+    /// 1.06 for f32, what this repository's benchmarks measured; see the README).
+    #[arg(long, conflicts_with = "like")]
     pub ratio: Option<f64>,
+    /// An existing store of similar data: its measured compression ratio is used.
+    #[arg(long)]
+    pub like: Option<PathBuf>,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -194,10 +198,39 @@ pub fn plan(a: PlanArgs) -> Result<ExitCode> {
     }
     let samples = lengths.len() as u64;
     let (values, parts) = values_per_sample(&g, &cfg, &a.params)?;
-    let ratio = a.ratio.unwrap_or(match a.dtype {
-        DType::Bf16 => 1.46,
-        DType::F32 => 1.10,
-    });
+    let (ratio, ratio_source) = match (&a.ratio, &a.like) {
+        (Some(r), _) => (*r, "given with --ratio".to_string()),
+        (None, Some(dir)) => {
+            let store = gradshard_store::Store::open(dir)
+                .with_context(|| format!("--like {}", dir.display()))?;
+            let (mut raw, mut stored) = (0u64, 0u64);
+            for r in store.index().records() {
+                let f = store.footprint(r)?;
+                raw += f.raw_bytes;
+                stored += f.stored_bytes;
+            }
+            if stored == 0 {
+                bail!(
+                    "--like {}: the store holds no sample to measure",
+                    dir.display()
+                );
+            }
+            (
+                raw as f64 / stored as f64,
+                format!("measured on {}", dir.display()),
+            )
+        }
+        (None, None) => (
+            match a.dtype {
+                DType::Bf16 => 1.25,
+                DType::F32 => 1.06,
+            },
+            format!(
+                "assumed for {} (pass --like STORE to measure it on your data)",
+                a.dtype
+            ),
+        ),
+    };
     if !(ratio.is_finite() && ratio > 0.0) {
         bail!("--ratio must be a positive number");
     }
@@ -230,7 +263,7 @@ pub fn plan(a: PlanArgs) -> Result<ExitCode> {
             serde_json::json!({
                 "values_per_sample": values, "bytes_per_sample_raw": per_sample, "samples": samples,
                 "mean_predicted_positions": mean_n,
-                "raw_bytes": raw, "ratio_assumed": ratio, "estimated_bytes": need,
+                "raw_bytes": raw, "ratio_assumed": ratio, "ratio_source": ratio_source, "estimated_bytes": need,
                 "full": {"raw_bytes": raw, "estimated_bytes": estimate(raw)},
                 "factored": {"raw_bytes": factored, "estimated_bytes": estimate(factored)},
                 "auto": {"raw_bytes": auto, "estimated_bytes": need, "factored_samples": auto_factored, "full_samples": samples - auto_factored},
@@ -250,6 +283,7 @@ pub fn plan(a: PlanArgs) -> Result<ExitCode> {
         println!(
             "{samples} samples, {mean_n:.1} predicted positions on average; factors are smaller up to n = {break_even}"
         );
+        println!("compression ratio {ratio:.2}x, {ratio_source}");
         println!("  representation     raw          at {ratio:.2}x compression");
         for (name, b) in [("full", raw), ("factored", factored), ("auto", auto)] {
             println!("  {name:<18} {:<12} {}", human(b), human(estimate(b)));
@@ -320,7 +354,7 @@ mod tests {
         let g = Geometry::from_config(&cfg).unwrap();
         let (v, _) = values_per_sample(&g, &cfg, "attn").unwrap();
         assert_eq!(v, 32 * 4 * 4096 * 4096);
-        // DESIGN §1: 4.3 GB per sample in bf16.
+        // docs/design.md §1: 4.3 GB per sample in bf16.
         assert!(((v * 2) as f64 / 1e9 - 4.3).abs() < 0.05);
         let (v2, _) = values_per_sample(&g, &cfg, "attn,mlp").unwrap();
         assert_eq!(v2 - v, 32 * 3 * 4096 * 11008);

@@ -29,22 +29,25 @@ pub struct ScoreArgs {
     /// Replace an existing output directory.
     #[arg(long)]
     pub overwrite: bool,
-    /// Layers to score, comma-separated (default: all).
-    #[arg(long, value_delimiter = ',')]
-    pub layers: Option<Vec<usize>>,
+    /// Layers to score: comma-separated numbers and ranges, e.g. 0,1,4-7 (default: all).
+    #[arg(long, value_parser = parse_index_list)]
+    pub layers: Option<IndexList>,
     /// Query heads to score, comma-separated (default: all).
-    #[arg(long, value_delimiter = ',')]
-    pub heads: Option<Vec<usize>>,
+    #[arg(long, value_parser = parse_index_list)]
+    pub heads: Option<IndexList>,
     /// Blocks, e.g. Q,K,V,O.
     #[arg(long, value_delimiter = ',', default_value = "Q,K,V,O")]
     pub blocks: Vec<Block>,
-    #[arg(long, default_value = "unsigned")]
-    pub variant: Variant,
+    /// X and Y of M = X·Yᵀ (docs/design.md §4): unsigned (C_A/den, |g_B|), signed
+    /// (g_A/den, g_B) or symmetric (√C_A/den, √C_B).
+    #[arg(long, default_value = "unsigned", value_parser = ["unsigned", "signed", "symmetric"])]
+    pub variant: String,
     /// Fisher used in den: A, B or pooled.
-    #[arg(long, default_value = "A")]
-    pub fisher_pool: FisherPool,
-    #[arg(long, default_value = "sum")]
-    pub aggregate: Aggregate,
+    #[arg(long, default_value = "A", value_parser = ["A", "B", "pooled"])]
+    pub fisher_pool: String,
+    /// M summed over the slice's elements (sum) or averaged over them (mean).
+    #[arg(long, default_value = "sum", value_parser = ["sum", "mean"])]
+    pub aggregate: String,
     #[arg(long, default_value_t = gradshard_score::DEFAULT_EPS)]
     pub eps: f64,
     #[arg(long, default_value_t = gradshard_score::DEFAULT_LAM)]
@@ -170,6 +173,37 @@ impl Compute {
     }
 }
 
+/// Layer or head indices from `--layers` / `--heads`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexList(pub Vec<usize>);
+
+/// `0,1,4-7` → [0, 1, 4, 5, 6, 7].
+fn parse_index_list(s: &str) -> Result<IndexList, String> {
+    let bad = |part: &str| {
+        format!("`{part}` in `{s}`: expected comma-separated numbers or ranges, e.g. 0,1,4-7")
+    };
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (usize, usize) = (
+                    a.trim().parse().map_err(|_| bad(part))?,
+                    b.trim().parse().map_err(|_| bad(part))?,
+                );
+                if a > b {
+                    return Err(bad(part));
+                }
+                out.extend(a..=b);
+            }
+            None => out.push(part.parse().map_err(|_| bad(part))?),
+        }
+    }
+    if out.is_empty() {
+        return Err(format!("`{s}` names no index"));
+    }
+    Ok(IndexList(out))
+}
+
 fn parse_layer_head(s: &str) -> Result<(usize, usize), String> {
     let (l, h) = s
         .split_once(':')
@@ -217,12 +251,18 @@ pub fn score(a: ScoreArgs) -> Result<ExitCode> {
         TaskName::new(a.task_a.as_str())?,
         TaskName::new(a.task_b.as_str())?,
     );
-    o.layers = a.layers.clone();
-    o.heads = a.heads.clone();
+    o.layers = a.layers.clone().map(|l| l.0);
+    o.heads = a.heads.clone().map(|h| h.0);
     o.blocks = a.blocks.clone();
-    o.variant = a.variant;
-    o.fisher_pool = a.fisher_pool;
-    o.aggregate = a.aggregate;
+    o.variant = a.variant.parse::<Variant>().map_err(anyhow::Error::msg)?;
+    o.fisher_pool = a
+        .fisher_pool
+        .parse::<FisherPool>()
+        .map_err(anyhow::Error::msg)?;
+    o.aggregate = a
+        .aggregate
+        .parse::<Aggregate>()
+        .map_err(anyhow::Error::msg)?;
     o.eps = a.eps;
     o.lam = a.lam;
     o.lam_rel = a.lam_rel;
@@ -247,25 +287,44 @@ pub fn score(a: ScoreArgs) -> Result<ExitCode> {
     let bar = counter(0, "score");
     let t = std::time::Instant::now();
     let mut timing = None;
+    // Wall-clock phases: (name, when it began), closed by the next one.
+    let mut phases: Vec<(&'static str, std::time::Instant)> = vec![("plan", t)];
     let result = gradshard_score::score_with_backend(
         &StoreSource { store: &store },
         &o,
         compute.backend(),
         &mut |p| match p {
-            ScoreProgress::Plan { slices, .. } => bar.set_length(slices as u64),
+            ScoreProgress::Plan { slices, .. } => {
+                bar.set_length(slices as u64);
+                phases.push(("slice pass", std::time::Instant::now()));
+            }
             ScoreProgress::Slice { done, .. } => bar.set_position(done as u64),
             ScoreProgress::Warning(w) => bar.println(format!("warning: {w}")),
-            t @ ScoreProgress::Timing { .. } => timing = Some(t),
+            ScoreProgress::Stage(name) => phases.push((
+                match name {
+                    "permutation" => "permutation test",
+                    "mlp_fisher" => "MLP Fisher",
+                    _ => "statistics",
+                },
+                std::time::Instant::now(),
+            )),
+            t @ ScoreProgress::Timing { .. } => {
+                timing = Some(t);
+                phases.push(("statistics drain", std::time::Instant::now()));
+            }
             _ => {}
         },
     );
     bar.finish_and_clear();
     let result = result?;
     let secs = t.elapsed().as_secs_f64();
+    let t_out = std::time::Instant::now();
     let mut eo = gradshard_export::ExportOptions::new(store.manifest().store_id.clone());
     eo.overwrite = a.overwrite;
     eo.pictures = !a.no_pictures;
     let written = gradshard_export::write_outputs_with(&result, &a.out, &eo)?;
+    phases.push(("writing outputs", t_out));
+    let wall = t.elapsed().as_secs_f64();
     for w in &result.warnings {
         eprintln!("warning: {w}");
     }
@@ -296,7 +355,8 @@ pub fn score(a: ScoreArgs) -> Result<ExitCode> {
             100.0 * compute_s / read_s.max(1e-12),
             if overlapped { "read overlapped with compute" } else { "sequential" }
         );
-        if prefetch_s > 0.0 {
+        // The reader thread's hand-over to a device (the CPU backend has none).
+        if compute.report().is_some() {
             println!(
                 "host->device copies on the reader thread: {prefetch_s:.3} s (tile I/O incl. them {:.3} s; compute {:.1}% of it)",
                 read_s + prefetch_s,
@@ -315,9 +375,62 @@ pub fn score(a: ScoreArgs) -> Result<ExitCode> {
     if let Some(r) = compute.report() {
         println!("{r}");
     }
+    // The wall time, phase by phase (the phases add up to it).
+    let end = t + std::time::Duration::from_secs_f64(wall);
+    let parts: Vec<String> = phases
+        .iter()
+        .enumerate()
+        .map(|(i, (name, at))| {
+            let next = phases.get(i + 1).map_or(end, |p| p.1);
+            format!("{name} {:.2} s", (next - *at).as_secs_f64())
+        })
+        .collect();
+    println!("wall {wall:.2} s = {}", parts.join(" + "));
+    print_summary(&result, &a.task_a, &a.task_b);
     println!("wrote {}:", written.dir.display());
     for f in &written.files {
         println!("  {f}");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The answer on the console: the most conflicted (block, layer, head) with its
+/// bootstrap interval, and the top sample pairs with their stored ids.
+fn print_summary(r: &gradshard_score::ScoreResult, task_a: &str, task_b: &str) {
+    let Some(best) = r
+        .cells
+        .iter()
+        .filter(|c| c.score_mean.is_finite())
+        .max_by(|x, y| x.score_mean.total_cmp(&y.score_mean))
+    else {
+        return;
+    };
+    let head = if best.block.is_kv() {
+        "kv head"
+    } else {
+        "head"
+    };
+    let ci = match (best.ci_low, best.ci_high) {
+        (Some(lo), Some(hi)) => format!(
+            ", {:.0}% CI [{lo:.4e}, {hi:.4e}]",
+            100.0 * r.options.ci_level
+        ),
+        _ => String::new(),
+    };
+    println!(
+        "most conflicted: block {} layer {} {head} {}: mean M {:.4e} over {} pairs{ci}",
+        best.block, best.layer, best.head, best.score_mean, best.n_pairs
+    );
+    let mut top: Vec<&gradshard_score::TopPair> = r.top.iter().collect();
+    top.sort_by(|x, y| y.score.total_cmp(&x.score));
+    if !top.is_empty() {
+        println!("top sample pairs ({task_a} id, {task_b} id; any block):");
+        for p in top.iter().take(5) {
+            let pv = p.p_value.map_or(String::new(), |v| format!(", p = {v:.3}"));
+            println!(
+                "  {task_a} {} x {task_b} {}: M = {:.4e} (block {} layer {} head {}{pv})",
+                p.sample_a, p.sample_b, p.score, p.block, p.layer, p.head
+            );
+        }
+    }
 }

@@ -78,9 +78,16 @@ pub fn merge(
     for (s, p) in stores.iter().zip(inputs).skip(1) {
         let sp = &s.manifest().spec;
         let what = if sp.geometry != spec0.geometry {
+            let show = |g: &gradshard_core::Geometry| {
+                format!(
+                    "{} ({:?}), {} layers, D {}, {} heads / {} kv heads, head_dim {}",
+                    g.model_type, g.layout, g.layers, g.hidden, g.heads, g.kv_heads, g.head_dim
+                )
+            };
             Some(format!(
-                "geometry {:?} vs {:?}",
-                sp.geometry, spec0.geometry
+                "geometry {} vs {}",
+                show(&sp.geometry),
+                show(&spec0.geometry)
             ))
         } else if sp.dtype != spec0.dtype {
             Some(format!(

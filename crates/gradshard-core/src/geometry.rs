@@ -1,4 +1,4 @@
-//! Attention head-slice geometry (DESIGN §3).
+//! Attention head-slice geometry (docs/design.md §3).
 //!
 //! Every (layer, block, head) slice is `d × D` values in one canonical
 //! orientation: element `[j, k]` is the weight between head dimension `j` and

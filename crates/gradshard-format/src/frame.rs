@@ -15,7 +15,7 @@ pub const MAX_FRAME_BYTES: u64 = 1 << 30;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Codec {
     None,
-    /// zstd at a level (1 by default: DESIGN §6 measured no gain above it on gradients).
+    /// zstd at a level (1 by default: docs/design.md §6 measured no gain above it on gradients).
     Zstd(i32),
 }
 

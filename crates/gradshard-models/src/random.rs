@@ -1,6 +1,6 @@
 //! Seeded random checkpoints and token tasks, for benchmarks on machines that
 //! cannot reach a model hub (`gradshard make-model`): any config the loader
-//! accepts, at real shapes (e.g. the 0.89 B LLaMA shape of DESIGN §6's PyTorch
+//! accepts, at real shapes (e.g. the 0.89 B LLaMA shape of docs/design.md §6's PyTorch
 //! figure), written as one `model.safetensors` the loader then reads like any
 //! Hugging Face checkpoint.
 //!

@@ -118,7 +118,7 @@ pub trait Backend: Sync {
     }
 
     /// Transforms tile rows in place into X (role X) or Y (role Y) of `variant`
-    /// (DESIGN §4), `den[k] = max(I[k], eps) + lam*` over the tile's columns.
+    /// (docs/design.md §4), `den[k] = max(I[k], eps) + lam*` over the tile's columns.
     fn transform(
         &self,
         tile: &mut [f32],
@@ -168,7 +168,7 @@ impl Default for CpuBackend {
 }
 
 /// `X` or `Y` value of one element (`g` the stored gradient, `inv_t = 1/T`,
-/// `den` the denominator) — the definitions of DESIGN §4, in f64.
+/// `den` the denominator) — the definitions of docs/design.md §4, in f64.
 #[inline]
 pub fn transform_value(g: f32, inv_t: f64, den: f64, variant: Variant, role: Role) -> f32 {
     transform_value_f64(g, inv_t, den, variant, role) as f32

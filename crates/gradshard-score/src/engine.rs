@@ -884,7 +884,7 @@ impl Engine<'_> {
         Ok(())
     }
 
-    /// `den[k] = max(I_pool[k], eps) + lam` (DESIGN §4).
+    /// `den[k] = max(I_pool[k], eps) + lam` (docs/design.md §4).
     fn den_value(&self, fa: &[f64], fb: &[f64], k: usize, lam: f64) -> f64 {
         self.pool_value(fa, fb, k).max(self.opts.eps) + lam
     }

@@ -1,4 +1,4 @@
-//! Phases 2-4 (DESIGN §5): group Fisher, importance, keep-masks at a sparsity,
+//! Phases 2-4 (docs/design.md §5): group Fisher, importance, keep-masks at a sparsity,
 //! overlap of the two tasks' masks, Fisher cosine.
 //!
 //! Attention groups are head slices (layer, block, stored head): every group has

@@ -1,5 +1,5 @@
-//! Phase 6 QK-OV interference scoring (DESIGN §4) and phases 2-4 group Fisher
-//! (DESIGN §5), over any [`TileSource`].
+//! Phase 6 QK-OV interference scoring (docs/design.md §4) and phases 2-4 group Fisher
+//! (docs/design.md §5), over any [`TileSource`].
 //!
 //! Entry point: [`score`]. The engine reads each needed (task, layer, block,
 //! head) tile once, computes the task Fisher from the same tile, forms X and Y,

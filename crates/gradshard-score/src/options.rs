@@ -3,17 +3,17 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
-/// Floor of the Fisher in the denominator: `den = max(I, eps) + lam*` (DESIGN §4).
+/// Floor of the Fisher in the denominator: `den = max(I, eps) + lam*` (docs/design.md §4).
 pub const DEFAULT_EPS: f64 = 1e-10;
-/// Absolute ridge added to the denominator (DESIGN §4).
+/// Absolute ridge added to the denominator (docs/design.md §4).
 pub const DEFAULT_LAM: f64 = 1e-8;
-/// Relative ridge: `lam* = max(lam, lam_rel · lower_median(I over S))` when > 0 (DESIGN §4).
+/// Relative ridge: `lam* = max(lam, lam_rel · lower_median(I over S))` when > 0 (docs/design.md §4).
 pub const DEFAULT_LAM_REL: f64 = 0.0;
-/// Scoring variant (DESIGN §4).
+/// Scoring variant (docs/design.md §4).
 pub const DEFAULT_VARIANT: Variant = Variant::Unsigned;
-/// Whose Fisher forms the denominator (DESIGN §4).
+/// Whose Fisher forms the denominator (docs/design.md §4).
 pub const DEFAULT_FISHER_POOL: FisherPool = FisherPool::A;
-/// Aggregate over the slice (DESIGN §4).
+/// Aggregate over the slice (docs/design.md §4).
 pub const DEFAULT_AGGREGATE: Aggregate = Aggregate::Sum;
 /// Top pairs kept per block.
 pub const DEFAULT_TOP_K: usize = 20;
@@ -32,7 +32,7 @@ pub const DEFAULT_MEMORY_BUDGET: usize = 4 << 30;
 /// Sparsities of the phases 2-4 keep-masks (a mask keeps the top `1 - s`).
 pub const DEFAULT_SPARSITIES: &[f64] = &[0.5, 0.9];
 
-/// How X and Y are formed from the gradients (DESIGN §4).
+/// How X and Y are formed from the gradients (docs/design.md §4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Variant {
@@ -133,7 +133,7 @@ pub struct ScoreOptions {
 }
 
 impl ScoreOptions {
-    /// Defaults of DESIGN §4 for tasks A and B.
+    /// Defaults of docs/design.md §4 for tasks A and B.
     pub fn new(task_a: TaskName, task_b: TaskName) -> ScoreOptions {
         ScoreOptions {
             task_a,

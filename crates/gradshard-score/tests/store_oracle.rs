@@ -41,7 +41,7 @@ fn rel(a: f64, b: f64) -> f64 {
 }
 
 /// Every oracle setting, from stores ingested in f32 (1e-5) and bf16 (2e-2).
-/// Signed sums cancel (DESIGN §4, docs/scoring.md), so signed cells are compared
+/// Signed sums cancel (docs/design.md §4, docs/scoring.md), so signed cells are compared
 /// against the block's largest |value|; the other variants cell by cell.
 #[test]
 fn every_setting_from_f32_and_bf16_stores_matches_the_oracle() {

@@ -30,7 +30,7 @@ pub enum CodecName {
 }
 
 impl CodecSpec {
-    /// zstd level 1 with byte-shuffle: DESIGN §6 measured 1.46× on bf16 gradients and
+    /// zstd level 1 with byte-shuffle: docs/design.md §6 measured 1.46× on bf16 gradients and
     /// no gain above level 1; `scripts/bench_write.sh` re-measures it on this build.
     pub const DEFAULT: CodecSpec = CodecSpec {
         name: CodecName::Zstd,
@@ -107,6 +107,12 @@ impl Manifest {
 
     pub fn load(dir: &Path) -> Result<Manifest> {
         let path = dir.join(MANIFEST_FILE);
+        if dir.is_dir() && !path.exists() {
+            return Err(Error::Input {
+                path: dir.to_path_buf(),
+                what: format!("not a gradshard store (it has no {MANIFEST_FILE})"),
+            });
+        }
         let text = std::fs::read_to_string(&path).at(&path)?;
         let raw: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Manifest {
             path: path.clone(),

@@ -29,7 +29,7 @@ fn task(s: &str) -> TaskName {
     TaskName::new(s).unwrap()
 }
 
-/// Every layout of DESIGN §3, small but with GQA where the layout allows it.
+/// Every layout of docs/design.md §3, small but with GQA where the layout allows it.
 fn layouts() -> Vec<Geometry> {
     [
         json!({"model_type":"llama","num_hidden_layers":2,"hidden_size":32,"num_attention_heads":4,"num_key_value_heads":2,"head_dim":12}),

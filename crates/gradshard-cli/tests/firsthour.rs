@@ -1,0 +1,231 @@
+//! A new user's first hour: progress in a log without a terminal, errors that say
+//! each cause once and name the file, the answer of `score` on the console, the
+//! accepted values in `--help`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_gradshard"))
+}
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/llama-gqa")
+}
+
+fn p(x: &Path) -> &str {
+    x.to_str().unwrap()
+}
+
+fn run(args: &[&str]) -> Output {
+    bin().args(args).output().expect("run gradshard")
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = run(args);
+    assert!(
+        o.status.success(),
+        "gradshard {args:?} failed: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Runs a command that must fail; returns its stderr after checking that no part of the
+/// `a: b: c` chain is said twice.
+fn fails(args: &[&str]) -> String {
+    let o = run(args);
+    assert!(!o.status.success(), "gradshard {args:?} should fail");
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("error"))
+        .unwrap_or_else(|| panic!("no error line in {err}"))
+        .to_string();
+    let parts: Vec<&str> = line.split(": ").map(str::trim).collect();
+    for (i, a) in parts.iter().enumerate() {
+        for b in &parts[i + 1..] {
+            assert!(a.len() < 8 || a != b, "`{a}` is said twice in: {line}");
+        }
+    }
+    line
+}
+
+#[test]
+fn collect_without_a_terminal_logs_progress_lines_before_its_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log.txt");
+    let store = dir.path().join("s");
+    let tasks = fixture().join("tasks");
+    // As under nohup or sbatch: stdout and stderr both to one file.
+    let f = std::fs::File::create(&log).unwrap();
+    let status = bin()
+        .args([
+            "collect",
+            "--model",
+            p(&fixture().join("model")),
+            "--task",
+            &format!("math={}", p(&tasks.join("math.jsonl"))),
+            "--task",
+            &format!("general={}", p(&tasks.join("general.jsonl"))),
+            "--store",
+            p(&store),
+        ])
+        .stdout(f.try_clone().unwrap())
+        .stderr(f)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let progress: Vec<usize> = lines
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.starts_with("collect: ") && l.contains("samples/s") && l.contains('%'))
+        .map(|(i, _)| i)
+        .collect();
+    let report = lines
+        .iter()
+        .position(|l| l.contains("samples stored"))
+        .unwrap_or_else(|| panic!("no report in {text}"));
+    assert!(progress.len() >= 5, "progress lines: {text}");
+    assert!(progress[0] < report, "{text}");
+    assert!(
+        lines[progress[progress.len() - 1]].contains("16/16"),
+        "{text}"
+    );
+}
+
+#[test]
+fn errors_name_the_file_and_say_each_cause_once() {
+    let dir = tempfile::tempdir().unwrap();
+    // A store path that does not exist.
+    let e = fails(&["inspect", "--store", "/nonexistent/store"]);
+    assert!(e.contains("/nonexistent/store"), "{e}");
+    // A directory that is not a store.
+    let e = fails(&["verify", "--store", p(dir.path())]);
+    assert!(e.contains("not a gradshard store"), "{e}");
+    let e = fails(&[
+        "score",
+        "--store",
+        p(dir.path()),
+        "--task-a",
+        "a",
+        "--task-b",
+        "b",
+    ]);
+    assert!(e.contains("not a gradshard store"), "{e}");
+    // A bad layer list says the accepted form.
+    let o = run(&[
+        "score", "--store", "x", "--task-a", "a", "--task-b", "b", "--layers", "0-x",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("comma-separated"),
+        "{err}"
+    );
+    // make-model with a bad config names the config file, not the output.
+    let cfg = dir.path().join("bad-config.json");
+    std::fs::write(&cfg, r#"{"model_type": "llama", "hidden_size": 64}"#).unwrap();
+    let out = dir.path().join("out-model");
+    let e = fails(&["make-model", "--out", p(&out), "--config", p(&cfg)]);
+    assert!(e.contains("bad-config.json"), "{e}");
+    // merge of stores of different models describes both in words.
+    let a = dir.path().join("a");
+    let b = dir.path().join("b");
+    for (s, preset) in [(&a, "tiny"), (&b, "small")] {
+        ok(&[
+            "synth",
+            "--store",
+            p(s),
+            "--preset",
+            preset,
+            "--samples",
+            "1",
+        ]);
+    }
+    let e = fails(&["merge", "--out", p(&dir.path().join("m")), p(&a), p(&b)]);
+    assert!(!e.contains("Geometry {") && e.contains("layers"), "{e}");
+}
+
+#[test]
+fn score_prints_the_answer_and_where_the_time_went() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("s");
+    let tasks = fixture().join("tasks");
+    ok(&[
+        "collect",
+        "--model",
+        p(&fixture().join("model")),
+        "--task",
+        &format!("math={}", p(&tasks.join("math.jsonl"))),
+        "--task",
+        &format!("general={}", p(&tasks.join("general.jsonl"))),
+        "--store",
+        p(&store),
+        "--quiet",
+    ]);
+    let out = ok(&[
+        "score",
+        "--store",
+        p(&store),
+        "--task-a",
+        "math",
+        "--task-b",
+        "general",
+        "--out",
+        p(&dir.path().join("scores")),
+        "--n-boot",
+        "50",
+        "--n-perm",
+        "50",
+        "--layers",
+        "0-1",
+        "--no-pictures",
+    ]);
+    let most = out
+        .lines()
+        .find(|l| l.starts_with("most conflicted: block "))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(most.contains("layer") && most.contains("CI ["), "{most}");
+    assert!(out.contains("top sample pairs"), "{out}");
+    // The phases add up to the wall time.
+    let wall = out.lines().find(|l| l.starts_with("wall ")).unwrap();
+    let total: f64 = wall["wall ".len()..]
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let sum: f64 = wall
+        .split(" = ")
+        .nth(1)
+        .unwrap()
+        .split(" + ")
+        .map(|p| {
+            p.trim_end_matches(" s")
+                .rsplit(' ')
+                .next()
+                .unwrap()
+                .parse::<f64>()
+                .unwrap()
+        })
+        .sum();
+    assert!((sum - total).abs() <= 0.03 + 0.01 * total, "{wall}");
+    assert!(wall.contains("permutation test"), "{wall}");
+    assert!(
+        !out.contains("host->device"),
+        "no device line on the CPU: {out}"
+    );
+}
+
+#[test]
+fn help_lists_accepted_values() {
+    let h = ok(&["score", "--help"]);
+    for v in ["unsigned", "signed", "symmetric", "sum", "mean", "pooled"] {
+        assert!(h.contains(v), "score --help lacks `{v}`");
+    }
+    let h = ok(&["collect", "--help"]);
+    assert!(h.contains("factored") && h.contains("auto"), "{h}");
+}
