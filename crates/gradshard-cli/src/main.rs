@@ -141,6 +141,12 @@ pub fn human(b: u64) -> String {
 }
 
 fn main() -> ExitCode {
+    // A closed stdout (`gradshard inspect … | head -1`) ends the program quietly, as for
+    // any Unix tool, instead of a panic in println!.
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     // Arguments are parsed (and rejected) before any I/O.
     let cli = Cli::parse();
     let r = match cli.cmd {

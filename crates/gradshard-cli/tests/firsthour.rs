@@ -229,3 +229,59 @@ fn help_lists_accepted_values() {
     let h = ok(&["collect", "--help"]);
     assert!(h.contains("factored") && h.contains("auto"), "{h}");
 }
+
+/// `inspect … | head -1`: a closed stdout ends the program quietly (no panic).
+#[test]
+fn a_closed_stdout_ends_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("s");
+    ok(&[
+        "synth",
+        "--store",
+        p(&store),
+        "--preset",
+        "tiny",
+        "--samples",
+        "2",
+    ]);
+    let mut child = bin()
+        .args(["inspect", "--store", p(&store), "--samples"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take()); // the reader goes away at once
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+/// A sample longer than the model's positions is refused before any allocation, naming
+/// the sample and --max-tokens (a 10⁶-token line used to abort on a 4 TB allocation).
+#[test]
+fn a_sample_past_the_models_positions_is_refused_naming_max_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let long = dir.path().join("long.jsonl");
+    let ids: Vec<String> = (0..5000).map(|i| (i % 50).to_string()).collect();
+    std::fs::write(
+        &long,
+        format!("{{\"id\": 7, \"input_ids\": [{}]}}\n", ids.join(",")),
+    )
+    .unwrap();
+    let o = run(&[
+        "collect",
+        "--model",
+        p(&fixture().join("model")),
+        "--task",
+        &format!("long={}", p(&long)),
+        "--store",
+        p(&dir.path().join("s")),
+        "--quiet",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains("5000 tokens") && err.contains("--max-tokens"),
+        "{err}"
+    );
+}

@@ -109,6 +109,8 @@ pub struct LlamaConfig {
     pub act: Activation,
     /// Mistral sliding window: query i sees keys j with i - j < window.
     pub sliding_window: Option<usize>,
+    /// `max_position_embeddings`: longer inputs are refused before any allocation.
+    pub max_positions: Option<usize>,
 }
 
 /// GPT-2 configuration.
@@ -154,7 +156,7 @@ impl ModelConfig {
     /// Longest sequence the model accepts (GPT-2's learned positions); None = unbounded.
     pub fn max_positions(&self) -> Option<usize> {
         match self {
-            ModelConfig::Llama(_) => None,
+            ModelConfig::Llama(c) => c.max_positions,
             ModelConfig::Gpt2(c) => Some(c.n_positions),
         }
     }
@@ -401,6 +403,7 @@ fn parse_llama(r: &Reader<'_>, arch: Arch) -> Result<LlamaConfig> {
         mlp_bias: arch == Arch::Llama && r.opt_bool("mlp_bias")?.unwrap_or(false),
         act,
         sliding_window,
+        max_positions: r.opt_usize("max_position_embeddings")?,
     })
 }
 

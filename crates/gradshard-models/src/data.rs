@@ -218,8 +218,9 @@ impl SampleReader {
             // The last token is only a label, so n - 1 positions are fed.
             if ids.len() - 1 > p {
                 return Err(self.bad(format!(
-                    "{} tokens exceed the model's {p} positions (+1 label); use max_tokens",
-                    ids.len()
+                    "{} tokens exceed the model's {p} positions (+1 label); truncate with --max-tokens {}",
+                    ids.len(),
+                    p + 1
                 )));
             }
         }

@@ -34,7 +34,7 @@ pub enum Error {
         oldest: u16,
         newest: u16,
     },
-    #[error("store {store} is locked by another writer ({holder}); wait for it or remove {lock} if that process is gone")]
+    #[error("store {store} is being written by another process ({holder}, holding a lock on {lock}); wait for it to finish or stop it. Do not delete the lock file: the lock is released when that process ends, even if it is killed, and a new writer then recovers the store by itself")]
     Locked {
         store: PathBuf,
         lock: PathBuf,

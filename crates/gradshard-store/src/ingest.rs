@@ -4,7 +4,9 @@
 
 use std::path::{Path, PathBuf};
 
-use gradshard_core::{Block, DType, Geometry, OtherTensor, SampleId, TaskName};
+use gradshard_core::{
+    bf16_bits_to_f32, f32_to_bf16_bits, Block, DType, Geometry, OtherTensor, SampleId, TaskName,
+};
 use memmap2::Mmap;
 use safetensors::{Dtype as StDtype, SafeTensors};
 
@@ -223,6 +225,7 @@ pub fn put_file(w: &mut StoreWriter, file: &SampleFile) -> Result<()> {
     let order = w.order().clone();
     let g = order.geometry().clone();
     // Check the full tensor set before handing in any frame.
+    let dtype = w.manifest().spec.dtype;
     let attn = g.all_attn_tensors();
     for t in &attn {
         let v = st.tensor(&t.name).map_err(|_| {
@@ -273,15 +276,7 @@ pub fn put_file(w: &mut StoreWriter, file: &SampleFile) -> Result<()> {
     })?;
     for t in &attn {
         let data = tensor_f32(path, &t.name, &st.tensor(&t.name).expect("checked"))?;
-        if let Some(bad) = data.iter().position(|v| !v.is_finite()) {
-            return Err(input_err(
-                path,
-                format!(
-                    "tensor `{}` has a non-finite value at flat index {bad}",
-                    t.name
-                ),
-            ));
-        }
+        check_storable(path, &t.name, &data, dtype)?;
         for b in &t.blocks {
             for head in 0..g.heads_of(*b) {
                 let frame = order.attn(t.layer, *b, head).expect("all blocks stored");
@@ -292,15 +287,7 @@ pub fn put_file(w: &mut StoreWriter, file: &SampleFile) -> Result<()> {
     }
     for (ti, o) in order.others().iter().enumerate() {
         let data = tensor_f32(path, &o.name, &st.tensor(&o.name).expect("checked"))?;
-        if let Some(bad) = data.iter().position(|v| !v.is_finite()) {
-            return Err(input_err(
-                path,
-                format!(
-                    "tensor `{}` has a non-finite value at flat index {bad}",
-                    o.name
-                ),
-            ));
-        }
+        check_storable(path, &o.name, &data, dtype)?;
         for gi in 0..o.groups() {
             let (a, b) = o.group_rows(gi);
             let frame = order.other(ti, gi).expect("group in range");
@@ -351,4 +338,29 @@ pub fn ingest(opts: &IngestOptions, progress: &mut dyn FnMut(u64, u64)) -> Resul
         files: total,
         ignored_tensors: ignored,
     })
+}
+
+/// Every value must be finite and stay finite in the store's dtype: a value past bf16's
+/// range (|v| > 3.39e38, e.g. f32::MAX) would be stored as ±inf and make its task
+/// unscoreable later, so it is refused here, naming the tensor and the element.
+fn check_storable(path: &Path, tensor: &str, data: &[f32], dtype: DType) -> Result<()> {
+    let overflows = |v: f32| {
+        !v.is_finite()
+            || (dtype == DType::Bf16 && !bf16_bits_to_f32(f32_to_bf16_bits(v)).is_finite())
+    };
+    if let Some(bad) = data.iter().position(|v| overflows(*v)) {
+        let what = if data[bad].is_finite() {
+            format!("overflows {dtype} (it would be stored as infinity)")
+        } else {
+            "is not finite".to_string()
+        };
+        return Err(input_err(
+            path,
+            format!(
+                "tensor `{tensor}` value {} at flat index {bad} {what}",
+                data[bad]
+            ),
+        ));
+    }
+    Ok(())
 }

@@ -107,6 +107,12 @@ impl Manifest {
 
     pub fn load(dir: &Path) -> Result<Manifest> {
         let path = dir.join(MANIFEST_FILE);
+        if !dir.exists() {
+            return Err(Error::Input {
+                path: dir.to_path_buf(),
+                what: "no such store directory".into(),
+            });
+        }
         if dir.is_dir() && !path.exists() {
             return Err(Error::Input {
                 path: dir.to_path_buf(),

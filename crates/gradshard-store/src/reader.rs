@@ -169,6 +169,93 @@ pub struct Store {
     pub torn_log_tail: u64,
 }
 
+/// A mapped shard must be this store's shard `no` (a shard copied from another store
+/// of the same layout would otherwise be read without a word).
+fn check_shard_identity(path: &Path, m: &Mmap, no: u32, store_id: &[u8; 16]) -> Result<()> {
+    let h = gradshard_format::ShardHeader::parse(m).map_err(|e| Error::Format {
+        path: path.to_path_buf(),
+        source: Box::new(e),
+    })?;
+    if h.store_id != *store_id || h.shard_no != no {
+        return Err(Error::Input {
+            path: path.to_path_buf(),
+            what: if h.store_id != *store_id {
+                "belongs to another store (its store id differs from manifest.json's); it was copied or moved here".into()
+            } else {
+                format!("header says shard {}, the file name {no}", h.shard_no)
+            },
+        });
+    }
+    Ok(())
+}
+
+/// Every sample table that a sealed shard's footer lists must be in the commit log: a
+/// log cut short (truncated by hand, or a lost tail) would otherwise hide committed
+/// samples without a word. A writer appends records before it seals, so a table
+/// missing from the log read at open is looked for again in a fresh read of the log
+/// before it is reported.
+fn check_log_complete(
+    dir: &Path,
+    log: &Path,
+    records: &[LogRecord],
+    store_id: &[u8; 16],
+) -> Result<()> {
+    let missing = |records: &[LogRecord]| -> Result<Vec<(u32, usize)>> {
+        let logged: std::collections::HashSet<(u32, u64)> =
+            records.iter().map(|r| (r.shard, r.table_offset)).collect();
+        let sd = crate::shards_dir(dir);
+        let mut out = Vec::new();
+        let Ok(entries) = std::fs::read_dir(&sd) else {
+            return Ok(out);
+        };
+        for e in entries.flatten() {
+            let Some(no) = crate::parse_shard_name(&e.file_name().to_string_lossy()) else {
+                continue;
+            };
+            let Ok(m) = crate::map_file(&e.path()) else {
+                continue;
+            };
+            // Only this store's sealed shards say what was committed.
+            match gradshard_format::ShardHeader::parse(&m) {
+                Ok(h) if h.store_id == *store_id && h.shard_no == no => {}
+                _ => continue,
+            }
+            if let Ok(Some(f)) = gradshard_format::parse_footer(&m) {
+                let lost = f
+                    .tables
+                    .iter()
+                    .filter(|(off, _)| !logged.contains(&(no, *off)))
+                    .count();
+                if lost > 0 {
+                    out.push((no, lost));
+                }
+            }
+        }
+        Ok(out)
+    };
+    if missing(records)?.is_empty() {
+        return Ok(());
+    }
+    let bytes = std::fs::read(log).at(log)?;
+    let fresh = decode_log(&bytes).at(log)?;
+    let lost = missing(&fresh.records)?;
+    if lost.is_empty() {
+        return Ok(());
+    }
+    let n: usize = lost.iter().map(|l| l.1).sum();
+    let shards: Vec<String> = lost
+        .iter()
+        .map(|(no, k)| format!("{} ({k})", shard_path(dir, *no).display()))
+        .collect();
+    Err(Error::Input {
+        path: log.to_path_buf(),
+        what: format!(
+            "the commit log lacks {n} committed sample(s) that sealed shards list in their footers: {}; the log was cut short, so reading on would silently use fewer samples. Restore samples.log, or run `gradshard verify` to see the damage",
+            shards.join(", ")
+        ),
+    })
+}
+
 /// Default byte budget of the decoded shared-factor cache.
 pub const DEFAULT_SHARED_CACHE_BYTES: u64 = 1 << 30;
 
@@ -186,11 +273,16 @@ impl Store {
         let bytes = std::fs::read(&lp).at(&lp)?;
         let scan = decode_log(&bytes).at(&lp)?;
         let mut shards = HashMap::new();
+        let store_id = manifest.store_id_bytes()?;
         for r in &scan.records {
             if let std::collections::hash_map::Entry::Vacant(e) = shards.entry(r.shard) {
-                e.insert(crate::map_file(&shard_path(dir, r.shard))?);
+                let path = shard_path(dir, r.shard);
+                let m = crate::map_file(&path)?;
+                check_shard_identity(&path, &m, r.shard, &store_id)?;
+                e.insert(m);
             }
         }
+        check_log_complete(dir, &lp, &scan.records, &store_id)?;
         let index = Index::from_records(scan.records)?;
         Ok(Store {
             dir: dir.to_path_buf(),

@@ -381,8 +381,10 @@ fn rejects_bad_magic() {
         "{:?}",
         rep.problems
     );
-    // A writer refuses to append to it too.
-    let spec = Store::open(dir.path()).unwrap().manifest().spec.clone();
+    // A reader refuses it at open, and a writer refuses to append to it.
+    let e = Store::open(dir.path()).err().unwrap().to_string();
+    assert!(e.contains("bad magic") && e.contains("shard-000000"), "{e}");
+    let spec = gradshard_store::Manifest::load(dir.path()).unwrap().spec;
     let e = StoreWriter::open_or_create(dir.path(), &spec, small_opts())
         .err()
         .unwrap()
@@ -643,7 +645,11 @@ fn a_second_writer_is_refused() {
         .err()
         .unwrap()
         .to_string();
-    assert!(e.contains("locked by another writer"), "{e}");
+    assert!(e.contains("being written by another process"), "{e}");
+    assert!(
+        e.contains("Do not delete the lock file") && !e.contains("remove"),
+        "the message must not invite deleting the lock: {e}"
+    );
     w.finish().unwrap();
     StoreWriter::open_or_create(dir.path(), &spec(&g, DType::Bf16), small_opts())
         .unwrap()
@@ -733,4 +739,106 @@ fn manifest_conforms_to_its_json_schema() {
             "MLP tensors recorded"
         );
     }
+}
+
+/// A shard copied from another store of the same layout is refused at open, naming the
+/// shard (it used to be read silently, with other numbers).
+#[test]
+fn a_shard_from_another_store_is_refused_at_open() {
+    let a = small_store(DType::Bf16);
+    let b = small_store(DType::Bf16);
+    let sa = shard_path(a.path(), 0);
+    std::fs::copy(shard_path(b.path(), 0), &sa).unwrap();
+    let e = Store::open(a.path()).err().unwrap().to_string();
+    assert!(
+        e.contains("shard-000000.gss") && e.contains("belongs to another store"),
+        "{e}"
+    );
+}
+
+/// A commit log cut short (at a record boundary or inside a record) while the shards'
+/// footers still list the lost samples: open fails, naming the log and the shard,
+/// instead of scoring fewer samples without a word.
+#[test]
+fn a_truncated_commit_log_is_refused_when_sealed_footers_list_more() {
+    let dir = small_store(DType::Bf16);
+    let log = dir.path().join("samples.log");
+    let full = std::fs::read(&log).unwrap();
+    let n = Store::open(dir.path()).unwrap().index().n_samples();
+    assert_eq!(n, 16);
+    // Cut inside the last record, then at the boundary before it.
+    for cut in [full.len() - 5, record_starts(&full)[15]] {
+        std::fs::write(&log, &full[..cut]).unwrap();
+        let e = Store::open(dir.path()).err().unwrap().to_string();
+        assert!(
+            e.contains("samples.log")
+                && e.contains("lacks 1 committed sample")
+                && e.contains("shard-000000.gss"),
+            "{e}"
+        );
+    }
+    std::fs::write(&log, &full).unwrap();
+    assert_eq!(Store::open(dir.path()).unwrap().index().n_samples(), 16);
+}
+
+/// Byte offsets at which each log record starts (after the 16-byte header).
+fn record_starts(log: &[u8]) -> Vec<usize> {
+    let mut at = 16;
+    let mut out = Vec::new();
+    while at + 12 <= log.len() {
+        out.push(at);
+        let len = u32::from_le_bytes(log[at..at + 4].try_into().unwrap()) as usize;
+        at += 12 + len;
+    }
+    out
+}
+
+/// A finite f32 past bf16's range (f32::MAX) would be stored as infinity: ingest
+/// refuses it, naming the file, the tensor and the element, and keeps the store as it was.
+#[test]
+fn ingest_refuses_values_that_overflow_bf16() {
+    let root = fixtures().join("llama-gqa");
+    let src = tempfile::tempdir().unwrap();
+    for t in ["math", "general"] {
+        std::fs::create_dir_all(src.path().join(t)).unwrap();
+        std::fs::copy(
+            root.join(format!("grads/{t}/0.safetensors")),
+            src.path().join(format!("{t}/0.safetensors")),
+        )
+        .unwrap();
+    }
+    // Overwrite one f32 of the first tensor of general/0 with f32::MAX.
+    let f = src.path().join("general/0.safetensors");
+    let bytes = std::fs::read(&f).unwrap();
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut d = bytes.clone();
+    let at = 8 + header_len + 4 * 7;
+    d[at..at + 4].copy_from_slice(&f32::MAX.to_le_bytes());
+    std::fs::write(&f, d).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let opts = |dtype| IngestOptions {
+        model_dir: root.join("model"),
+        tasks: vec![
+            (task("math"), src.path().join("math")),
+            (task("general"), src.path().join("general")),
+        ],
+        store: dir.path().join(format!("{dtype}")),
+        dtype,
+        codec: CodecSpec::DEFAULT,
+        writer: small_opts(),
+    };
+    let e = ingest(&opts(DType::Bf16), &mut |_, _| {})
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("general") && e.contains("0.safetensors") && e.contains("overflows bf16"),
+        "{e}"
+    );
+    // The sample before it is kept and the store verifies.
+    let s = Store::open(&dir.path().join("bf16")).unwrap();
+    assert_eq!(s.samples("math").unwrap().len(), 1);
+    assert!(verify(&dir.path().join("bf16"), &|_, _| {}).unwrap().ok());
+    // f32 holds it.
+    ingest(&opts(DType::F32), &mut |_, _| {}).unwrap();
 }
