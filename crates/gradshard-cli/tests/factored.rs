@@ -4,36 +4,11 @@
 //! `auto` choosing by sample length on both sides of the break-even.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use serde_json::Value;
 
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_gradshard"))
-}
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
-fn run(args: &[&str]) -> Output {
-    bin().args(args).output().expect("run gradshard")
-}
-
-fn ok(args: &[&str]) -> String {
-    let o = run(args);
-    assert!(
-        o.status.success(),
-        "gradshard {args:?} failed: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn p(x: &Path) -> &str {
-    x.to_str().unwrap()
-}
+mod common;
+use common::{fixtures, ok, p};
 
 /// `collect` of a fixture's two tasks (or a model dir + tasks dir) into `store`.
 fn collect(model: &Path, tasks: &Path, store: &Path, extra: &[&str]) -> String {

@@ -1,11 +1,19 @@
 //! Heatmap pictures (PNG and SVG) of one block: layers × query heads, colour
-//! bar, labelled axes, a title naming the block and the tasks. Cells that were
-//! not scored are drawn grey and listed as missing — never as a zero colour.
+//! bar, labelled axes, a title naming the block and the tasks, and a footer
+//! saying what the colour is. Cells that were not scored are drawn grey (and a
+//! legend says so) — never as a zero colour.
+//!
+//! Colour scales: the signed variant (values of either sign) uses a diverging
+//! blue–white–red scale centred on zero with symmetric limits ±max|v|; the
+//! unsigned and symmetric variants (non-negative values) use a sequential
+//! viridis-like scale from the smallest to the largest value.
 
 use std::path::Path;
 
 use gradshard_core::Block;
-use gradshard_score::ScoreResult;
+use gradshard_score::{Aggregate, ScoreResult, Variant};
+use plotters::coord::ranged1d::{DefaultFormatting, KeyPointHint};
+use plotters::coord::types::RangedCoordf64;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
@@ -13,48 +21,238 @@ use crate::error::{Error, Result};
 
 /// Width of the colour-bar panel, pixels.
 const BAR_PANEL: u32 = 140;
+/// Height of the footer (what the colour means, the "not scored" legend), pixels.
+const FOOTER: u32 = 62;
+/// Grey of the cells that were not scored.
+const NOT_SCORED: RGBColor = RGBColor(170, 170, 170);
 
 /// Pixel size `(width, height)` of the picture of an `layers × heads` heatmap.
 pub fn picture_size(layers: usize, heads: usize) -> (u32, u32) {
     let cell = (560 / layers.max(heads).max(1)).clamp(8, 48) as u32;
     let w = 90 + heads as u32 * cell + 40 + BAR_PANEL;
-    let h = 80 + layers as u32 * cell + 70;
-    (w.max(480), h.max(360))
+    let h = 80 + layers as u32 * cell + 70 + FOOTER;
+    (w.max(600), h.max(360 + FOOTER))
 }
 
-/// Viridis-like colour map on t ∈ [0, 1] (piecewise linear through 5 stops).
-fn colour(t: f64) -> RGBColor {
-    const STOPS: [(f64, f64, f64); 5] = [
-        (68.0, 1.0, 84.0),
-        (59.0, 82.0, 139.0),
-        (33.0, 145.0, 140.0),
-        (94.0, 201.0, 98.0),
-        (253.0, 231.0, 37.0),
-    ];
+/// Piecewise-linear colour ramp through equally spaced stops, t ∈ [0, 1].
+fn ramp(stops: &[(f64, f64, f64)], t: f64) -> RGBColor {
     let t = if t.is_finite() {
         t.clamp(0.0, 1.0)
     } else {
         0.0
     };
-    let pos = t * (STOPS.len() - 1) as f64;
-    let i = (pos.floor() as usize).min(STOPS.len() - 2);
+    let pos = t * (stops.len() - 1) as f64;
+    let i = (pos.floor() as usize).min(stops.len() - 2);
     let f = pos - i as f64;
-    let (a, b) = (STOPS[i], STOPS[i + 1]);
+    let (a, b) = (stops[i], stops[i + 1]);
     let mix = |x: f64, y: f64| (x + (y - x) * f).round() as u8;
     RGBColor(mix(a.0, b.0), mix(a.1, b.1), mix(a.2, b.2))
 }
 
-/// A compact tick label: plain decimals in [1e-2, 1e4), scientific otherwise.
-fn tick(v: &f64) -> String {
-    let a = v.abs();
-    if a == 0.0 {
-        "0".into()
-    } else if (1e-2..1e4).contains(&a) {
-        let s = format!("{v:.3}");
-        s.trim_end_matches('0').trim_end_matches('.').to_string()
-    } else {
-        format!("{v:.2e}")
+/// Viridis-like sequential stops (dark purple → yellow).
+const SEQUENTIAL: [(f64, f64, f64); 5] = [
+    (68.0, 1.0, 84.0),
+    (59.0, 82.0, 139.0),
+    (33.0, 145.0, 140.0),
+    (94.0, 201.0, 98.0),
+    (253.0, 231.0, 37.0),
+];
+
+/// Diverging stops (ColorBrewer RdBu): blue → white (the middle, t = 0.5) → red.
+const DIVERGING: [(f64, f64, f64); 7] = [
+    (33.0, 102.0, 172.0),
+    (103.0, 169.0, 207.0),
+    (209.0, 229.0, 240.0),
+    (255.0, 255.0, 255.0),
+    (253.0, 219.0, 199.0),
+    (239.0, 138.0, 98.0),
+    (178.0, 24.0, 43.0),
+];
+
+/// How cell values map to colours.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Scale {
+    /// Viridis-like from `lo` (start) to `hi` (end).
+    Sequential { lo: f64, hi: f64 },
+    /// Blue at `-lim`, white at 0, red at `+lim`.
+    Diverging { lim: f64 },
+}
+
+impl Scale {
+    /// The scale of these values: diverging when `signed` (or when any value is
+    /// negative), sequential otherwise. Non-finite values are ignored.
+    fn for_values(vals: &[f64], signed: bool) -> Scale {
+        let finite = || vals.iter().copied().filter(|v| v.is_finite());
+        if signed || finite().any(|v| v < 0.0) {
+            let lim = finite().fold(0.0_f64, |m, v| m.max(v.abs()));
+            return Scale::Diverging {
+                lim: if lim > 0.0 { lim } else { 1.0 },
+            };
+        }
+        let (lo, hi) = finite().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
+            (a.min(v), b.max(v))
+        });
+        if lo > hi {
+            Scale::Sequential { lo: 0.0, hi: 1.0 }
+        } else if hi <= lo {
+            // One value: a small band around it, so the bar has an extent.
+            let pad = if lo == 0.0 { 1.0 } else { lo.abs() * 0.01 };
+            Scale::Sequential {
+                lo: lo - pad,
+                hi: hi + pad,
+            }
+        } else {
+            Scale::Sequential { lo, hi }
+        }
     }
+
+    /// The value range the colour bar spans.
+    fn range(&self) -> (f64, f64) {
+        match *self {
+            Scale::Sequential { lo, hi } => (lo, hi),
+            Scale::Diverging { lim } => (-lim, lim),
+        }
+    }
+
+    /// Position of `v` along the colour map, in [0, 1] (clamped).
+    fn position(&self, v: f64) -> f64 {
+        let (lo, hi) = self.range();
+        ((v - lo) / (hi - lo)).clamp(0.0, 1.0)
+    }
+
+    fn colour(&self, v: f64) -> RGBColor {
+        let t = self.position(v);
+        match self {
+            Scale::Sequential { .. } => ramp(&SEQUENTIAL, t),
+            Scale::Diverging { .. } => ramp(&DIVERGING, t),
+        }
+    }
+}
+
+/// About `target` evenly spaced "nice" values (steps of 1, 2, 2.5 or 5 × 10^k)
+/// inside `[lo, hi]`; always at least two when `lo < hi`.
+fn nice_ticks(lo: f64, hi: f64, target: usize) -> Vec<f64> {
+    let span = hi - lo;
+    if !(span.is_finite() && span > 0.0) {
+        return vec![lo];
+    }
+    let raw = span / target.max(1) as f64;
+    let mag = 10f64.powf(raw.log10().floor());
+    let step = [1.0, 2.0, 2.5, 5.0, 10.0]
+        .iter()
+        .map(|m| m * mag)
+        .find(|s| *s >= raw * (1.0 - 1e-9))
+        .unwrap_or(10.0 * mag);
+    let first = (lo / step - 1e-9).ceil() as i64;
+    let last = (hi / step + 1e-9).floor() as i64;
+    let mut ticks: Vec<f64> = (first..=last)
+        .map(|k| if k == 0 { 0.0 } else { k as f64 * step })
+        .collect();
+    if ticks.len() < 2 {
+        ticks = vec![lo, hi];
+    }
+    ticks
+}
+
+/// One number format shared by every tick of a colour bar: scientific
+/// notation with 3 significant digits (`{:.2e}`) when the largest |tick| is
+/// < 1e-2 or ≥ 1e4, otherwise fixed-point with the decimals the tick step
+/// needs (so each nice tick prints exactly); in both cases the same number of
+/// decimals on every tick, more only when needed to tell ticks apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct TickFormat {
+    scientific: bool,
+    decimals: usize,
+}
+
+impl TickFormat {
+    fn for_ticks(ticks: &[f64]) -> TickFormat {
+        let m = ticks
+            .iter()
+            .filter(|v| v.is_finite())
+            .fold(0.0_f64, |m, v| m.max(v.abs()));
+        let scientific = m != 0.0 && !(1e-2..1e4).contains(&m);
+        let step = ticks
+            .windows(2)
+            .map(|w| (w[1] - w[0]).abs())
+            .filter(|d| d.is_finite() && *d > 0.0)
+            .fold(f64::INFINITY, f64::min);
+        let mut decimals = if scientific {
+            2
+        } else if step.is_finite() {
+            // Decimals of the step: 0.25 → 2, 5 → 0, 0.002 → 3.
+            (0..12)
+                .find(|d| {
+                    let q = step * 10f64.powi(*d);
+                    (q - q.round()).abs() <= 1e-6 * q.max(1.0)
+                })
+                .unwrap_or(12) as usize
+        } else {
+            0
+        };
+        loop {
+            let f = TickFormat {
+                scientific,
+                decimals,
+            };
+            let mut labels: Vec<String> = ticks.iter().map(|v| f.format(*v)).collect();
+            labels.sort();
+            labels.dedup();
+            if labels.len() == ticks.len() || decimals >= 12 {
+                return f;
+            }
+            decimals += 1;
+        }
+    }
+
+    fn format(&self, v: f64) -> String {
+        let d = self.decimals;
+        // Never print "-0".
+        let v = if v == 0.0 { 0.0 } else { v };
+        if self.scientific {
+            format!("{v:.d$e}")
+        } else {
+            format!("{v:.d$}")
+        }
+    }
+}
+
+/// The colour bar's value axis: linear over the scale's range, ticks exactly at
+/// the given values (so one [`TickFormat`] labels them all).
+struct BarAxis {
+    linear: RangedCoordf64,
+    ticks: Vec<f64>,
+}
+
+impl Ranged for BarAxis {
+    type FormatOption = DefaultFormatting;
+    type ValueType = f64;
+
+    fn map(&self, value: &f64, limit: (i32, i32)) -> i32 {
+        self.linear.map(value, limit)
+    }
+
+    fn key_points<Hint: KeyPointHint>(&self, _hint: Hint) -> Vec<f64> {
+        self.ticks.clone()
+    }
+
+    fn range(&self) -> std::ops::Range<f64> {
+        self.linear.range()
+    }
+}
+
+/// Key points at the centres (odd half-cell coordinates) of every `step`-th
+/// index, `step` the smallest of 1, 2, 5, 10, 20, 50, … that leaves at least
+/// `min_px` pixels between labels.
+fn index_ticks(n: usize, px: u32, min_px: f64) -> Vec<i32> {
+    let cell = px as f64 / n.max(1) as f64;
+    let step = [1usize, 2, 5]
+        .iter()
+        .copied()
+        .chain((1..).flat_map(|e| [1usize, 2, 5].map(|m| m * 10usize.pow(e))))
+        .find(|s| *s as f64 * cell >= min_px || *s >= n.max(1))
+        .unwrap_or(1);
+    (0..n).step_by(step).map(|i| 2 * i as i32 + 1).collect()
 }
 
 /// The values to draw: `grid[layer][head]`, None where not scored.
@@ -69,113 +267,39 @@ pub(crate) fn grid(result: &ScoreResult, block: Block) -> Vec<Vec<Option<f64>>> 
     grid
 }
 
-fn draw<DB: DrawingBackend>(
-    root: DrawingArea<DB, Shift>,
-    title: &str,
-    grid: &[Vec<Option<f64>>],
-    unit: &str,
-) -> std::result::Result<(), String> {
-    let e = |x: &dyn std::fmt::Display| x.to_string();
-    let layers = grid.len();
-    let heads = grid.first().map_or(0, Vec::len);
-    let vals: Vec<f64> = grid.iter().flatten().flatten().copied().collect();
-    let (mut lo, mut hi) = vals
-        .iter()
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
-            (a.min(*v), b.max(*v))
-        });
-    if vals.is_empty() {
-        (lo, hi) = (0.0, 1.0);
-    } else if hi <= lo {
-        let pad = (lo.abs() * 1e-6).max(1e-12);
-        (lo, hi) = (lo - pad, hi + pad);
-    }
-    root.fill(&WHITE).map_err(|x| e(&x))?;
-    let (head, sub) = title.split_once('\n').unwrap_or((title, ""));
-    let root = root.titled(head, ("sans-serif", 18)).map_err(|x| e(&x))?;
-    let root = if sub.is_empty() {
-        root
-    } else {
-        root.titled(sub, ("sans-serif", 13)).map_err(|x| e(&x))?
-    };
-    let (w, _) = root.dim_in_pixel();
-    let (main, bar) = root.split_horizontally(w - BAR_PANEL);
-    // Half-cell integer coordinates: cell (h, l) occupies [2h, 2h+2] × [2l, 2l+2];
-    // tick labels sit at the odd coordinates, the cell centres.
-    let centres = |n: usize| (0..n as i32).map(|i| 2 * i + 1).collect::<Vec<i32>>();
-    let mut chart = ChartBuilder::on(&main)
-        .margin(15)
-        .x_label_area_size(45)
-        .y_label_area_size(55)
-        .build_cartesian_2d(
-            (0..2 * heads.max(1) as i32).with_key_points(centres(heads)),
-            (0..2 * layers.max(1) as i32).with_key_points(centres(layers)),
-        )
-        .map_err(|x| e(&x))?;
-    let index_label = |v: &i32| format!("{}", (v - 1) / 2);
-    chart
-        .configure_mesh()
-        .disable_mesh()
-        .x_desc("query head")
-        .y_desc("layer")
-        .x_label_formatter(&index_label)
-        .y_label_formatter(&index_label)
-        .label_style(("sans-serif", 13))
-        .axis_desc_style(("sans-serif", 15))
-        .draw()
-        .map_err(|x| e(&x))?;
-    let grey = RGBColor(200, 200, 200);
-    chart
-        .draw_series(grid.iter().enumerate().flat_map(|(l, row)| {
-            row.iter().enumerate().map(move |(h, v)| {
-                let fill = match v {
-                    Some(v) => colour((v - lo) / (hi - lo)),
-                    None => grey,
-                };
-                Rectangle::new(
-                    [
-                        (2 * h as i32, 2 * l as i32),
-                        (2 * h as i32 + 2, 2 * l as i32 + 2),
-                    ],
-                    fill.filled(),
-                )
-            })
-        }))
-        .map_err(|x| e(&x))?;
-
-    let mut cb = ChartBuilder::on(&bar)
-        .margin_top(30)
-        .margin_bottom(75)
-        .margin_right(10)
-        .y_label_area_size(80)
-        .caption(unit, ("sans-serif", 13))
-        .build_cartesian_2d(0.0..1.0, lo..hi)
-        .map_err(|x| e(&x))?;
-    cb.configure_mesh()
-        .disable_mesh()
-        .disable_x_axis()
-        .y_labels(6)
-        .y_label_formatter(&tick)
-        .label_style(("sans-serif", 12))
-        .draw()
-        .map_err(|x| e(&x))?;
-    const STEPS: usize = 128;
-    cb.draw_series((0..STEPS).map(|k| {
-        let a = lo + (hi - lo) * k as f64 / STEPS as f64;
-        let b = lo + (hi - lo) * (k + 1) as f64 / STEPS as f64;
-        Rectangle::new(
-            [(0.0, a), (1.0, b)],
-            colour((k as f64 + 0.5) / STEPS as f64).filled(),
-        )
-    }))
-    .map_err(|x| e(&x))?;
-    root.present().map_err(|x| e(&x))?;
-    Ok(())
+/// The words of a picture besides the numbers.
+struct Labels {
+    /// Title; a `\n` starts a smaller second line.
+    title: String,
+    /// Caption above the colour bar.
+    bar: String,
+    /// Footer lines explaining the colour.
+    notes: Vec<String>,
+    /// Legend text of the grey "not scored" swatch (drawn only when a cell is None).
+    not_scored: String,
+    /// Diverging scale centred on zero.
+    signed: bool,
 }
 
-/// Writes `<dir>/heatmap_<block>.png` and `.svg`; returns the file names.
-pub fn write_pictures(result: &ScoreResult, block: Block, dir: &Path) -> Result<Vec<String>> {
-    let grid = grid(result, block);
+/// The formula of M for a variant and aggregate, in the notation of
+/// docs/design.md §4 (A: the first task, B: the second).
+fn formula(variant: Variant, aggregate: Aggregate) -> String {
+    let term = match variant {
+        Variant::Unsigned => "C_A/den · |g_B|",
+        Variant::Signed => "g_A/den · g_B",
+        Variant::Symmetric => "√C_A/den · √C_B",
+    };
+    let (sum, how) = match aggregate {
+        Aggregate::Sum => ("Σ_S", "summed"),
+        Aggregate::Mean => ("(1/|S|) Σ_S", "averaged"),
+    };
+    format!(
+        "M = {sum} {term}  ({} variant, {how} over the slice S)",
+        variant.as_str()
+    )
+}
+
+fn labels(result: &ScoreResult, block: Block) -> Labels {
     let o = &result.options;
     let g = &result.geometry;
     let shared = if block.is_kv() && g.kv_heads != g.heads {
@@ -194,16 +318,215 @@ pub fn write_pictures(result: &ScoreResult, block: Block, dir: &Path) -> Result<
         o.variant.as_str(),
         o.aggregate.as_str()
     );
-    let unit = "mean M";
+    let notes = vec![
+        format!(
+            "mean M: mean over all {} × {} sample pairs (A, B) of the interference",
+            result.samples_a.len(),
+            result.samples_b.len()
+        ),
+        formula(o.variant, o.aggregate),
+    ];
+    let not_scored = if o.layers.is_some() || o.heads.is_some() {
+        "not scored (outside --layers/--heads)"
+    } else {
+        "not scored"
+    };
+    Labels {
+        title,
+        bar: "mean M".into(),
+        notes,
+        not_scored: not_scored.into(),
+        signed: o.variant == Variant::Signed,
+    }
+}
+
+/// `text` in `size` px, or smaller (down to 8 px) until it fits `width`.
+fn fitted<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    text: &str,
+    size: u32,
+    width: u32,
+) -> u32 {
+    let mut s = size;
+    while s > 8 {
+        match area.estimate_text_size(text, &("sans-serif", s).into_text_style(area)) {
+            Ok((w, _)) if w <= width => break,
+            Ok(_) => s -= 1,
+            Err(_) => break,
+        }
+    }
+    s
+}
+
+fn draw<DB: DrawingBackend>(
+    root: DrawingArea<DB, Shift>,
+    labels: &Labels,
+    grid: &[Vec<Option<f64>>],
+) -> std::result::Result<(), String> {
+    let e = |x: &dyn std::fmt::Display| x.to_string();
+    let layers = grid.len();
+    let heads = grid.first().map_or(0, Vec::len);
+    let vals: Vec<f64> = grid.iter().flatten().flatten().copied().collect();
+    let any_missing = grid.iter().flatten().any(Option::is_none);
+    let scale = Scale::for_values(&vals, labels.signed);
+    let (lo, hi) = scale.range();
+
+    root.fill(&WHITE).map_err(|x| e(&x))?;
+    let title = labels.title.as_str();
+    let (head, sub) = title.split_once('\n').unwrap_or((title, ""));
+    let root = root.titled(head, ("sans-serif", 18)).map_err(|x| e(&x))?;
+    let root = if sub.is_empty() {
+        root
+    } else {
+        root.titled(sub, ("sans-serif", 13)).map_err(|x| e(&x))?
+    };
+    let (w, h) = root.dim_in_pixel();
+    let (body, footer) = root.split_vertically(h.saturating_sub(FOOTER));
+    let (main, bar) = body.split_horizontally(w.saturating_sub(BAR_PANEL));
+
+    // Half-cell integer coordinates: cell (h, l) occupies [2h, 2h+2] × [2l, 2l+2];
+    // tick labels sit at the odd coordinates, the cell centres.
+    const MARGIN: u32 = 15;
+    const X_AREA: u32 = 45;
+    const Y_AREA: u32 = 55;
+    let (mw, mh) = main.dim_in_pixel();
+    let plot_w = mw.saturating_sub(2 * MARGIN + Y_AREA);
+    let plot_h = mh.saturating_sub(2 * MARGIN + X_AREA);
+    let mut chart = ChartBuilder::on(&main)
+        .margin(MARGIN)
+        .x_label_area_size(X_AREA)
+        .y_label_area_size(Y_AREA)
+        .build_cartesian_2d(
+            (0..2 * heads.max(1) as i32).with_key_points(index_ticks(heads, plot_w, 26.0)),
+            (0..2 * layers.max(1) as i32).with_key_points(index_ticks(layers, plot_h, 18.0)),
+        )
+        .map_err(|x| e(&x))?;
+    // Integer indices: the key points are the odd cell centres 2i + 1.
+    let index_label = |v: &i32| format!("{}", (v - 1) / 2);
+    chart
+        .configure_mesh()
+        .disable_mesh()
+        .x_desc("query head")
+        .y_desc("layer")
+        .x_label_formatter(&index_label)
+        .y_label_formatter(&index_label)
+        .label_style(("sans-serif", 13))
+        .axis_desc_style(("sans-serif", 15))
+        .draw()
+        .map_err(|x| e(&x))?;
+    chart
+        .draw_series(grid.iter().enumerate().flat_map(|(l, row)| {
+            row.iter().enumerate().map(move |(h, v)| {
+                let fill = match v {
+                    Some(v) => scale.colour(*v),
+                    None => NOT_SCORED,
+                };
+                Rectangle::new(
+                    [
+                        (2 * h as i32, 2 * l as i32),
+                        (2 * h as i32 + 2, 2 * l as i32 + 2),
+                    ],
+                    fill.filled(),
+                )
+            })
+        }))
+        .map_err(|x| e(&x))?;
+    // A frame, so white (zero) cells of the diverging scale keep their extent.
+    chart
+        .draw_series(std::iter::once(Rectangle::new(
+            [(0, 0), (2 * heads as i32, 2 * layers as i32)],
+            BLACK.stroke_width(1),
+        )))
+        .map_err(|x| e(&x))?;
+
+    // Colour bar, aligned with the plotting area of the heatmap.
+    let ticks = nice_ticks(lo, hi, 8);
+    let fmt = TickFormat::for_ticks(&ticks);
+    let tick_label = |v: &f64| fmt.format(*v);
+    let mut cb = ChartBuilder::on(&bar)
+        .margin_top(MARGIN)
+        .margin_bottom(MARGIN + X_AREA)
+        .margin_right(10)
+        .y_label_area_size(80)
+        .caption(&labels.bar, ("sans-serif", 13))
+        .build_cartesian_2d(
+            0.0..1.0,
+            BarAxis {
+                linear: (lo..hi).into(),
+                ticks,
+            },
+        )
+        .map_err(|x| e(&x))?;
+    cb.configure_mesh()
+        .disable_mesh()
+        .disable_x_axis()
+        .y_label_formatter(&tick_label)
+        .label_style(("sans-serif", 12))
+        .draw()
+        .map_err(|x| e(&x))?;
+    const STEPS: usize = 128;
+    cb.draw_series((0..STEPS).map(|k| {
+        let a = lo + (hi - lo) * k as f64 / STEPS as f64;
+        let b = lo + (hi - lo) * (k + 1) as f64 / STEPS as f64;
+        Rectangle::new([(0.0, a), (1.0, b)], scale.colour((a + b) / 2.0).filled())
+    }))
+    .map_err(|x| e(&x))?;
+    cb.draw_series(std::iter::once(Rectangle::new(
+        [(0.0, lo), (1.0, hi)],
+        BLACK.stroke_width(1),
+    )))
+    .map_err(|x| e(&x))?;
+
+    // Footer: what the colour is, and the legend of the grey cells.
+    let (fw, _) = footer.dim_in_pixel();
+    let left = 12;
+    let avail = fw.saturating_sub(2 * left as u32);
+    let mut y = 4;
+    for note in &labels.notes {
+        let size = fitted(&footer, note, 12, avail);
+        footer
+            .draw(&Text::new(note.as_str(), (left, y), ("sans-serif", size)))
+            .map_err(|x| e(&x))?;
+        y += 17;
+    }
+    if any_missing {
+        footer
+            .draw(&Rectangle::new(
+                [(left, y + 1), (left + 22, y + 13)],
+                NOT_SCORED.filled(),
+            ))
+            .map_err(|x| e(&x))?;
+        footer
+            .draw(&Rectangle::new(
+                [(left, y + 1), (left + 22, y + 13)],
+                BLACK.stroke_width(1),
+            ))
+            .map_err(|x| e(&x))?;
+        let size = fitted(&footer, &labels.not_scored, 12, avail.saturating_sub(30));
+        footer
+            .draw(&Text::new(
+                labels.not_scored.as_str(),
+                (left + 30, y),
+                ("sans-serif", size),
+            ))
+            .map_err(|x| e(&x))?;
+    }
+    root.present().map_err(|x| e(&x))?;
+    Ok(())
+}
+
+/// Writes `<dir>/heatmap_<block>.png` and `.svg`; returns the file names.
+pub fn write_pictures(result: &ScoreResult, block: Block, dir: &Path) -> Result<Vec<String>> {
+    let grid = grid(result, block);
+    let labels = labels(result, block);
     let size = picture_size(grid.len(), grid.first().map_or(0, Vec::len));
     let mut names = Vec::new();
     let png = format!("heatmap_{block}.png");
     let path = dir.join(&png);
     draw(
         BitMapBackend::new(&path, size).into_drawing_area(),
-        &title,
+        &labels,
         &grid,
-        unit,
     )
     .map_err(|message| Error::Picture {
         path: path.clone(),
@@ -214,9 +537,8 @@ pub fn write_pictures(result: &ScoreResult, block: Block, dir: &Path) -> Result<
     let path = dir.join(&svg);
     draw(
         SVGBackend::new(&path, size).into_drawing_area(),
-        &title,
+        &labels,
         &grid,
-        unit,
     )
     .map_err(|message| Error::Picture {
         path: path.clone(),
@@ -224,4 +546,234 @@ pub fn write_pictures(result: &ScoreResult, block: Block, dir: &Path) -> Result<
     })?;
     names.push(svg);
     Ok(names)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rgb(s: (f64, f64, f64)) -> RGBColor {
+        RGBColor(s.0 as u8, s.1 as u8, s.2 as u8)
+    }
+
+    #[test]
+    fn signed_scale_is_diverging_and_centred_on_zero() {
+        let s = Scale::for_values(&[-0.5, 0.25, 2.0, f64::NAN], true);
+        assert_eq!(s, Scale::Diverging { lim: 2.0 });
+        assert_eq!(s.range(), (-2.0, 2.0));
+        assert_eq!(s.colour(0.0), RGBColor(255, 255, 255), "0 is white");
+        assert_eq!(s.colour(-2.0), rgb(DIVERGING[0]), "-max is the blue end");
+        assert_eq!(s.colour(2.0), rgb(DIVERGING[6]), "+max is the red end");
+        // Blue below zero, red above.
+        let (n, p) = (s.colour(-1.0), s.colour(1.0));
+        assert!(n.2 > n.0 && p.0 > p.2, "{n:?} {p:?}");
+        // Symmetric limits: ±v sit equally far from the white middle.
+        assert_eq!(s.position(-1.0) + s.position(1.0), 1.0);
+        // Signed results keep zero at white even when every value is positive.
+        let s = Scale::for_values(&[1.0, 3.0], true);
+        assert_eq!(s.range(), (-3.0, 3.0));
+        assert_eq!(s.colour(0.0), RGBColor(255, 255, 255));
+        // A negative value forces the diverging scale whatever the variant.
+        assert!(matches!(
+            Scale::for_values(&[-1.0, 3.0], false),
+            Scale::Diverging { lim } if lim == 3.0
+        ));
+        // All zeros: still a usable, symmetric scale.
+        assert_eq!(Scale::for_values(&[0.0, 0.0], true).range(), (-1.0, 1.0));
+    }
+
+    #[test]
+    fn unsigned_scale_is_sequential_from_min_to_max() {
+        let s = Scale::for_values(&[2.0, 5.0, 3.5], false);
+        assert_eq!(s, Scale::Sequential { lo: 2.0, hi: 5.0 });
+        assert_eq!(s.colour(2.0), rgb(SEQUENTIAL[0]), "min is the start");
+        assert_eq!(s.colour(5.0), rgb(SEQUENTIAL[4]), "max is the end");
+        assert_eq!(
+            s.colour(3.5),
+            rgb(SEQUENTIAL[2]),
+            "middle is the middle stop"
+        );
+        // Out-of-range values clamp to the ends.
+        assert_eq!(s.colour(-10.0), rgb(SEQUENTIAL[0]));
+        assert_eq!(s.colour(10.0), rgb(SEQUENTIAL[4]));
+        // One value: a band around it, the value in the middle.
+        let one = Scale::for_values(&[7.0], false);
+        let (lo, hi) = one.range();
+        assert!(lo < 7.0 && 7.0 < hi);
+        assert!((one.position(7.0) - 0.5).abs() < 1e-12);
+        assert_eq!(
+            Scale::for_values(&[], false),
+            Scale::Sequential { lo: 0.0, hi: 1.0 }
+        );
+    }
+
+    /// `(scientific, digits after the point of the mantissa)` of a label.
+    fn shape(s: &str) -> (bool, usize) {
+        let sci = s.contains('e');
+        let mantissa = s.split('e').next().unwrap();
+        (sci, mantissa.split_once('.').map_or(0, |(_, f)| f.len()))
+    }
+
+    fn labels_of(lo: f64, hi: f64) -> Vec<String> {
+        let ticks = nice_ticks(lo, hi, 8);
+        assert!(ticks.len() >= 2, "{lo}..{hi}: {ticks:?}");
+        assert!(ticks
+            .iter()
+            .all(|t| *t >= lo - 1e-12 * hi.abs() && *t <= hi * (1.0 + 1e-12) + 1e-300));
+        let f = TickFormat::for_ticks(&ticks);
+        let labels: Vec<String> = ticks.iter().map(|t| f.format(*t)).collect();
+        // One format for every tick, and every label distinct and faithful.
+        let first = shape(&labels[0]);
+        for (l, t) in labels.iter().zip(&ticks) {
+            assert_eq!(shape(l), first, "{labels:?}");
+            assert!(
+                !l.starts_with("-0") || l.parse::<f64>().unwrap() != 0.0,
+                "{l}"
+            );
+            let back: f64 = l.parse().unwrap();
+            let step = ticks[1] - ticks[0];
+            assert!((back - t).abs() <= step * 0.01, "{l} vs {t}");
+        }
+        let mut d = labels.clone();
+        d.dedup();
+        assert_eq!(d.len(), labels.len(), "{labels:?}");
+        labels
+    }
+
+    #[test]
+    fn colour_bar_ticks_share_one_format() {
+        // Previously 0, 5.00e-3, 0.01, 0.015 in three formats.
+        let l = labels_of(0.0, 0.015);
+        assert!(l.iter().all(|s| !s.contains('e')), "{l:?}");
+        assert_eq!(l[..3], ["0.000", "0.002", "0.004"]);
+        // Small values: all scientific, 3 significant digits.
+        let l = labels_of(-0.004, 0.004);
+        assert!(l.iter().all(|s| s.contains('e')), "{l:?}");
+        assert!(l.contains(&"0.00e0".to_string()), "{l:?}");
+        assert_eq!(shape(&l[0]), (true, 2));
+        // Large values: scientific too.
+        let l = labels_of(0.0, 52_000.0);
+        assert!(l.iter().all(|s| s.contains('e')), "{l:?}");
+        // Ordinary values: fixed point, the same decimals everywhere.
+        let l = labels_of(12.3, 191.8);
+        assert!(l.iter().all(|s| !s.contains('e')), "{l:?}");
+        assert!(l.iter().all(|s| !s.contains('.')), "{l:?}");
+        let l = labels_of(-2.0, 2.0);
+        assert_eq!(
+            l,
+            ["-2.0", "-1.5", "-1.0", "-0.5", "0.0", "0.5", "1.0", "1.5", "2.0"]
+        );
+        let l = labels_of(0.0, 2.0);
+        assert_eq!(l[..3], ["0.00", "0.25", "0.50"]);
+        // A narrow band needs more digits to keep labels apart.
+        labels_of(1.000_01, 1.000_02);
+        labels_of(7.0e-7, 7.1e-7);
+    }
+
+    #[test]
+    fn index_ticks_are_integers_thinned_when_crowded() {
+        // Every index when cells are wide; labels are the integers 0..n.
+        let t = index_ticks(4, 400, 26.0);
+        assert_eq!(t, vec![1, 3, 5, 7]);
+        let label = |v: &i32| format!("{}", (v - 1) / 2);
+        assert_eq!(
+            t.iter().map(label).collect::<Vec<_>>(),
+            ["0", "1", "2", "3"]
+        );
+        // 64 heads in 512 px: every 5th (8 px cells, ≥ 26 px apart).
+        let t = index_ticks(64, 512, 26.0);
+        assert_eq!(t[..3], [1, 11, 21]);
+        assert_eq!(index_ticks(1, 10, 26.0), vec![1]);
+        assert!(index_ticks(0, 10, 26.0).is_empty());
+    }
+
+    #[test]
+    fn formula_names_variant_and_aggregate() {
+        let f = formula(Variant::Unsigned, Aggregate::Sum);
+        assert!(
+            f.contains("Σ_S C_A/den · |g_B|") && f.contains("unsigned") && f.contains("summed")
+        );
+        let f = formula(Variant::Signed, Aggregate::Mean);
+        assert!(
+            f.contains("(1/|S|) Σ_S g_A/den · g_B") && f.contains("signed"),
+            "{f}"
+        );
+        assert!(formula(Variant::Symmetric, Aggregate::Sum).contains("√C_A/den · √C_B"));
+    }
+
+    fn signed_grid(layers: usize, heads: usize) -> Vec<Vec<Option<f64>>> {
+        (0..layers)
+            .map(|l| {
+                (0..heads)
+                    .map(|h| {
+                        (l % 3 != 2 && h < heads - 2)
+                            .then(|| ((l * heads + h) as f64 * 0.7).sin() * 3e-3 * (1.0 + l as f64))
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    fn test_labels(signed: bool) -> Labels {
+        Labels {
+            title: "Q interference: math vs general\nsigned, sum".into(),
+            bar: "mean M".into(),
+            notes: vec![
+                "mean M: mean over all 8 × 8 sample pairs (A, B) of the interference".into(),
+                formula(Variant::Signed, Aggregate::Sum),
+            ],
+            not_scored: "not scored (outside --layers/--heads)".into(),
+            signed,
+        }
+    }
+
+    /// Draws a signed grid with unscored cells; `GRADSHARD_PICTURE_DIR` keeps the
+    /// PNG there for a look.
+    #[test]
+    fn signed_grid_with_unscored_cells_draws_legend_and_footer() {
+        let dir = tempfile::tempdir().unwrap();
+        let grid = signed_grid(12, 16);
+        let size = picture_size(12, 16);
+        let png = dir.path().join("signed.png");
+        draw(
+            BitMapBackend::new(&png, size).into_drawing_area(),
+            &test_labels(true),
+            &grid,
+        )
+        .unwrap();
+        assert!(std::fs::metadata(&png).unwrap().len() > 2000);
+        if let Some(keep) = std::env::var_os("GRADSHARD_PICTURE_DIR") {
+            std::fs::copy(&png, Path::new(&keep).join("unit_signed_12x16.png")).unwrap();
+        }
+        let svg = dir.path().join("signed.svg");
+        draw(
+            SVGBackend::new(&svg, size).into_drawing_area(),
+            &test_labels(true),
+            &grid,
+        )
+        .unwrap();
+        let s = std::fs::read_to_string(&svg).unwrap();
+        assert!(s.contains("not scored (outside --layers/--heads)"));
+        assert!(s.contains("mean M: mean over all 8 × 8 sample pairs"));
+        assert!(s.contains("g_A/den · g_B"));
+        assert!(s.contains("#AAAAAA"), "grey swatch and cells");
+        // Every scored cell: nothing else drawn grey where the grid is full.
+        let full: Vec<Vec<Option<f64>>> = grid
+            .iter()
+            .map(|r| r.iter().map(|v| Some(v.unwrap_or(0.0))).collect())
+            .collect();
+        draw(
+            SVGBackend::new(&svg, size).into_drawing_area(),
+            &test_labels(true),
+            &full,
+        )
+        .unwrap();
+        let s = std::fs::read_to_string(&svg).unwrap();
+        assert!(
+            !s.contains("not scored"),
+            "legend only when cells are missing"
+        );
+        assert!(!s.contains("#AAAAAA"));
+        assert!(s.contains("#FFFFFF"), "zero cells white");
+    }
 }

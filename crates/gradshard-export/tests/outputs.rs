@@ -190,3 +190,68 @@ fn a_failed_export_leaves_nothing() {
     assert!(matches!(e, Error::Io { .. }), "{e}");
     assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1);
 }
+
+/// A signed run over a `--layers/--heads` subset: pictures are written, with a
+/// diverging scale explained in the footer and a legend for the grey cells.
+/// `GRADSHARD_PICTURE_DIR` keeps the PNGs there for a look.
+#[test]
+fn signed_subset_pictures_explain_colour_and_unscored_cells() {
+    let src = FixtureSource::open(&repo().join("tests/fixtures/llama-gqa"), false).unwrap();
+    let mut o = ScoreOptions::new(
+        TaskName::new("math").unwrap(),
+        TaskName::new("general").unwrap(),
+    );
+    o.variant = gradshard_score::Variant::Signed;
+    o.layers = Some(vec![1]);
+    o.heads = Some(vec![0, 1, 3]);
+    o.n_boot = 0;
+    o.n_perm = 0;
+    let res = score(&src, &o, &mut |_| {}).unwrap();
+    assert!(
+        res.heatmap_rows().iter().any(|r| r.score_mean < 0.0),
+        "the fixture gives negative signed scores"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("signed");
+    let w = write_outputs(&res, &out, "s").unwrap();
+    let g = &res.geometry;
+    let (pw, ph) = picture_size(g.layers, g.heads);
+    for blk in Block::ALL {
+        let png = out.join(format!("heatmap_{blk}.png"));
+        assert!(w.files.contains(&format!("heatmap_{blk}.png")));
+        assert_eq!(png_size(&png), (pw, ph), "{blk}");
+        let svg = std::fs::read_to_string(out.join(format!("heatmap_{blk}.svg"))).unwrap();
+        assert!(svg.contains(&format!("{blk} interference: math vs general")));
+        assert!(
+            svg.contains("not scored (outside --layers/--heads)"),
+            "{blk}"
+        );
+        assert!(
+            svg.contains("mean M: mean over all 8 × 8 sample pairs"),
+            "{blk}"
+        );
+        assert!(svg.contains("M = Σ_S g_A/den · g_B"), "{blk}");
+        assert!(svg.contains("signed variant"), "{blk}");
+        if let Some(keep) = std::env::var_os("GRADSHARD_PICTURE_DIR") {
+            std::fs::copy(
+                &png,
+                Path::new(&keep).join(format!("signed_subset_{blk}.png")),
+            )
+            .unwrap();
+        }
+    }
+    // A full unsigned run has no grey cells, hence no legend.
+    let res = result("gpt2");
+    let out = tmp.path().join("full");
+    write_outputs(&res, &out, "s").unwrap();
+    let svg = std::fs::read_to_string(out.join("heatmap_Q.svg")).unwrap();
+    assert!(!svg.contains("not scored"));
+    assert!(svg.contains("M = Σ_S C_A/den · |g_B|"));
+    if let Some(keep) = std::env::var_os("GRADSHARD_PICTURE_DIR") {
+        std::fs::copy(
+            out.join("heatmap_Q.png"),
+            Path::new(&keep).join("unsigned_full_Q.png"),
+        )
+        .unwrap();
+    }
+}
