@@ -244,6 +244,12 @@ pub fn score(a: ScoreArgs) -> Result<ExitCode> {
             a.out.display()
         );
     }
+    // An unusable --out fails now, not after the computation; leftovers of killed runs go.
+    let stale = gradshard_export::prepare_output_dir(&a.out)
+        .with_context(|| format!("--out {}", a.out.display()))?;
+    if stale > 0 {
+        eprintln!("removed {stale} temporary output director(ies) left by killed runs");
+    }
     let compute = Compute::new(&a.device, &a.gpu_precision, &a.gpu_path)?;
     let store = Store::open(&a.store)?;
     store.set_shared_cache_bytes(a.factor_cache);

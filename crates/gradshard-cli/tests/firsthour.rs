@@ -264,3 +264,64 @@ fn a_sample_past_the_models_positions_is_refused_naming_max_tokens() {
         "{err}"
     );
 }
+
+/// An unusable `--out` fails before any computation; temporary output directories of
+/// killed runs are removed by the next run.
+#[test]
+fn score_checks_its_output_first_and_clears_leftovers_of_killed_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("s");
+    ok(&[
+        "synth",
+        "--store",
+        p(&store),
+        "--preset",
+        "tiny",
+        "--samples",
+        "2",
+    ]);
+    // A regular file where the output's parent should be.
+    let blocker = dir.path().join("file");
+    std::fs::write(&blocker, b"x").unwrap();
+    let bad = blocker.join("scores");
+    let o = run(&[
+        "score",
+        "--store",
+        p(&store),
+        "--task-a",
+        "math",
+        "--task-b",
+        "general",
+        "--out",
+        p(&bad),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        !o.status.success() && err.contains("--out") && err.contains("file"),
+        "{err}"
+    );
+    assert!(!out.contains("score:"), "it computed before failing: {out}");
+    // A leftover of a dead run (pid 999999999 cannot be alive) is removed.
+    let stale = dir.path().join(".scores.tmp-999999999-1");
+    std::fs::create_dir(&stale).unwrap();
+    std::fs::write(stale.join("heatmap.parquet"), b"partial").unwrap();
+    ok(&[
+        "score",
+        "--store",
+        p(&store),
+        "--task-a",
+        "math",
+        "--task-b",
+        "general",
+        "--out",
+        p(&dir.path().join("scores")),
+        "--n-boot",
+        "0",
+        "--n-perm",
+        "0",
+        "--no-pictures",
+    ]);
+    assert!(!stale.exists());
+    assert!(dir.path().join("scores/summary.json").is_file());
+}

@@ -58,12 +58,8 @@ pub fn write_outputs(result: &ScoreResult, out_dir: &Path, store_id: &str) -> Re
     write_outputs_with(result, out_dir, &ExportOptions::new(store_id))
 }
 
-/// Writes every output into `out_dir` with explicit options.
-pub fn write_outputs_with(
-    result: &ScoreResult,
-    out_dir: &Path,
-    opts: &ExportOptions,
-) -> Result<Written> {
+/// The final component of `out_dir` and its parent directory (`.` when it has none).
+fn split_out(out_dir: &Path) -> Result<(String, PathBuf)> {
     let name = out_dir
         .file_name()
         .ok_or_else(|| Error::Io {
@@ -79,6 +75,51 @@ pub fn write_outputs_with(
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
+    Ok((name, parent))
+}
+
+/// Checks, before any computation, that outputs can be written at `out_dir`: its
+/// parent is created if needed and a probe directory is made and removed there. Also
+/// removes the temporary directories (`.<name>.tmp-<pid>-…`) that earlier runs killed
+/// before they could publish left behind (only those whose process is gone; on Linux,
+/// where `/proc` says so). Returns how many it removed.
+pub fn prepare_output_dir(out_dir: &Path) -> Result<usize> {
+    let (name, parent) = split_out(out_dir)?;
+    std::fs::create_dir_all(&parent).map_err(error::io(&parent))?;
+    let probe = parent.join(format!(".{name}.probe-{}", std::process::id()));
+    std::fs::create_dir(&probe).map_err(error::io(&probe))?;
+    std::fs::remove_dir(&probe).map_err(error::io(&probe))?;
+    let mut removed = 0;
+    if !Path::new("/proc/self").exists() {
+        return Ok(removed);
+    }
+    let prefix = format!(".{name}.tmp-");
+    for e in std::fs::read_dir(&parent)
+        .map_err(error::io(&parent))?
+        .flatten()
+    {
+        let file = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = file.strip_prefix(&prefix) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            std::fs::remove_dir_all(e.path()).map_err(error::io(&e.path()))?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+/// Writes every output into `out_dir` with explicit options.
+pub fn write_outputs_with(
+    result: &ScoreResult,
+    out_dir: &Path,
+    opts: &ExportOptions,
+) -> Result<Written> {
+    let (name, parent) = split_out(out_dir)?;
     let exists_nonempty = match std::fs::read_dir(out_dir) {
         Ok(mut rd) => rd.next().is_some(),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
