@@ -115,6 +115,7 @@ pub fn run_collect(a: &CollectArgs) -> Result<CollectReport> {
                 b.update(done, Some(&live));
             }
         }
+        CollectEvent::Warning(w) => eprintln!("warning: {w}"),
         CollectEvent::Finishing => {
             if let Some(b) = &bar {
                 b.finish();

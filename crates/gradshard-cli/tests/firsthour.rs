@@ -325,3 +325,39 @@ fn score_checks_its_output_first_and_clears_leftovers_of_killed_runs() {
     assert!(!stale.exists());
     assert!(dir.path().join("scores/summary.json").is_file());
 }
+
+/// An empty task file and samples without ids are said, not passed over.
+#[test]
+fn empty_task_files_and_missing_ids_are_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty.jsonl");
+    std::fs::write(&empty, "\n").unwrap();
+    let noid = dir.path().join("noid.jsonl");
+    std::fs::write(
+        &noid,
+        "{\"input_ids\": [1, 2, 3, 4]}\n{\"id\": 9, \"input_ids\": [5, 6, 7]}\n",
+    )
+    .unwrap();
+    let o = run(&[
+        "collect",
+        "--model",
+        p(&fixture().join("model")),
+        "--task",
+        &format!("e={}", p(&empty)),
+        "--task",
+        &format!("n={}", p(&noid)),
+        "--store",
+        p(&dir.path().join("s")),
+        "--quiet",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("warning: task `e`") && err.contains("holds no sample"),
+        "{err}"
+    );
+    assert!(
+        err.contains("warning: task `n`: 1 of 2 samples") && err.contains("line index"),
+        "{err}"
+    );
+}

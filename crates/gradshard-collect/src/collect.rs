@@ -195,6 +195,9 @@ pub enum CollectEvent {
         id: SampleId,
         why: String,
     },
+    /// Something the user should know that is not an error (an empty task file,
+    /// samples without ids).
+    Warning(String),
     /// The writer finished; statistics are being rebuilt.
     Finishing,
 }
@@ -911,6 +914,20 @@ pub fn collect(
             }
             r?;
             resumed += resumed_here;
+        }
+        if reader.samples_read() == 0 && reader.skipped().is_empty() {
+            progress(CollectEvent::Warning(format!(
+                "task `{task}`: {} holds no sample",
+                file.display()
+            )));
+        }
+        if reader.ids_from_lines() > 0 {
+            progress(CollectEvent::Warning(format!(
+                "task `{task}`: {} of {} samples in {} have no \"id\"; their 0-based line index is used as their id",
+                reader.ids_from_lines(),
+                reader.samples_read(),
+                file.display()
+            )));
         }
         for s in reader.skipped() {
             let id = match &s.id {

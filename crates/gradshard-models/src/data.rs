@@ -113,6 +113,9 @@ pub struct SampleReader {
     seen: HashSet<SampleId>,
     skipped: Vec<Skipped>,
     failed: bool,
+    /// Samples read so far, and how many of them had no `id` (their line index is used).
+    read: usize,
+    ids_from_lines: usize,
 }
 
 impl SampleReader {
@@ -132,12 +135,24 @@ impl SampleReader {
             seen: HashSet::new(),
             skipped: vec![],
             failed: false,
+            read: 0,
+            ids_from_lines: 0,
         })
     }
 
     /// Samples dropped so far for having fewer than 2 tokens.
     pub fn skipped(&self) -> &[Skipped] {
         &self.skipped
+    }
+
+    /// Samples yielded so far (too-short ones not counted).
+    pub fn samples_read(&self) -> usize {
+        self.read
+    }
+
+    /// Samples read so far that had no `id` (the 0-based line index stands in).
+    pub fn ids_from_lines(&self) -> usize {
+        self.ids_from_lines
     }
 
     fn bad(&self, msg: impl Into<String>) -> Error {
@@ -156,7 +171,10 @@ impl SampleReader {
             .as_object()
             .ok_or_else(|| self.bad("expected a JSON object"))?;
         let id = match obj.get("id") {
-            None | Some(Value::Null) => SampleId::Int(self.line_no as i64 - 1),
+            None | Some(Value::Null) => {
+                self.ids_from_lines += 1;
+                SampleId::Int(self.line_no as i64 - 1)
+            }
             Some(Value::String(s)) => SampleId::Str(s.clone()),
             Some(Value::Number(n)) => match n.as_i64() {
                 Some(i) => SampleId::Int(i),
@@ -224,6 +242,7 @@ impl SampleReader {
                 )));
             }
         }
+        self.read += 1;
         Ok(Some(TokenSample {
             id,
             ids,
