@@ -46,8 +46,9 @@ fn ingest(fixture: &Path, store: &Path) {
     ]);
 }
 
-/// Normwise relative error of every frame of `a` against the same frame of `truth`.
-fn frame_errors(a: &Path, truth: &Path) -> Vec<(String, f64)> {
+/// Normwise relative error of every frame of `a` against the same frame of `truth`,
+/// with the squared norms of the difference and of the truth.
+fn frame_errors(a: &Path, truth: &Path) -> Vec<(String, f64, f64, f64)> {
     let sa = gradshard_store::Store::open(a).unwrap();
     let sb = gradshard_store::Store::open(truth).unwrap();
     assert_eq!(sa.order().n_frames(), sb.order().n_frames());
@@ -69,6 +70,8 @@ fn frame_errors(a: &Path, truth: &Path) -> Vec<(String, f64)> {
                 out.push((
                     format!("{task} sample {} {}", x.id, sa.order().describe(f)),
                     diff / norm.max(f64::MIN_POSITIVE),
+                    diff * diff,
+                    norm * norm,
                 ));
             }
         }
@@ -110,7 +113,7 @@ fn f32_factors_reproduce_the_fixture_gradients_of_llama_and_gpt2() {
             assert!(v.contains("OK"), "{v}");
             let errs = frame_errors(&store, &truth);
             let worst = errs.iter().map(|e| e.1).fold(0.0, f64::max);
-            for (what, e) in &errs {
+            for (what, e, _, _) in &errs {
                 assert!(
                     *e <= 1e-5,
                     "{name} batch {batch} {what}: relative error {e:.2e}"
@@ -152,10 +155,19 @@ fn bf16_factors_are_as_exact_as_bf16_full_slices() {
         let errs = frame_errors(&store, &truth);
         let max = errs.iter().map(|e| e.1).fold(0.0, f64::max);
         let mean = errs.iter().map(|e| e.1).sum::<f64>() / errs.len() as f64;
-        eprintln!("bf16 {repr}: worst slice error {max:.2e}, mean {mean:.2e}");
-        worst.push((max, mean));
+        let whole =
+            (errs.iter().map(|e| e.2).sum::<f64>() / errs.iter().map(|e| e.3).sum::<f64>()).sqrt();
+        eprintln!(
+            "bf16 {repr}: worst slice error {max:.2e}, mean {mean:.2e}, whole store (normwise) {whole:.2e}"
+        );
+        worst.push((max, mean, whole));
     }
     let (full, fact) = (worst[0], worst[1]);
+    // The whole gradient, normwise: within 1.5x of rounding every slice to bf16.
+    assert!(
+        fact.2 <= 1.5 * full.2,
+        "whole store: factored {fact:?} vs full {full:?}"
+    );
     assert!(full.0 > 1e-4, "bf16 rounding should show: {full:?}");
     // The typical slice: within 1.5x of rounding the slice itself to bf16.
     assert!(
@@ -283,7 +295,7 @@ fn all_2d_factored_equals_full_slices() {
         let errs = frame_errors(&stores[1], &stores[0]);
         let worst = errs.iter().map(|e| e.1).fold(0.0, f64::max);
         eprintln!("{name} all-2d factored vs full: worst frame difference {worst:.2e}");
-        for (what, e) in &errs {
+        for (what, e, _, _) in &errs {
             assert!(*e <= 1e-5, "{name} {what}: {e:.2e}");
         }
     }
