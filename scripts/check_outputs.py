@@ -26,10 +26,11 @@ def fail(msg):
 def picture_size(layers, heads):
     # Mirror of gradshard_export::picture_size (keep in sync).
     bar_panel = 140
+    footer = 62
     cell = max(8, min(48, 560 // max(layers, heads, 1)))
     w = 90 + heads * cell + 40 + bar_panel
-    h = 80 + layers * cell + 70
-    return max(w, 480), max(h, 360)
+    h = 80 + layers * cell + 70 + footer
+    return max(w, 600), max(h, 360 + footer)
 
 
 def png_size(path):
