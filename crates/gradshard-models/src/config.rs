@@ -16,6 +16,16 @@ pub enum Arch {
     Mistral,
     Qwen2,
     Gpt2,
+    /// GPT-NeoX / Pythia (`gpt_neox`).
+    GptNeox,
+    Phi3,
+    /// BERT as a causal LM (`bert` with `is_decoder`).
+    Bert,
+    Qwen3,
+    Gemma2,
+    /// Gemma 3 text model (`gemma3_text`, or the `text_config` of a `gemma3` checkpoint).
+    Gemma3Text,
+    Olmo2,
 }
 
 impl Arch {
@@ -25,6 +35,13 @@ impl Arch {
             Arch::Mistral => "mistral",
             Arch::Qwen2 => "qwen2",
             Arch::Gpt2 => "gpt2",
+            Arch::GptNeox => "gpt_neox",
+            Arch::Phi3 => "phi3",
+            Arch::Bert => "bert",
+            Arch::Qwen3 => "qwen3",
+            Arch::Gemma2 => "gemma2",
+            Arch::Gemma3Text => "gemma3_text",
+            Arch::Olmo2 => "olmo2",
         }
     }
 }
@@ -43,7 +60,7 @@ pub enum Activation {
 }
 
 impl Activation {
-    fn parse(path: &Path, s: &str) -> Result<Self> {
+    pub(crate) fn parse(path: &Path, s: &str) -> Result<Self> {
         Ok(match s {
             "silu" | "swish" => Activation::Silu,
             "gelu" => Activation::Gelu,
@@ -136,6 +153,8 @@ pub struct Gpt2Config {
 pub enum ModelConfig {
     Llama(LlamaConfig),
     Gpt2(Gpt2Config),
+    /// Every family described by a [`DecoderConfig`] (see `families.rs`).
+    Decoder(DecoderConfig),
 }
 
 impl ModelConfig {
@@ -143,6 +162,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Llama(c) => c.arch,
             ModelConfig::Gpt2(_) => Arch::Gpt2,
+            ModelConfig::Decoder(c) => c.arch,
         }
     }
 
@@ -150,6 +170,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Llama(c) => c.vocab_size,
             ModelConfig::Gpt2(c) => c.vocab_size,
+            ModelConfig::Decoder(c) => c.vocab_size,
         }
     }
 
@@ -158,6 +179,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Llama(c) => c.max_positions,
             ModelConfig::Gpt2(c) => Some(c.n_positions),
+            ModelConfig::Decoder(c) => c.max_positions,
         }
     }
 
@@ -181,30 +203,33 @@ impl ModelConfig {
             "mistral" => Ok(ModelConfig::Llama(parse_llama(&r, Arch::Mistral)?)),
             "qwen2" => Ok(ModelConfig::Llama(parse_llama(&r, Arch::Qwen2)?)),
             "gpt2" => Ok(ModelConfig::Gpt2(parse_gpt2(&r)?)),
-            _ => Err(Error::UnsupportedModel {
+            other => match crate::families::parse(&r, other)? {
+                Some(c) => Ok(ModelConfig::Decoder(c)),
+                None => Err(Error::UnsupportedModel {
                 path: path.to_path_buf(),
-                model_type,
-            }),
+                    model_type,
+                }),
+            },
         }
     }
 }
 
-struct Reader<'a> {
-    path: PathBuf,
-    v: &'a Value,
+pub(crate) struct Reader<'a> {
+    pub(crate) path: PathBuf,
+    pub(crate) v: &'a Value,
 }
 
-impl Reader<'_> {
+impl<'a> Reader<'a> {
     /// The field, treating JSON null as absent.
-    fn get(&self, key: &str) -> Option<&Value> {
+    pub(crate) fn get(&self, key: &str) -> Option<&Value> {
         self.v.get(key).filter(|x| !x.is_null())
     }
 
-    fn err(&self, msg: String) -> Error {
+    pub(crate) fn err(&self, msg: String) -> Error {
         Error::config(&self.path, msg)
     }
 
-    fn req_str(&self, key: &str) -> Result<String> {
+    pub(crate) fn req_str(&self, key: &str) -> Result<String> {
         match self.get(key) {
             Some(Value::String(s)) => Ok(s.clone()),
             Some(other) => Err(self.err(format!("`{key}` must be a string, got {other}"))),
@@ -212,7 +237,7 @@ impl Reader<'_> {
         }
     }
 
-    fn opt_str(&self, key: &str) -> Result<Option<String>> {
+    pub(crate) fn opt_str(&self, key: &str) -> Result<Option<String>> {
         match self.get(key) {
             Some(Value::String(s)) => Ok(Some(s.clone())),
             Some(other) => Err(self.err(format!("`{key}` must be a string, got {other}"))),
@@ -220,7 +245,7 @@ impl Reader<'_> {
         }
     }
 
-    fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
+    pub(crate) fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
         match self.get(key) {
             Some(x) => match x.as_u64() {
                 Some(n) => Ok(Some(n as usize)),
@@ -230,12 +255,12 @@ impl Reader<'_> {
         }
     }
 
-    fn req_usize(&self, key: &str) -> Result<usize> {
+    pub(crate) fn req_usize(&self, key: &str) -> Result<usize> {
         self.opt_usize(key)?
             .ok_or_else(|| self.err(format!("missing `{key}`")))
     }
 
-    fn positive(&self, key: &str) -> Result<usize> {
+    pub(crate) fn positive(&self, key: &str) -> Result<usize> {
         let n = self.req_usize(key)?;
         if n == 0 {
             return Err(self.err(format!("`{key}` must be > 0")));
@@ -243,7 +268,7 @@ impl Reader<'_> {
         Ok(n)
     }
 
-    fn opt_f64(&self, key: &str) -> Result<Option<f64>> {
+    pub(crate) fn opt_f64(&self, key: &str) -> Result<Option<f64>> {
         match self.get(key) {
             Some(x) => x
                 .as_f64()
@@ -253,7 +278,7 @@ impl Reader<'_> {
         }
     }
 
-    fn opt_bool(&self, key: &str) -> Result<Option<bool>> {
+    pub(crate) fn opt_bool(&self, key: &str) -> Result<Option<bool>> {
         match self.get(key) {
             Some(Value::Bool(b)) => Ok(Some(*b)),
             Some(x) => Err(self.err(format!("`{key}` must be a boolean, got {x}"))),
@@ -261,10 +286,27 @@ impl Reader<'_> {
         }
     }
 
-    fn unsupported(&self, what: String) -> Error {
+    pub(crate) fn unsupported(&self, what: String) -> Error {
         Error::Unsupported {
             path: self.path.clone(),
             what,
+        }
+    }
+
+    /// Whether the key is written at all (JSON null counts as written).
+    pub(crate) fn has(&self, key: &str) -> bool {
+        self.v.get(key).is_some()
+    }
+
+    /// A reader over the object under `key` (absent or null: None).
+    pub(crate) fn sub(&self, key: &str) -> Result<Option<Reader<'a>>> {
+        match self.v.get(key).filter(|x| !x.is_null()) {
+            Some(x @ Value::Object(_)) => Ok(Some(Reader {
+                path: self.path.clone(),
+                v: x,
+            })),
+            Some(other) => Err(self.err(format!("`{key}` must be an object, got {other}"))),
+            None => Ok(None),
         }
     }
 }
@@ -291,54 +333,56 @@ fn parse_rope(r: &Reader<'_>) -> Result<RopeConfig> {
     }
     let scaling = match sub {
         None => RopeScaling::None,
-        Some(s) => {
-            // `rope_type` in new configs, `type` in old ones.
-            let kind = match s.opt_str("rope_type")? {
-                Some(k) => k,
-                None => s.opt_str("type")?.unwrap_or_else(|| "default".into()),
-            };
-            let factor = || -> Result<f64> {
-                s.opt_f64("factor")?
-                    .ok_or_else(|| s.err(format!("rope scaling {kind:?} lacks `factor`")))
-            };
-            match kind.as_str() {
-                "default" => RopeScaling::None,
-                "linear" => RopeScaling::Linear { factor: factor()? },
-                "llama3" => {
-                    let need = |k: &str| -> Result<f64> {
-                        s.opt_f64(k)?
-                            .ok_or_else(|| s.err(format!("llama3 rope scaling lacks `{k}`")))
-                    };
-                    let sc = RopeScaling::Llama3 {
-                        factor: factor()?,
-                        low_freq_factor: need("low_freq_factor")?,
-                        high_freq_factor: need("high_freq_factor")?,
-                        original_max_position_embeddings: need("original_max_position_embeddings")?,
-                    };
-                    if let RopeScaling::Llama3 {
-                        low_freq_factor,
-                        high_freq_factor,
-                        ..
-                    } = sc
-                    {
-                        if high_freq_factor == low_freq_factor {
-                            return Err(s.err(
-                                "llama3 rope scaling needs high_freq_factor != low_freq_factor"
-                                    .into(),
-                            ));
-                        }
-                    }
-                    sc
-                }
-                other => {
-                    return Err(r.unsupported(format!(
-                        "rope scaling type {other:?} (supported: default, linear, llama3)"
-                    )))
-                }
-            }
-        }
+        Some(s) => parse_scaling(r, &s)?,
     };
     Ok(RopeConfig { theta, scaling })
+}
+
+/// The rescaling described by a `rope_parameters` / `rope_scaling` object.
+pub(crate) fn parse_scaling(r: &Reader<'_>, s: &Reader<'_>) -> Result<RopeScaling> {
+    // `rope_type` in new configs, `type` in old ones.
+    let kind = match s.opt_str("rope_type")? {
+        Some(k) => k,
+        None => s.opt_str("type")?.unwrap_or_else(|| "default".into()),
+    };
+    let factor = || -> Result<f64> {
+        s.opt_f64("factor")?
+            .ok_or_else(|| s.err(format!("rope scaling {kind:?} lacks `factor`")))
+    };
+    Ok(match kind.as_str() {
+        "default" => RopeScaling::None,
+        "linear" => RopeScaling::Linear { factor: factor()? },
+        "llama3" => {
+            let need = |k: &str| -> Result<f64> {
+                s.opt_f64(k)?
+                    .ok_or_else(|| s.err(format!("llama3 rope scaling lacks `{k}`")))
+            };
+            let sc = RopeScaling::Llama3 {
+                factor: factor()?,
+                low_freq_factor: need("low_freq_factor")?,
+                high_freq_factor: need("high_freq_factor")?,
+                original_max_position_embeddings: need("original_max_position_embeddings")?,
+            };
+            if let RopeScaling::Llama3 {
+                low_freq_factor,
+                high_freq_factor,
+                ..
+            } = sc
+            {
+                if high_freq_factor == low_freq_factor {
+                    return Err(s.err(
+                        "llama3 rope scaling needs high_freq_factor != low_freq_factor".into(),
+                    ));
+                }
+            }
+            sc
+        }
+        other => {
+            return Err(r.unsupported(format!(
+                "rope_type {other:?} (supported: default, linear, llama3)"
+            )))
+        }
+    })
 }
 
 fn parse_llama(r: &Reader<'_>, arch: Arch) -> Result<LlamaConfig> {

@@ -362,10 +362,14 @@ impl StoreWriter {
         };
         let failed_app = failed.clone();
         let appender = std::thread::spawn(move || {
-            let r = state.run(app_rx);
+            let r = state.run(&app_rx);
+            // The cause is recorded while the queue is still open: the producer and the
+            // workers only see a closed channel after this, so they report this error
+            // (a full disk, say) and never a bare "thread exited".
             if let Err(e) = &r {
                 *failed_app.lock().expect("failed lock") = Some(e.to_string());
             }
+            drop(app_rx);
             r
         });
         Ok(StoreWriter {
@@ -857,7 +861,7 @@ struct Appender {
 }
 
 impl Appender {
-    fn run(mut self, rx: Receiver<AppMsg>) -> Result<AppendStats> {
+    fn run(mut self, rx: &Receiver<AppMsg>) -> Result<AppendStats> {
         for msg in rx.iter() {
             self.handle(msg)?;
             // Group commit: fsync once for every sample that completed while the queue was busy.
@@ -921,7 +925,7 @@ impl Appender {
                 let frame_len = bytes.len() as u32;
                 let sh = self.shards.get_mut(&shard_no).expect("open shard");
                 let offset = sh.len;
-                sh.file.write_all(&bytes).at(&sh.path)?;
+                write_shard(&mut sh.file, &bytes, &sh.path)?;
                 sh.len += bytes.len() as u64;
                 sh.dirty = true;
                 self.stats.io += t.elapsed();
@@ -1011,7 +1015,7 @@ impl Appender {
         let sh = self.shards.get_mut(&shard_no).expect("open shard");
         let t = Instant::now();
         let table_offset = sh.len;
-        sh.file.write_all(&table).at(&sh.path)?;
+        write_shard(&mut sh.file, &table, &sh.path)?;
         sh.len += table.len() as u64;
         self.stats.io += t.elapsed();
         let meta = s.meta.take().expect("meta");
@@ -1077,6 +1081,47 @@ impl Appender {
         sh.file.write_all(&footer).at(&sh.path)?;
         sh.file.sync_all().at(&sh.path)?;
         Ok(())
+    }
+}
+
+/// Appends bytes to a shard. Unit tests can make it fail as a full disk does.
+fn write_shard(file: &mut File, bytes: &[u8], path: &Path) -> Result<()> {
+    #[cfg(test)]
+    if fault::disk_full(path, bytes.len()) {
+        return Err(std::io::Error::from_raw_os_error(28)).at(path);
+    }
+    file.write_all(bytes).at(path)
+}
+
+/// Test-only fault injection: a byte allowance per store directory, after which shard
+/// writes fail with ENOSPC.
+#[cfg(test)]
+mod fault {
+    use std::collections::HashMap;
+    use std::path::{Path, PathBuf};
+    use std::sync::Mutex;
+
+    static ALLOWANCE: Mutex<Option<HashMap<PathBuf, u64>>> = Mutex::new(None);
+
+    pub fn set(store: &Path, bytes: u64) {
+        let mut m = ALLOWANCE.lock().unwrap();
+        m.get_or_insert_with(HashMap::new)
+            .insert(store.to_path_buf(), bytes);
+    }
+
+    pub fn disk_full(shard: &Path, n: usize) -> bool {
+        let Some(store) = shard.parent().and_then(Path::parent) else {
+            return false;
+        };
+        let mut m = ALLOWANCE.lock().unwrap();
+        match m.as_mut().and_then(|m| m.get_mut(store)) {
+            Some(left) if *left < n as u64 => true,
+            Some(left) => {
+                *left -= n as u64;
+                false
+            }
+            None => false,
+        }
     }
 }
 
@@ -1163,4 +1208,87 @@ fn recover(dir: &Path, manifest: &Manifest) -> Result<(Vec<LogRecord>, u32)> {
         f.sync_all().at(&path)?;
     }
     Ok((scan.records, next))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::CodecSpec;
+    use gradshard_core::{Block, Geometry};
+
+    fn spec() -> StoreSpec {
+        let cfg = serde_json::json!({"model_type":"llama","num_hidden_layers":2,"hidden_size":64,
+            "num_attention_heads":4,"num_key_value_heads":2});
+        StoreSpec {
+            geometry: Geometry::from_config(&cfg).unwrap(),
+            dtype: DType::F32,
+            codec: CodecSpec::DEFAULT,
+            blocks: Block::ALL.to_vec(),
+            other_tensors: Vec::new(),
+        }
+    }
+
+    /// Writes samples until the injected full disk stops the writer; returns its error.
+    fn write_until_full(dir: &Path, allowance: u64, workers: usize) -> String {
+        let spec = spec();
+        fault::set(dir, allowance);
+        let opts = WriterOptions {
+            workers,
+            memory_budget: 1 << 20,
+            ..Default::default()
+        };
+        let mut w = StoreWriter::open_or_create(dir, &spec, opts).unwrap();
+        let order = w.order().clone();
+        let mut err = None;
+        'samples: for i in 0..200i64 {
+            let meta = SampleMeta {
+                task: TaskName::new("t").unwrap(),
+                id: SampleId::Int(i),
+                tokens: 3,
+                loss_sum: 1.0,
+            };
+            let mut h = match w.begin_sample(meta) {
+                Ok(h) => h,
+                Err(e) => {
+                    err = Some(e);
+                    break;
+                }
+            };
+            for f in 0..order.n_frames() {
+                let n = order.frame_numel(f).unwrap();
+                let v: Vec<f32> = (0..n).map(|k| ((k * 7 + f) as f32).sin()).collect();
+                if let Err(e) = w.put_frame(&mut h, f, v) {
+                    err = Some(e);
+                    break 'samples;
+                }
+            }
+            if let Err(e) = w.end_sample(h) {
+                err = Some(e);
+                break;
+            }
+        }
+        let fin = w.finish();
+        err.map(|e| e.to_string())
+            .or_else(|| fin.err().map(|e| e.to_string()))
+            .expect("the full disk stopped the writer")
+    }
+
+    #[test]
+    fn a_full_disk_is_reported_as_such_never_as_a_thread_exit() {
+        for round in 0..12u64 {
+            let dir = tempfile::tempdir().unwrap();
+            let store = dir.path().join("s");
+            std::fs::create_dir_all(&store).unwrap();
+            let store = store.canonicalize().unwrap();
+            let msg = write_until_full(&store, 40_000 + round * 9_973, 1 + (round % 3) as usize);
+            assert!(
+                msg.contains("No space left on device") && msg.contains("shard-"),
+                "round {round}: {msg}"
+            );
+            assert!(!msg.contains("thread exited"), "round {round}: {msg}");
+            // What committed is intact.
+            let rep = crate::verify(&store, &|_, _| {}).unwrap();
+            assert!(rep.ok(), "round {round}: {:?}", rep.problems);
+        }
+    }
 }
