@@ -200,14 +200,12 @@ fn check_log_complete(
     records: &[LogRecord],
     store_id: &[u8; 16],
 ) -> Result<()> {
-    let missing = |records: &[LogRecord]| -> Result<Vec<(u32, usize)>> {
-        let logged: std::collections::HashSet<(u32, u64)> =
-            records.iter().map(|r| (r.shard, r.table_offset)).collect();
-        let sd = crate::shards_dir(dir);
-        let mut out = Vec::new();
-        let Ok(entries) = std::fs::read_dir(&sd) else {
-            return Ok(out);
-        };
+    // The footers are read once; a table missing from the log read at open is looked
+    // for again in a fresh read of the log, against these same footers (a shard sealed
+    // after that fresh read must not be compared with it).
+    let mut footers: Vec<(u32, Vec<u64>)> = Vec::new();
+    let sd = crate::shards_dir(dir);
+    if let Ok(entries) = std::fs::read_dir(&sd) {
         for e in entries.flatten() {
             let Some(no) = crate::parse_shard_name(&e.file_name().to_string_lossy()) else {
                 continue;
@@ -221,24 +219,32 @@ fn check_log_complete(
                 _ => continue,
             }
             if let Ok(Some(f)) = gradshard_format::parse_footer(&m) {
-                let lost = f
-                    .tables
-                    .iter()
-                    .filter(|(off, _)| !logged.contains(&(no, *off)))
-                    .count();
-                if lost > 0 {
-                    out.push((no, lost));
-                }
+                footers.push((no, f.tables.iter().map(|t| t.0).collect()));
             }
         }
-        Ok(out)
+    }
+    let missing = |records: &[LogRecord]| -> Vec<(u32, usize)> {
+        let logged: std::collections::HashSet<(u32, u64)> =
+            records.iter().map(|r| (r.shard, r.table_offset)).collect();
+        footers
+            .iter()
+            .map(|(no, tables)| {
+                let lost = tables
+                    .iter()
+                    .filter(|off| !logged.contains(&(*no, **off)))
+                    .count();
+                (*no, lost)
+            })
+            .filter(|(_, lost)| *lost > 0)
+            .collect()
     };
-    if missing(records)?.is_empty() {
+    if missing(records).is_empty() {
         return Ok(());
     }
     let bytes = std::fs::read(log).at(log)?;
     let fresh = decode_log(&bytes).at(log)?;
-    let lost = missing(&fresh.records)?;
+    let mut lost = missing(&fresh.records);
+    lost.sort_unstable();
     if lost.is_empty() {
         return Ok(());
     }

@@ -842,3 +842,87 @@ fn ingest_refuses_values_that_overflow_bf16() {
     // f32 holds it.
     ingest(&opts(DType::F32), &mut |_, _| {}).unwrap();
 }
+
+/// Case 6 of the robustness issue: `verify` during writes used to read the log, then
+/// list the shards, so a shard sealed in between looked inconsistent. Many rounds of
+/// verify against a writer that seals a shard every few samples: never a problem.
+#[test]
+fn verify_during_writes_never_reports_a_healthy_store_as_damaged() {
+    let dir = tempfile::tempdir().unwrap();
+    let (g, _) = gradshard_store::synth::preset("tiny").unwrap();
+    let mut writer = small_opts();
+    writer.shard_target_bytes = 16 << 10;
+    let opts = SynthOptions {
+        geometry: g,
+        mlp: None,
+        tasks: vec![task("a"), task("b")],
+        samples_per_task: 150,
+        seed: 5,
+        dtype: DType::Bf16,
+        codec: CodecSpec::DEFAULT,
+        writer,
+        pool: 0,
+    };
+    // A first sample, so that the store exists before the readers start.
+    let first = SynthOptions {
+        samples_per_task: 1,
+        tasks: vec![task("a")],
+        ..opts.clone()
+    };
+    synth(dir.path(), &first, &mut |_, _| {}).unwrap();
+    let store = dir.path().to_path_buf();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let d2 = done.clone();
+    let w = std::thread::spawn(move || {
+        let r = synth(&store, &opts, &mut |_, _| {});
+        d2.store(true, std::sync::atomic::Ordering::SeqCst);
+        r.unwrap()
+    });
+    let mut rounds = 0;
+    let mut saw_live = false;
+    while !done.load(std::sync::atomic::Ordering::SeqCst) || rounds < 3 {
+        let rep = verify(dir.path(), &|_, _| {}).unwrap();
+        assert!(rep.ok(), "round {rounds}: {:?}", rep.problems);
+        saw_live |= rep.samples < 300;
+        // Readers see a consistent store too.
+        Store::open(dir.path()).unwrap();
+        rounds += 1;
+    }
+    w.join().unwrap();
+    assert!(
+        saw_live && rounds >= 5,
+        "only {rounds} rounds overlapped the writer"
+    );
+    let rep = verify(dir.path(), &|_, _| {}).unwrap();
+    assert!(
+        rep.ok() && rep.samples == 300 && rep.shards >= 10,
+        "{rep:?}"
+    );
+}
+
+/// A 0-byte shard (what ENOSPC at shard creation leaves) is a warning, not damage;
+/// readers ignore it and the next writer removes it.
+#[test]
+fn an_empty_shard_left_by_a_failed_creation_is_a_warning_not_damage() {
+    let dir = small_store(DType::Bf16);
+    let empty = shard_path(dir.path(), 7);
+    std::fs::write(&empty, b"").unwrap();
+    let rep = verify(dir.path(), &|_, _| {}).unwrap();
+    assert!(rep.ok(), "{:?}", rep.problems);
+    assert!(
+        rep.warnings
+            .iter()
+            .any(|w| w.contains("shard-000007.gss") && w.contains("shorter than a shard header")),
+        "{:?}",
+        rep.warnings
+    );
+    assert_eq!(Store::open(dir.path()).unwrap().index().n_samples(), 16);
+    let spec = Store::open(dir.path()).unwrap().manifest().spec.clone();
+    StoreWriter::open_or_create(dir.path(), &spec, small_opts())
+        .unwrap()
+        .finish()
+        .unwrap();
+    assert!(!empty.exists(), "the next writer removes the empty shard");
+    let rep = verify(dir.path(), &|_, _| {}).unwrap();
+    assert!(rep.ok() && rep.warnings.is_empty(), "{rep:?}");
+}
