@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use crate::error::{Error, Result};
+use crate::families::DecoderConfig;
 
 /// Architectures implemented by this crate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -206,7 +207,7 @@ impl ModelConfig {
             other => match crate::families::parse(&r, other)? {
                 Some(c) => Ok(ModelConfig::Decoder(c)),
                 None => Err(Error::UnsupportedModel {
-                path: path.to_path_buf(),
+                    path: path.to_path_buf(),
                     model_type,
                 }),
             },

@@ -25,7 +25,7 @@ pub enum Error {
 
     /// `model_type` names an architecture this crate does not implement.
     #[error(
-        "{path}: unsupported model_type {model_type:?} (supported: llama, mistral, qwen2, gpt2)"
+        "{path}: unsupported model_type {model_type:?} (supported: llama, mistral, qwen2, qwen3, gpt2, gpt_neox, phi3, bert, gemma2, gemma3_text, gemma3, olmo2)"
     )]
     UnsupportedModel { path: PathBuf, model_type: String },
 

@@ -17,8 +17,10 @@
 
 pub mod config;
 pub mod data;
+mod decoder;
 pub mod device;
 pub mod error;
+pub mod families;
 pub mod grads;
 pub mod model;
 pub mod random;
@@ -33,6 +35,7 @@ pub use data::{
 pub use device::CudaBackend;
 pub use device::{cuda_available, CpuBackend, Device, GradModel};
 pub use error::{Error, Result};
+pub use families::DecoderConfig;
 pub use grads::{Engine, SampleFactors, SampleGrads, SampleLoss, TensorFactors, TensorGrad};
 pub use model::{checkpoint_spec, ParamInfo, ParamKind, ParamSet};
 pub use random::{write_random_checkpoint, write_random_tasks, RandomCheckpoint, WeightDtype};

@@ -107,16 +107,16 @@ pub(crate) enum Layout {
 
 /// A projection: weight, optional bias, layout, and its index in the param registry.
 pub(crate) struct Lin<B: Backend> {
-    idx: usize,
-    w: Tensor<B, 2>,
-    b: Option<Tensor<B, 1>>,
-    layout: Layout,
+    pub(crate) idx: usize,
+    pub(crate) w: Tensor<B, 2>,
+    pub(crate) b: Option<Tensor<B, 1>>,
+    pub(crate) layout: Layout,
 }
 
-struct Norm<B: Backend> {
-    w: Tensor<B, 1>,
+pub(crate) struct Norm<B: Backend> {
+    pub(crate) w: Tensor<B, 1>,
     /// LayerNorm bias; None for RMSNorm.
-    b: Option<Tensor<B, 1>>,
+    pub(crate) b: Option<Tensor<B, 1>>,
 }
 
 struct LlamaLayer<B: Backend> {
@@ -168,6 +168,7 @@ struct Gpt2Net<B: Backend> {
 enum Net<B: Backend> {
     Llama(LlamaNet<B>),
     Gpt2(Gpt2Net<B>),
+    Decoder(crate::decoder::DecoderNet<B>),
 }
 
 /// A loaded model on backend `B` (the inner, non-autodiff backend).
@@ -180,24 +181,24 @@ pub(crate) struct Model<B: Backend> {
 }
 
 /// Predicate for checkpoint entries that are not weights (buffers, tied copies).
-type Ignorable = Box<dyn Fn(&str) -> bool>;
+pub(crate) type Ignorable = Box<dyn Fn(&str) -> bool>;
 
 /// Spec entry: canonical name, name in the checkpoint, shape, kind.
-struct SpecEntry {
-    name: String,
-    stored: String,
-    shape: Vec<usize>,
-    kind: ParamKind,
+pub(crate) struct SpecEntry {
+    pub(crate) name: String,
+    pub(crate) stored: String,
+    pub(crate) shape: Vec<usize>,
+    pub(crate) kind: ParamKind,
 }
 
-struct SpecBuilder {
-    entries: Vec<SpecEntry>,
+pub(crate) struct SpecBuilder {
+    pub(crate) entries: Vec<SpecEntry>,
     /// Prefix replaced in stored names (GPT-2 checkpoints without `transformer.`).
-    strip: Option<(&'static str, &'static str)>,
+    pub(crate) strip: Option<(&'static str, &'static str)>,
 }
 
 impl SpecBuilder {
-    fn add(&mut self, name: String, shape: Vec<usize>, kind: ParamKind) -> usize {
+    pub(crate) fn add(&mut self, name: String, shape: Vec<usize>, kind: ParamKind) -> usize {
         let stored = match self.strip {
             Some((canon, stored)) if name.starts_with(canon) => {
                 format!("{stored}{}", &name[canon.len()..])
@@ -216,10 +217,10 @@ impl SpecBuilder {
 
 /// Reads weights from the checkpoint and uploads them to the device one at a
 /// time, so host memory holds at most one converted tensor.
-struct Loader<'a, B: Backend> {
-    ckpt: &'a Checkpoint,
-    spec: &'a [SpecEntry],
-    device: &'a B::Device,
+pub(crate) struct Loader<'a, B: Backend> {
+    pub(crate) ckpt: &'a Checkpoint,
+    pub(crate) spec: &'a [SpecEntry],
+    pub(crate) device: &'a B::Device,
 }
 
 impl<B: Backend> Loader<'_, B> {
@@ -230,7 +231,7 @@ impl<B: Backend> Loader<'_, B> {
             .unwrap_or_else(|| panic!("internal: weight {name} not in spec"))
     }
 
-    fn w2(&self, name: &str) -> Result<(usize, Tensor<B, 2>)> {
+    pub(crate) fn w2(&self, name: &str) -> Result<(usize, Tensor<B, 2>)> {
         let i = self.idx(name);
         let e = &self.spec[i];
         let data = self.ckpt.read_f32(&e.stored)?;
@@ -238,7 +239,7 @@ impl<B: Backend> Loader<'_, B> {
         Ok((i, t))
     }
 
-    fn w1(&self, name: &str) -> Result<Tensor<B, 1>> {
+    pub(crate) fn w1(&self, name: &str) -> Result<Tensor<B, 1>> {
         let e = &self.spec[self.idx(name)];
         let data = self.ckpt.read_f32(&e.stored)?;
         Ok(Tensor::from_data(
@@ -247,7 +248,7 @@ impl<B: Backend> Loader<'_, B> {
         ))
     }
 
-    fn lin(&self, prefix: &str, bias: bool, layout: Layout) -> Result<Lin<B>> {
+    pub(crate) fn lin(&self, prefix: &str, bias: bool, layout: Layout) -> Result<Lin<B>> {
         let (idx, w) = self.w2(&format!("{prefix}.weight"))?;
         let b = if bias {
             Some(self.w1(&format!("{prefix}.bias"))?)
@@ -264,6 +265,7 @@ pub fn checkpoint_spec(config: &ModelConfig) -> Vec<WeightSpec> {
     let s = match config {
         ModelConfig::Llama(c) => llama_spec(c),
         ModelConfig::Gpt2(c) => gpt2_spec(c, false),
+        ModelConfig::Decoder(c) => crate::decoder::spec(c, &crate::decoder::default_root(c)),
     };
     s.entries
         .into_iter()
@@ -361,11 +363,17 @@ fn gpt2_spec(c: &Gpt2Config, legacy_names: bool) -> SpecBuilder {
 /// RoPE inverse frequencies for `head_dim`, with llama3 rescaling applied.
 /// Returns (inv_freq [head_dim/2], position divisor).
 fn rope_tables(c: &LlamaConfig) -> (Vec<f64>, f64) {
-    let d = c.head_dim as f64;
-    let base: Vec<f64> = (0..c.head_dim / 2)
-        .map(|i| 1.0 / c.rope.theta.powf(2.0 * i as f64 / d))
+    rope_freqs(&c.rope, c.head_dim)
+}
+
+/// RoPE inverse frequencies for `dim` rotated values of a head (per `rope`),
+/// and the position divisor of linear scaling.
+pub(crate) fn rope_freqs(rope: &crate::config::RopeConfig, dim: usize) -> (Vec<f64>, f64) {
+    let d = dim as f64;
+    let base: Vec<f64> = (0..dim / 2)
+        .map(|i| 1.0 / rope.theta.powf(2.0 * i as f64 / d))
         .collect();
-    match c.rope.scaling {
+    match rope.scaling {
         RopeScaling::None => (base, 1.0),
         RopeScaling::Linear { factor } => (base, factor),
         RopeScaling::Llama3 {
@@ -412,6 +420,7 @@ impl<B: Backend> Model<B> {
                     }),
                 )
             }
+            ModelConfig::Decoder(c) => crate::decoder::spec_for_checkpoint(c, &ckpt),
             ModelConfig::Gpt2(c) => {
                 let legacy = ckpt.shape("transformer.wte.weight").is_none()
                     && ckpt.shape("wte.weight").is_some();
@@ -445,6 +454,7 @@ impl<B: Backend> Model<B> {
         let net = match &config {
             ModelConfig::Llama(c) => Net::Llama(load_llama(&ld, c)?),
             ModelConfig::Gpt2(c) => Net::Gpt2(load_gpt2(&ld, c)?),
+            ModelConfig::Decoder(c) => Net::Decoder(crate::decoder::load(&ld, c)?),
         };
         let params = spec
             .entries
@@ -611,7 +621,7 @@ impl<'a, B: AutodiffBackend> Ctx<'a, B> {
         }
     }
 
-    fn weight(&mut self, idx: usize, w: &Tensor<Inner<B>, 2>) -> Tensor<B, 2> {
+    pub(crate) fn weight(&mut self, idx: usize, w: &Tensor<Inner<B>, 2>) -> Tensor<B, 2> {
         if self.mode == GradMode::Leaf && self.tracked[idx] {
             if let Some((_, leaf)) = self.leaves.iter().find(|(i, _)| *i == idx) {
                 return leaf.clone();
@@ -624,12 +634,17 @@ impl<'a, B: AutodiffBackend> Ctx<'a, B> {
         }
     }
 
-    fn tapping(&self, idx: usize) -> bool {
+    pub(crate) fn tapping(&self, idx: usize) -> bool {
         self.mode == GradMode::Tap && self.tracked[idx]
     }
 
     /// Add a zero leaf to `y` and remember it with the input that produced y.
-    fn tap(&mut self, idx: usize, y: Tensor<B, 3>, input: TapInput<Inner<B>>) -> Tensor<B, 3> {
+    pub(crate) fn tap(
+        &mut self,
+        idx: usize,
+        y: Tensor<B, 3>,
+        input: TapInput<Inner<B>>,
+    ) -> Tensor<B, 3> {
         let z = Tensor::<B, 3>::zeros(y.dims(), &y.device()).require_grad();
         self.taps.push(Tap {
             idx,
@@ -640,7 +655,7 @@ impl<'a, B: AutodiffBackend> Ctx<'a, B> {
     }
 
     /// y = x·Wᵀ (+ b) for [out,in] weights, y = x·W (+ b) for Conv1D [in,out].
-    fn linear(&mut self, x: Tensor<B, 3>, lin: &Lin<Inner<B>>) -> Tensor<B, 3> {
+    pub(crate) fn linear(&mut self, x: Tensor<B, 3>, lin: &Lin<Inner<B>>) -> Tensor<B, 3> {
         let [b, t, din] = x.dims();
         let w = self.weight(lin.idx, &lin.w);
         let x2 = x.clone().reshape([b * t, din]);
@@ -664,7 +679,7 @@ impl<'a, B: AutodiffBackend> Ctx<'a, B> {
     }
 
     /// Row lookup out[b, t] = W[ids[b, t]] for an embedding table W [rows, D].
-    fn rows(
+    pub(crate) fn rows(
         &mut self,
         idx: usize,
         w: &Tensor<Inner<B>, 2>,
@@ -686,7 +701,7 @@ impl<'a, B: AutodiffBackend> Ctx<'a, B> {
     }
 }
 
-fn lift<B: AutodiffBackend, const D: usize>(t: &Tensor<Inner<B>, D>) -> Tensor<B, D> {
+pub(crate) fn lift<B: AutodiffBackend, const D: usize>(t: &Tensor<Inner<B>, D>) -> Tensor<B, D> {
     Tensor::from_inner(t.clone())
 }
 
@@ -710,10 +725,16 @@ fn layer_norm<B: AutodiffBackend>(x: Tensor<B, 3>, n: &Norm<Inner<B>>, eps: f64)
     }
 }
 
-fn act<B: Backend, const D: usize>(a: Activation, x: Tensor<B, D>) -> Tensor<B, D> {
+pub(crate) fn act<B: Backend, const D: usize>(a: Activation, x: Tensor<B, D>) -> Tensor<B, D> {
     match a {
         Activation::Silu => activation::silu(x),
-        Activation::Gelu => activation::gelu(x),
+        // x·Φ(x) = 0.5·x·(1 + erf(x/√2)), written out: burn's fused gelu is
+        // ~3e-4 off torch's exact GELU in its gradient (seen on the GPT-NeoX
+        // and BERT fixtures); composed from erf the gradient follows torch's.
+        Activation::Gelu => {
+            let phi = (x.clone() * std::f64::consts::FRAC_1_SQRT_2).erf() + 1.0;
+            x * phi * 0.5
+        }
         Activation::GeluTanh => {
             // 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))); x³ as a product
             // (powf of a negative base is not safe on every backend).
@@ -730,7 +751,11 @@ fn act<B: Backend, const D: usize>(a: Activation, x: Tensor<B, D>) -> Tensor<B, 
 /// (j <= i, and i - j < window if a window is set), -1e30 elsewhere. After
 /// softmax the masked probabilities are exactly 0 in f32, so masked keys
 /// (including right padding) receive exactly zero gradient.
-fn attn_mask<B: Backend>(t: usize, window: Option<usize>, device: &B::Device) -> Tensor<B, 4> {
+pub(crate) fn attn_mask<B: Backend>(
+    t: usize,
+    window: Option<usize>,
+    device: &B::Device,
+) -> Tensor<B, 4> {
     let mut m = vec![0f32; t * t];
     for i in 0..t {
         for j in 0..t {
@@ -758,7 +783,7 @@ fn attention<B: Backend>(
 }
 
 /// [b, t, h·d] → [b, h, t, d].
-fn split_heads<B: Backend>(x: Tensor<B, 3>, h: usize, d: usize) -> Tensor<B, 4> {
+pub(crate) fn split_heads<B: Backend>(x: Tensor<B, 3>, h: usize, d: usize) -> Tensor<B, 4> {
     let [b, t, _] = x.dims();
     x.reshape([b, t, h, d]).swap_dims(1, 2)
 }
@@ -766,7 +791,11 @@ fn split_heads<B: Backend>(x: Tensor<B, 3>, h: usize, d: usize) -> Tensor<B, 4> 
 /// HF rotate-half RoPE: out = x·cos + rotate_half(x)·sin, where
 /// rotate_half(x) = [-x2, x1] for x = [x1, x2] split at d/2. cos and sin are
 /// [1, 1, t, d] with the frequency table repeated over both halves.
-fn rope<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 4>, sin: &Tensor<B, 4>) -> Tensor<B, 4> {
+pub(crate) fn rope<B: Backend>(
+    x: Tensor<B, 4>,
+    cos: &Tensor<B, 4>,
+    sin: &Tensor<B, 4>,
+) -> Tensor<B, 4> {
     let d = x.dims()[3];
     let x1 = x.clone().narrow(3, 0, d / 2);
     let x2 = x.clone().narrow(3, d / 2, d / 2);
@@ -776,7 +805,7 @@ fn rope<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 4>, sin: &Tensor<B, 4>) -> 
 
 /// Repeat each of h_kv heads n_rep times: [b, h_kv, t, d] → [b, h_kv·n_rep, t, d]
 /// with query head h reading kv head h / n_rep (HF `repeat_kv`).
-fn repeat_kv<B: Backend>(x: Tensor<B, 4>, n_rep: usize) -> Tensor<B, 4> {
+pub(crate) fn repeat_kv<B: Backend>(x: Tensor<B, 4>, n_rep: usize) -> Tensor<B, 4> {
     if n_rep == 1 {
         return x;
     }
@@ -800,6 +829,10 @@ impl<B: Backend> Model<B> {
             Net::Llama(n) => {
                 let device = ids.device();
                 Ok(llama_forward(n, ids, ctx, &device))
+            }
+            Net::Decoder(n) => {
+                let device = ids.device();
+                crate::decoder::forward(n, ids, ctx, &device)
             }
             Net::Gpt2(n) => {
                 let t = ids.dims()[1];
