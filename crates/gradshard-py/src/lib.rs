@@ -558,6 +558,17 @@ fn index_columns(store: &Store) -> gradshard_store::Result<IndexColumns> {
     Ok(c)
 }
 
+/// Rounds a float32 numpy array to bfloat16 (nearest, ties to even) and wraps it for
+/// DLPack: `torch.from_dlpack(gradshard.bf16_dlpack(a))`, or any other DLPack consumer.
+/// This is what `dtype="bf16"` does before handing the result to torch.
+#[pyfunction]
+fn bf16_dlpack(a: numpy::PyReadonlyArrayDyn<'_, f32>) -> dlpack::Bf16Array {
+    let v = a.as_array();
+    let shape = v.shape().to_vec();
+    let bits = v.iter().map(|x| f32_to_bf16_bits(*x)).collect();
+    dlpack::Bf16Array::new(bits, shape)
+}
+
 /// Opens a store read-only (the `_Store` base class; `gradshard.open` returns the
 /// Python subclass `gradshard.Store`).
 #[pymodule]
@@ -565,6 +576,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("StoreError", m.py().get_type::<StoreError>())?;
     m.add_class::<PyStore>()?;
     m.add_class::<dlpack::Bf16Array>()?;
+    m.add_function(wrap_pyfunction!(bf16_dlpack, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

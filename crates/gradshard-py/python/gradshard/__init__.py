@@ -18,9 +18,18 @@ from __future__ import annotations
 import os
 from typing import Union
 
-from ._native import Bf16Array, StoreError, _Store, __version__
+from ._native import Bf16Array, StoreError, _Store, __version__, bf16_dlpack
 
-__all__ = ["open", "Store", "StoreError", "Bf16Array", "INDEX_FIELDS", "__version__"]
+__all__ = [
+    "open",
+    "Store",
+    "StoreError",
+    "Bf16Array",
+    "bf16_dlpack",
+    "INDEX_FIELDS",
+    "index_schema",
+    "__version__",
+]
 
 #: The fields of :meth:`Store.index` (schemas/store/index.arrow.json): name, Arrow type, nullable.
 INDEX_FIELDS = [
