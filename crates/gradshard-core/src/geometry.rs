@@ -15,8 +15,78 @@ use crate::ids::Block;
 
 /// `model_type` values of `config.json` that gradshard knows.
 pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
-    "llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt2", "gpt_neox", "bert",
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "gemma3",
+    "olmo2",
+    "phi3",
+    "gpt2",
+    "gpt_neox",
+    "bert",
 ];
+
+/// Defaults of transformers' `Gemma3TextConfig`. A `gemma3` checkpoint's
+/// `config.json` nests its language model under `text_config`, written as a
+/// diff against these, so a field left out there has exactly this value.
+pub const GEMMA3_TEXT_DEFAULTS: &[(&str, f64)] = &[
+    ("vocab_size", 262_208.0),
+    ("hidden_size", 2304.0),
+    ("intermediate_size", 9216.0),
+    ("num_hidden_layers", 26.0),
+    ("num_attention_heads", 8.0),
+    ("num_key_value_heads", 4.0),
+    ("head_dim", 256.0),
+    ("rms_norm_eps", 1e-6),
+    ("rope_theta", 1_000_000.0),
+    ("rope_local_base_freq", 10_000.0),
+    ("query_pre_attn_scalar", 256.0),
+    ("sliding_window", 4096.0),
+    ("sliding_window_pattern", 6.0),
+    ("max_position_embeddings", 131_072.0),
+];
+
+/// The text model's config of a checkpoint that nests it (`gemma3`:
+/// `text_config`, completed with [`GEMMA3_TEXT_DEFAULTS`] and its
+/// non-numeric defaults); `Ok(None)` for every other `model_type`.
+pub fn nested_text_config(cfg: &Value) -> Result<Option<Value>> {
+    if cfg.get("model_type").and_then(Value::as_str) != Some("gemma3") {
+        return Ok(None);
+    }
+    let mut text = match cfg.get("text_config") {
+        Some(t @ Value::Object(_)) => t.clone(),
+        _ => {
+            return Err(Error::ConfigField {
+                field: "text_config".into(),
+                problem:
+                    "a `gemma3` config nests its language model there; missing or not an object"
+                        .into(),
+            })
+        }
+    };
+    let obj = text.as_object_mut().expect("checked above");
+    for (k, v) in GEMMA3_TEXT_DEFAULTS {
+        let v = if v.fract() == 0.0 && *v >= 1.0 {
+            Value::from(*v as u64)
+        } else {
+            Value::from(*v)
+        };
+        obj.entry(*k).or_insert(v);
+    }
+    for (k, v) in [
+        ("model_type", Value::from("gemma3_text")),
+        ("hidden_activation", Value::from("gelu_pytorch_tanh")),
+        ("attn_logit_softcapping", Value::Null),
+        ("final_logit_softcapping", Value::Null),
+    ] {
+        obj.entry(k).or_insert(v);
+    }
+    Ok(Some(text))
+}
 
 /// How the attention weights of one layer are laid out in the checkpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -255,6 +325,13 @@ impl Geometry {
 
     /// Derives the geometry from a parsed Hugging Face `config.json`.
     pub fn from_config(cfg: &Value) -> Result<Geometry> {
+        if let Some(text) = nested_text_config(cfg)? {
+            // Weights of the nested model live under a longer prefix
+            // (`model.language_model.` in transformers 5): see `detect_root`.
+            let mut g = Geometry::from_config(&text)?;
+            g.root = "model.language_model.".into();
+            return Ok(g);
+        }
         let model_type = cfg
             .get("model_type")
             .and_then(Value::as_str)
@@ -264,7 +341,8 @@ impl Geometry {
             })?
             .to_string();
         let (layout, root, layers, hidden, heads, kv_heads, head_dim) = match model_type.as_str() {
-            "llama" | "mistral" | "qwen2" | "qwen3" | "gemma" | "phi3" => {
+            "llama" | "mistral" | "qwen2" | "qwen3" | "gemma" | "gemma2" | "gemma3_text"
+            | "olmo2" | "phi3" => {
                 let layers = required(cfg, &["num_hidden_layers"])?;
                 let hidden = required(cfg, &["hidden_size"])?;
                 let heads = required(cfg, &["num_attention_heads"])?;
@@ -666,6 +744,36 @@ mod tests {
                 assert_eq!(back.iter().filter(|v| **v != u32::MAX).count(), s.numel());
             }
         }
+    }
+
+    #[test]
+    fn gemma_olmo_and_nested_gemma3() {
+        for mt in ["gemma2", "gemma3_text", "olmo2"] {
+            let g = geom(
+                json!({"model_type":mt,"num_hidden_layers":3,"hidden_size":64,
+                "num_attention_heads":2,"num_key_value_heads":1,"head_dim":40}),
+            );
+            assert_eq!(
+                (g.layout, g.head_dim, g.kv_heads),
+                (Layout::SplitLinear, 40, 1)
+            );
+            assert_eq!(g.slice_spec(2, Block::O, 1).unwrap().start, 40);
+        }
+        // A nested text_config omits what equals Gemma3TextConfig's defaults.
+        let mut g = geom(json!({"model_type":"gemma3",
+            "text_config":{"hidden_size":2560,"num_hidden_layers":34}}));
+        assert_eq!(
+            (g.heads, g.kv_heads, g.head_dim, g.hidden),
+            (8, 4, 256, 2560)
+        );
+        assert_eq!(
+            g.attn_tensors(0)[0].name,
+            "model.language_model.layers.0.self_attn.q_proj.weight"
+        );
+        g.detect_root(["language_model.model.layers.0.self_attn.q_proj.weight"]);
+        assert_eq!(g.root, "language_model.model.");
+        let e = Geometry::from_config(&json!({"model_type":"gemma3"})).unwrap_err();
+        assert!(e.to_string().contains("text_config"), "{e}");
     }
 
     #[test]

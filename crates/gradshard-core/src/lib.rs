@@ -13,6 +13,7 @@ mod ids;
 pub use dtype::{bf16_bits_to_f32, f32_to_bf16_bits, DType};
 pub use error::{Error, Result};
 pub use geometry::{
-    AttnTensor, Axis, Geometry, Layout, OtherTensor, SliceSpec, SUPPORTED_MODEL_TYPES,
+    nested_text_config, AttnTensor, Axis, Geometry, Layout, OtherTensor, SliceSpec,
+    GEMMA3_TEXT_DEFAULTS, SUPPORTED_MODEL_TYPES,
 };
 pub use ids::{Block, HeadId, LayerId, SampleId, TaskName};

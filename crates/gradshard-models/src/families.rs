@@ -315,26 +315,6 @@ const GEMMA_NORMS: [Option<&str>; 4] = [
     Some("model.layers.{i}.post_feedforward_layernorm"),
 ];
 
-/// Defaults of transformers' `Gemma3TextConfig`, which a `gemma3` checkpoint's
-/// nested `text_config` omits whenever they hold (it is written as a diff
-/// against them): these are the values, not guesses.
-const GEMMA3_TEXT_DEFAULTS: &[(&str, f64)] = &[
-    ("vocab_size", 262_208.0),
-    ("hidden_size", 2304.0),
-    ("intermediate_size", 9216.0),
-    ("num_hidden_layers", 26.0),
-    ("num_attention_heads", 8.0),
-    ("num_key_value_heads", 4.0),
-    ("head_dim", 256.0),
-    ("rms_norm_eps", 1e-6),
-    ("rope_theta", 1_000_000.0),
-    ("rope_local_base_freq", 10_000.0),
-    ("query_pre_attn_scalar", 256.0),
-    ("sliding_window", 4096.0),
-    ("sliding_window_pattern", 6.0),
-    ("max_position_embeddings", 131_072.0),
-];
-
 /// The description of `model_type`, or None when it is not a decoder family.
 pub(crate) fn parse(r: &Reader<'_>, model_type: &str) -> Result<Option<DecoderConfig>> {
     Ok(Some(match model_type {
@@ -345,39 +325,18 @@ pub(crate) fn parse(r: &Reader<'_>, model_type: &str) -> Result<Option<DecoderCo
         "gemma2" => describe_gemma(r, Arch::Gemma2)?,
         "gemma3_text" => describe_gemma(r, Arch::Gemma3Text)?,
         "gemma3" => {
-            let text = r
-                .sub("text_config")?
-                .ok_or_else(|| r.err("a `gemma3` config needs `text_config`".into()))?;
-            let mut merged = text.v.clone();
-            let obj = merged.as_object_mut().expect("sub() returns objects");
-            for (k, v) in GEMMA3_TEXT_DEFAULTS {
-                if !obj.contains_key(*k) {
-                    let n = serde_json::Number::from_f64(*v).expect("finite");
-                    let v = if v.fract() == 0.0 && *v >= 1.0 {
-                        Value::from(*v as u64)
-                    } else {
-                        Value::Number(n)
-                    };
-                    obj.insert((*k).to_string(), v);
-                }
-            }
-            for (k, v) in [
-                ("hidden_activation", Value::from("gelu_pytorch_tanh")),
-                ("tie_word_embeddings", Value::Bool(true)),
-                ("attn_logit_softcapping", Value::Null),
-                ("final_logit_softcapping", Value::Null),
-            ] {
-                obj.entry(k).or_insert(v);
-            }
+            // The language model's config, completed with Gemma3TextConfig's
+            // defaults (one table, in gradshard-core, shared with the geometry).
+            let merged = gradshard_core::nested_text_config(r.v)
+                .map_err(|e| r.err(e.to_string()))?
+                .expect("model_type is gemma3");
             let sub = Reader {
                 path: r.path.clone(),
                 v: &merged,
             };
             let mut c = describe_gemma(&sub, Arch::Gemma3Text).map_err(|e| in_text_config(r, e))?;
-            // A gemma3 checkpoint may tie through the outer config.
-            if let Some(t) = r.opt_bool("tie_word_embeddings")? {
-                c.tie_word_embeddings = t;
-            }
+            // The tie is declared by the outer config.
+            c.tie_word_embeddings = r.opt_bool("tie_word_embeddings")?.unwrap_or(true);
             c.nested = true;
             c
         }
