@@ -39,6 +39,9 @@ enum Cmd {
     Inspect(storecmd::InspectArgs),
     /// Check every checksum and index entry of a store; non-zero exit on any problem.
     Verify(storecmd::VerifyArgs),
+    /// Mend a damaged store: cut the log at its first bad record, drop unreadable and
+    /// duplicate samples, re-admit samples the log lost, rebuild stats/; then verify.
+    Salvage(storecmd::SalvageArgs),
     /// Score QK-OV interference between two tasks of a store; writes Parquet, JSON, PNG and SVG.
     Score(scorecmd::ScoreArgs),
     /// Compute per-sample gradients of a Hugging Face checkpoint with burn and write them as
@@ -154,6 +157,7 @@ fn main() -> ExitCode {
         Cmd::Synth(a) => storecmd::synth(a),
         Cmd::Inspect(a) => storecmd::inspect(a),
         Cmd::Verify(a) => storecmd::verify(a),
+        Cmd::Salvage(a) => storecmd::salvage(a),
         Cmd::Plan(a) => plan::plan(a),
         Cmd::Score(a) => scorecmd::score(a),
         Cmd::BenchScore(a) => benchscore::bench_score(a),

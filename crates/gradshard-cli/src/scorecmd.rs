@@ -252,6 +252,11 @@ pub fn score(a: ScoreArgs) -> Result<ExitCode> {
     }
     let compute = Compute::new(&a.device, &a.gpu_precision, &a.gpu_path)?;
     let store = Store::open(&a.store)?;
+    // score recomputes the Fisher from the gradients and does not read stats/, but a
+    // damaged statistics file is said out loud (merge would refuse it).
+    for p in gradshard_collect::stats::check_files(&store).problems {
+        eprintln!("warning: {p}");
+    }
     store.set_shared_cache_bytes(a.factor_cache);
     let mut o = ScoreOptions::new(
         TaskName::new(a.task_a.as_str())?,

@@ -101,6 +101,16 @@ pub struct VerifyArgs {
     pub store: PathBuf,
 }
 
+#[derive(Args, Debug)]
+pub struct SalvageArgs {
+    /// Store directory.
+    #[arg(long)]
+    pub store: PathBuf,
+    /// Say what would be done, change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
 /// Writer options and codec from the shared writer flags (every command that writes a store).
 pub(crate) fn writer_options(
     w: &WriteArgs,
@@ -475,7 +485,14 @@ pub fn verify(a: VerifyArgs) -> Result<ExitCode> {
         bar.set_position(done);
     });
     bar.finish_and_clear();
-    let rep = rep?;
+    let mut rep = rep?;
+    // The statistics in stats/ are checked too (checksum, layout, up to date), when the
+    // store itself can be opened.
+    if let Ok(store) = Store::open(&a.store) {
+        let st = gradshard_collect::stats::check_files(&store);
+        rep.problems.extend(st.problems);
+        rep.warnings.extend(st.warnings);
+    }
     for w in &rep.warnings {
         println!("warning: {w}");
     }
@@ -500,4 +517,70 @@ pub fn verify(a: VerifyArgs) -> Result<ExitCode> {
     } else {
         ExitCode::from(2)
     })
+}
+
+pub fn salvage(a: SalvageArgs) -> Result<ExitCode> {
+    if !a.store.join(gradshard_store::MANIFEST_FILE).exists() {
+        bail!(
+            "{}: not a store (no {}); salvage needs the manifest",
+            a.store.display(),
+            gradshard_store::MANIFEST_FILE
+        );
+    }
+    let rep = gradshard_store::salvage(&a.store, a.dry_run)?;
+    let verb = if a.dry_run { "would do" } else { "did" };
+    for act in &rep.actions {
+        println!("{verb}: {act}");
+    }
+    for n in &rep.notes {
+        println!("note: {n}");
+    }
+    if let Some(old) = &rep.old_log {
+        println!("the previous log is kept as {}", old.display());
+    }
+    // Statistics: rebuilt from the kept samples when the store has any (or any was damaged).
+    let stats_dir = gradshard_collect::stats::stats_dir(&a.store);
+    if stats_dir.is_dir() {
+        if a.dry_run {
+            println!("would do: rebuild {} from the kept samples", stats_dir.display());
+        } else {
+            let side = stats_dir.join(gradshard_collect::stats::SIDE_LOG);
+            let rebuilt = match gradshard_collect::stats::rebuild(&a.store) {
+                Ok(r) => r,
+                Err(e) if side.exists() => {
+                    // A damaged side log: set it aside, recompute every sum from the frames.
+                    let aside = side.with_extension("bin.damaged");
+                    std::fs::rename(&side, &aside)
+                        .with_context(|| format!("{}: moving it aside", side.display()))?;
+                    println!(
+                        "did: {} could not be used ({e}); moved to {}, sums recomputed from the stored frames",
+                        side.display(),
+                        aside.display()
+                    );
+                    gradshard_collect::stats::rebuild(&a.store)?
+                }
+                Err(e) => return Err(e.into()),
+            };
+            for f in &rebuilt.files {
+                println!("did: rebuilt {}", f.display());
+            }
+        }
+    }
+    println!(
+        "salvage: {} sample(s) kept; {}",
+        rep.kept,
+        if rep.changed {
+            if a.dry_run {
+                "changes needed (rerun without --dry-run)"
+            } else {
+                "store mended"
+            }
+        } else {
+            "the samples and the log needed no change"
+        }
+    );
+    if a.dry_run {
+        return Ok(ExitCode::SUCCESS);
+    }
+    verify(VerifyArgs { store: a.store })
 }

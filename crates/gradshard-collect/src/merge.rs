@@ -9,7 +9,8 @@
 //! (task, id) held by two inputs, or inputs of different geometry, dtype,
 //! blocks or tensor sets, are refused before anything is written. An
 //! interrupted merge is resumed by rerunning it: samples already committed to
-//! the output are skipped.
+//! the output are skipped. Until a merge finishes, its output carries an
+//! `UNFINISHED` marker that readers and `verify` refuse.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -151,10 +152,24 @@ pub fn merge(
             "inputs": inputs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
         });
     }
+    // The output is marked unfinished before anything goes into it, and the mark goes
+    // only once the statistics are written: a killed merge leaves a store that readers
+    // refuse (naming the command that finishes it), never one that looks complete.
+    let marker = gradshard_store::unfinished_path(out);
+    let note = format!(
+        "a `gradshard merge` of {} into it started (pid {}) and has not finished; rerun the same merge command to finish it. Inputs: {}",
+        inputs.len(),
+        std::process::id(),
+        inputs
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     let mut w = StoreWriter::open_or_create(out, &spec0, wopts)?;
     {
         // The output may only hold samples of the inputs (an interrupted merge).
-        let existing = Store::open(out)?;
+        let existing = Store::open_unfinished(out)?;
         let stray = existing
             .index()
             .records()
@@ -167,6 +182,9 @@ pub fn merge(
             )));
         }
     }
+    // Marked only once the output is known to be this merge's (a foreign store given as
+    // the output was refused above, unmarked); nothing was committed before this point.
+    gradshard_store::fsutil::write_atomic(&marker, note.as_bytes())?;
     let mut side = SideLog::open(out, layout.len(), true)?;
     progress(MergeEvent::Started { total });
     let (mut copied, mut already) = (0u64, 0u64);
@@ -224,7 +242,7 @@ pub fn merge(
     }
     side.sync()?;
     let write = w.finish()?;
-    let merged = Store::open(out)?;
+    let merged = Store::open_unfinished(out)?;
     let mut files = Vec::new();
     let mut tasks = Vec::new();
     for (t, (wf, tokens)) in &per_task {
@@ -247,6 +265,8 @@ pub fn merge(
         files.push(ts.save(out)?);
         tasks.push(ts);
     }
+    std::fs::remove_file(&marker).map_err(crate::error::io(&marker))?;
+    gradshard_store::fsutil::sync_dir(out)?;
     Ok(MergeReport {
         write,
         inputs: inputs.len(),

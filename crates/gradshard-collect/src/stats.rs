@@ -40,8 +40,8 @@ pub const STATS_DIR: &str = "stats";
 pub const SIDE_LOG: &str = "samples.bin";
 const SIDE_MAGIC: &[u8; 8] = b"GSSTATS1";
 const SIDE_HEADER_LEN: u64 = 16;
-/// Version of `stats/<task>.json`.
-pub const STATS_VERSION: u32 = 1;
+/// Version of `stats/<task>.json` (2: carries a checksum of its content).
+pub const STATS_VERSION: u32 = 2;
 
 pub fn stats_dir(store: &Path) -> PathBuf {
     store.join(STATS_DIR)
@@ -302,6 +302,11 @@ pub struct TaskStats {
     pub quantity: String,
     pub groups: Vec<GroupStat>,
     pub channels: Vec<ChannelStat>,
+    /// XXH3-64 (hex) of the file's text with this value replaced by 16 zeros. A value
+    /// edited by hand, or damaged, no longer matches: `verify` reports it, `merge`
+    /// refuses it, `score` warns.
+    #[serde(default)]
+    pub checksum: String,
 }
 
 pub const QUANTITY: &str = "per-sample sums over each group of C = g^2/T (g as stored, f64); mean = group Fisher = sum over the group of E[C]; m2 = Welford M2 of the per-sample sums";
@@ -356,6 +361,7 @@ impl TaskStats {
             quantity: QUANTITY.into(),
             groups,
             channels,
+            checksum: String::new(),
         }
     }
 
@@ -399,12 +405,42 @@ impl TaskStats {
         Ok(w)
     }
 
+    /// The file's text with its checksum value zeroed, and where that value sits.
+    /// `checksum` is the struct's last field, so its key is the last one in the text.
+    fn checksum_slot(text: &str) -> Option<(String, std::ops::Range<usize>)> {
+        const KEY: &str = "\"checksum\": \"";
+        let at = text.rfind(KEY)? + KEY.len();
+        let end = at + text[at..].find('"')?;
+        let mut zeroed = text.to_string();
+        zeroed.replace_range(at..end, &"0".repeat(16));
+        Some((zeroed, at..end))
+    }
+
+    /// XXH3-64 (hex) of `text` with its checksum value replaced by 16 zeros.
+    fn text_checksum(text: &str) -> Option<String> {
+        let (zeroed, _) = Self::checksum_slot(text)?;
+        Some(format!(
+            "{:016x}",
+            gradshard_format::checksum(&[zeroed.as_bytes()])
+        ))
+    }
+
+    /// Reads and checks a statistics file: format, version and content checksum.
     pub fn load(path: &Path) -> Result<TaskStats> {
         let text = std::fs::read_to_string(path).map_err(io(path))?;
         let s: TaskStats = serde_json::from_str(&text).map_err(|e| Error::Stats {
             path: path.to_path_buf(),
             what: format!("not a statistics file: {e}"),
         })?;
+        if s.version == 1 {
+            return Err(Error::Stats {
+                path: path.to_path_buf(),
+                what: format!(
+                    "statistics version 1, written by an older gradshard without a checksum; `gradshard salvage --store {}` rebuilds it from the samples",
+                    store_of(path).display()
+                ),
+            });
+        }
         if s.version != STATS_VERSION {
             return Err(Error::Stats {
                 path: path.to_path_buf(),
@@ -414,21 +450,107 @@ impl TaskStats {
                 ),
             });
         }
+        let want = Self::text_checksum(&text).unwrap_or_default();
+        if s.checksum != want {
+            return Err(Error::Stats {
+                path: path.to_path_buf(),
+                what: format!(
+                    "checksum mismatch (stored {:?}, content gives {want}): the file was edited or damaged, so its numbers cannot be trusted; `gradshard salvage --store {}` rebuilds it from the samples",
+                    s.checksum,
+                    store_of(path).display()
+                ),
+            });
+        }
         Ok(s)
     }
 
-    /// Written atomically (temp file, fsync, rename).
+    /// Written atomically (temp file, fsync, rename), with its content checksum.
     pub fn save(&self, store: &Path) -> Result<PathBuf> {
         let dir = stats_dir(store);
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
         let path = task_stats_path(store, &self.task);
-        let text = serde_json::to_string_pretty(self).map_err(|e| Error::Stats {
+        let mut me = self.clone();
+        me.checksum = "0".repeat(16);
+        let mut text = serde_json::to_string_pretty(&me).map_err(|e| Error::Stats {
             path: path.clone(),
             what: e.to_string(),
         })?;
+        let (_, slot) = Self::checksum_slot(&text).expect("the checksum field is written");
+        let sum = Self::text_checksum(&text).expect("the checksum field is written");
+        text.replace_range(slot, &sum);
         fsutil::write_atomic(&path, text.as_bytes())?;
         Ok(path)
     }
+}
+
+/// The store directory of a file in its `stats/` folder.
+fn store_of(path: &Path) -> PathBuf {
+    path.parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// What [`check_files`] found in a store's `stats/`.
+#[derive(Debug, Default, Clone)]
+pub struct StatsCheck {
+    /// Files that cannot be trusted (checksum, format, layout): damage.
+    pub problems: Vec<String>,
+    /// Files that are merely out of date, or old.
+    pub warnings: Vec<String>,
+    /// Statistics files checked.
+    pub files: usize,
+}
+
+/// Checks every `stats/<task>.json` of `store`: checksum, version, that it fits the
+/// store's layout, and whether it describes exactly the task's committed samples.
+pub fn check_files(store: &Store) -> StatsCheck {
+    let mut out = StatsCheck::default();
+    let dir = stats_dir(store.dir());
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return out;
+    };
+    let layout = StatsLayout::new(store.order(), store.manifest().spec.dtype);
+    let mut paths: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    paths.sort();
+    for path in paths {
+        out.files += 1;
+        let s = match TaskStats::load(&path) {
+            Ok(s) => s,
+            Err(e @ Error::Stats { .. }) if e.to_string().contains("version 1,") => {
+                out.warnings.push(e.to_string());
+                continue;
+            }
+            Err(e) => {
+                out.problems.push(e.to_string());
+                continue;
+            }
+        };
+        if let Err(e) = s.to_welford(&layout, &path) {
+            out.problems.push(e.to_string());
+            continue;
+        }
+        match store.samples(s.task.as_str()) {
+            Ok(recs) if ids_digest(recs) == s.ids_xxh3 && recs.len() as u64 == s.n_samples => {}
+            Ok(recs) => out.warnings.push(format!(
+                "{}: describes {} sample(s), the store holds {} of task `{}` (out of date; the next collect or merge rewrites it, `gradshard salvage` rebuilds it)",
+                path.display(),
+                s.n_samples,
+                recs.len(),
+                s.task
+            )),
+            Err(_) => out.warnings.push(format!(
+                "{}: task `{}` has no committed samples in the store",
+                path.display(),
+                s.task
+            )),
+        }
+    }
+    out
 }
 
 fn encode_id(id: &SampleId, out: &mut Vec<u8>) {
@@ -741,7 +863,13 @@ pub fn load_or_compute(store: &Store, task: &TaskName) -> Result<TaskStats> {
     let digest = ids_digest(recs);
     let path = task_stats_path(store.dir(), task);
     if path.exists() {
-        let s = TaskStats::load(&path)?;
+        let s = match TaskStats::load(&path) {
+            Err(e @ Error::Stats { .. }) if e.to_string().contains("version 1,") => {
+                tracing::warn!("{e}; recomputing");
+                return compute(store, task, &layout, recs, digest);
+            }
+            r => r?,
+        };
         if s.ids_xxh3 == digest && s.n_samples == recs.len() as u64 {
             s.to_welford(&layout, &path)?;
             return Ok(s);
@@ -751,6 +879,16 @@ pub fn load_or_compute(store: &Store, task: &TaskName) -> Result<TaskStats> {
             path.display()
         );
     }
+    compute(store, task, &layout, recs, digest)
+}
+
+fn compute(
+    store: &Store,
+    task: &TaskName,
+    layout: &StatsLayout,
+    recs: &[LogRecord],
+    digest: String,
+) -> Result<TaskStats> {
     let side = SideLog::open(store.dir(), layout.len(), false)?;
     let mut w = Welford::new(layout.len());
     let mut tokens = 0u64;
@@ -763,7 +901,7 @@ pub fn load_or_compute(store: &Store, task: &TaskName) -> Result<TaskStats> {
         tokens += u64::from(rec.tokens);
     }
     Ok(TaskStats::from_welford(
-        &layout, task, &w, tokens, digest, "rebuilt",
+        layout, task, &w, tokens, digest, "rebuilt",
     ))
 }
 

@@ -135,6 +135,47 @@ fn decode_body(b: &[u8]) -> Result<LogRecord> {
     })
 }
 
+/// Decodes the one record at the start of `bytes` (length, checksum, body); returns it
+/// and its encoded length. Used for the copy of each sample's record that the writer
+/// puts right after the sample's table in its shard (docs/format.md), which lets
+/// `salvage` re-admit samples whose log records were lost.
+pub fn decode_log_record(bytes: &[u8]) -> Result<(LogRecord, usize)> {
+    if bytes.len() < RECORD_HEAD {
+        return Err(Error::Truncated {
+            what: "log record",
+            need: RECORD_HEAD as u64,
+            have: bytes.len() as u64,
+        });
+    }
+    let len = u32_at(bytes, 0);
+    if len > MAX_RECORD_BODY {
+        return Err(Error::TooLarge {
+            what: "log record body",
+            value: len as u64,
+            limit: MAX_RECORD_BODY as u64,
+        });
+    }
+    let end = RECORD_HEAD + len as usize;
+    if end > bytes.len() {
+        return Err(Error::Truncated {
+            what: "log record",
+            need: end as u64,
+            have: bytes.len() as u64,
+        });
+    }
+    let body = &bytes[RECORD_HEAD..end];
+    let stored = u64_at(bytes, 4);
+    let computed = checksum(&[body]);
+    if stored != computed {
+        return Err(Error::Checksum {
+            what: "log record",
+            stored,
+            computed,
+        });
+    }
+    Ok((decode_body(body)?, end))
+}
+
 /// Result of scanning a whole log file.
 #[derive(Debug)]
 pub struct LogScan {

@@ -8,6 +8,7 @@ pub mod fsutil;
 pub mod ingest;
 mod manifest;
 mod reader;
+mod salvage;
 pub mod synth;
 mod verify;
 mod writer;
@@ -19,6 +20,7 @@ pub use manifest::{CodecName, CodecSpec, Manifest, StoreSpec, MANIFEST_FILE};
 pub use reader::{
     Factor, FactorTile, Footprint, IoStats, SliceFactors, Store, DEFAULT_SHARED_CACHE_BYTES,
 };
+pub use salvage::{salvage, SalvageReport};
 pub use verify::{verify, VerifyReport};
 pub use writer::{
     LiveCounters, Representation, SampleHandle, SampleMeta, StoreWriter, WriteReport, WriterOptions,
@@ -34,6 +36,25 @@ pub(crate) fn log_path(dir: &Path) -> PathBuf {
 
 pub(crate) fn lock_path(dir: &Path) -> PathBuf {
     dir.join("LOCK")
+}
+
+/// Marker file of a store whose making is not finished (a `merge` in progress or
+/// killed). Readers refuse such a store; the file says how to finish it.
+pub const UNFINISHED_FILE: &str = "UNFINISHED";
+
+/// Path of the unfinished-work marker of a store.
+pub fn unfinished_path(dir: &Path) -> PathBuf {
+    dir.join(UNFINISHED_FILE)
+}
+
+/// The marker's text when `dir` is marked unfinished.
+pub fn unfinished(dir: &Path) -> Option<String> {
+    let p = unfinished_path(dir);
+    match std::fs::read_to_string(&p) {
+        Ok(t) => Some(t.trim().to_string()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => Some(format!("(unreadable marker: {e})")),
+    }
 }
 
 /// Path of shard `no`: `shards/shard-000042.gss`.

@@ -256,8 +256,9 @@ fn check_log_complete(
     Err(Error::Input {
         path: log.to_path_buf(),
         what: format!(
-            "the commit log lacks {n} committed sample(s) that sealed shards list in their footers: {}; the log was cut short, so reading on would silently use fewer samples. Restore samples.log, or run `gradshard verify` to see the damage",
-            shards.join(", ")
+            "the commit log lacks {n} committed sample(s) that sealed shards list in their footers: {}; the log was cut short, so reading on would silently use fewer samples. `gradshard salvage --store {}` re-admits them from the shards (or restore samples.log)",
+            shards.join(", "),
+            dir.display()
         ),
     })
 }
@@ -266,7 +267,20 @@ fn check_log_complete(
 pub const DEFAULT_SHARED_CACHE_BYTES: u64 = 1 << 30;
 
 impl Store {
+    /// Opens a store for reading. A store marked unfinished (see [`crate::UNFINISHED_FILE`])
+    /// is refused: it verifies and reads, but lacks samples its maker still had to add.
     pub fn open(dir: &Path) -> Result<Store> {
+        if let Some(why) = crate::unfinished(dir) {
+            return Err(Error::Input {
+                path: crate::unfinished_path(dir),
+                what: format!("this store is unfinished and must not be read: {why}"),
+            });
+        }
+        Self::open_unfinished(dir)
+    }
+
+    /// Opens a store even if it is marked unfinished (for the tool finishing it).
+    pub fn open_unfinished(dir: &Path) -> Result<Store> {
         if !dir.is_dir() {
             return Err(Error::Input {
                 path: dir.to_path_buf(),

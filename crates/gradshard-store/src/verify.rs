@@ -42,6 +42,12 @@ pub fn verify(dir: &Path, progress: &(dyn Fn(u64, u64) + Sync)) -> Result<Verify
     let dtype = manifest.spec.dtype;
     let store_id = manifest.store_id_bytes()?;
     let mut rep = VerifyReport::default();
+    if let Some(why) = crate::unfinished(dir) {
+        rep.problems.push(format!(
+            "{}: the store is unfinished: {why}",
+            crate::unfinished_path(dir).display()
+        ));
+    }
 
     let lp = log_path(dir);
     let log = std::fs::read(&lp).at(&lp)?;
@@ -57,7 +63,11 @@ pub fn verify(dir: &Path, progress: &(dyn Fn(u64, u64) + Sync)) -> Result<Verify
             s.records
         }
         Err(e) => {
-            rep.problems.push(format!("{}: {e}", lp.display()));
+            rep.problems.push(format!(
+                "{}: {e} (`gradshard salvage --store {}` cuts the log there and keeps what is whole)",
+                lp.display(),
+                dir.display()
+            ));
             return Ok(rep);
         }
     };
@@ -233,6 +243,9 @@ pub fn verify(dir: &Path, progress: &(dyn Fn(u64, u64) + Sync)) -> Result<Verify
                 return (probs, ranges);
             }
             ranges.push((r.shard, r.table_offset, end));
+            if let Some(n) = crate::writer::record_copy_len(data, end, r) {
+                ranges.push((r.shard, end, end + n as u64));
+            }
             let mut scratch = Vec::new();
             // Factor row counts: every P of a shared factor S has S's n.
             let mut shared_rows = vec![None; view.n_shared as usize];

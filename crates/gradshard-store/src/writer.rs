@@ -238,7 +238,7 @@ struct AppendStats {
     io: Duration,
 }
 
-fn acquire_lock(dir: &Path) -> Result<File> {
+pub(crate) fn acquire_lock(dir: &Path) -> Result<File> {
     let path = lock_path(dir);
     let mut f = OpenOptions::new()
         .read(true)
@@ -1015,11 +1015,8 @@ impl Appender {
         let sh = self.shards.get_mut(&shard_no).expect("open shard");
         let t = Instant::now();
         let table_offset = sh.len;
-        write_shard(&mut sh.file, &table, &sh.path)?;
-        sh.len += table.len() as u64;
-        self.stats.io += t.elapsed();
         let meta = s.meta.take().expect("meta");
-        self.ready.push(LogRecord {
+        let rec = LogRecord {
             seq,
             shard: shard_no,
             table_offset,
@@ -1028,7 +1025,16 @@ impl Appender {
             loss_sum: meta.loss_sum,
             task: meta.task,
             id: meta.id,
-        });
+        };
+        // The table, then a copy of the sample's log record (docs/format.md): the
+        // shard then says by itself which sample each sealed table is, so `salvage`
+        // can re-admit samples whose records a damaged log lost.
+        let mut bytes = table;
+        bytes.extend(encode_log_record(&rec));
+        write_shard(&mut sh.file, &bytes, &sh.path)?;
+        sh.len += bytes.len() as u64;
+        self.stats.io += t.elapsed();
+        self.ready.push(rec);
         Ok(())
     }
 
@@ -1082,6 +1088,14 @@ impl Appender {
         sh.file.sync_all().at(&sh.path)?;
         Ok(())
     }
+}
+
+/// Length of the copy of `rec` that follows its sample table at `table_end` in a
+/// shard's bytes, if a whole, matching copy is there.
+pub(crate) fn record_copy_len(data: &[u8], table_end: u64, rec: &LogRecord) -> Option<usize> {
+    let at = usize::try_from(table_end).ok()?;
+    let (copy, n) = gradshard_format::decode_log_record(data.get(at..)?).ok()?;
+    (copy == *rec).then_some(n)
 }
 
 /// Appends bytes to a shard. Unit tests can make it fail as a full disk does.
@@ -1184,9 +1198,16 @@ fn recover(dir: &Path, manifest: &Manifest) -> Result<(Vec<LogRecord>, u32)> {
         if parse_footer(&data).at(&path)?.is_some() {
             continue;
         }
-        let end = tables
+        // The end of the last committed table, and of the record copy after it when
+        // that copy is whole (older writers wrote none).
+        let end = scan
+            .records
             .iter()
-            .map(|(o, l)| o + *l as u64)
+            .filter(|r| r.shard == no)
+            .map(|r| {
+                let t = r.table_offset + r.table_len as u64;
+                t + record_copy_len(&data, t, r).unwrap_or(0) as u64
+            })
             .max()
             .unwrap_or(SHARD_HEADER_LEN as u64);
         if end > data.len() as u64 {

@@ -1,0 +1,347 @@
+//! `salvage`: bring a damaged store back to one that verifies, keeping every sample
+//! that can still be read whole, and saying what was done.
+//!
+//! The commit log is the store's truth, so salvage rebuilds a log:
+//! 1. the log's records up to its first bad record (later bytes cannot be trusted to be
+//!    records at all);
+//! 2. minus records whose shard is missing or belongs to another store, whose sample
+//!    table or frames fail their checksums, and second commits of a (task, id) (the
+//!    first is kept);
+//! 3. plus samples the log lost: a sealed shard's footer lists every table it holds,
+//!    and each table is followed by a copy of its sample's log record (written since
+//!    this version; older shards have none), so a listed table that the log lacks is
+//!    re-admitted when its copy and all its frames check out.
+//!
+//! The old log is kept beside the new one (`samples.log.before-salvage-<n>`); shards
+//! keep every byte of their frames (only the footers of sealed shards are rewritten
+//! to list exactly the kept tables). Nothing a kept sample references is touched, and
+//! a rerun of salvage on its own output changes nothing. Statistics files are rebuilt
+//! by the caller (they live in the collector crate).
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use gradshard_format::{
+    decode_frame, decode_log_record, encode_footer, encode_log_record, parse_footer, FrameKind,
+    LogRecord, ShardHeader, TableView, LOG_HEADER, LOG_HEADER_LEN, SHARD_HEADER_LEN,
+};
+use rayon::prelude::*;
+
+use crate::error::{IoContext, Result};
+use crate::manifest::Manifest;
+use crate::{log_path, parse_shard_name, shard_path, shards_dir};
+
+/// What salvage found and did (or, with `dry_run`, would do).
+#[derive(Debug, Default, Clone)]
+pub struct SalvageReport {
+    /// Samples in the rebuilt log.
+    pub kept: u64,
+    /// One line per action, in the order taken.
+    pub actions: Vec<String>,
+    /// Things salvage cannot mend (reported, left as they are).
+    pub notes: Vec<String>,
+    /// Where the old log was kept, when it was replaced.
+    pub old_log: Option<PathBuf>,
+    /// Whether anything needed changing.
+    pub changed: bool,
+}
+
+/// Why a sample cannot be kept, or `None` when its table and frames check out.
+fn check_sample(
+    data: &[u8],
+    r: &LogRecord,
+    n_frames: usize,
+    n_shared: usize,
+    dtype: gradshard_core::DType,
+) -> Option<String> {
+    let end = r.table_offset.saturating_add(r.table_len as u64);
+    if r.table_offset < SHARD_HEADER_LEN as u64 || end > data.len() as u64 {
+        return Some(format!(
+            "its sample table {}..{end} lies outside the shard ({} bytes)",
+            r.table_offset,
+            data.len()
+        ));
+    }
+    let view = match TableView::parse(&data[r.table_offset as usize..end as usize]) {
+        Ok(v) => v,
+        Err(e) => return Some(format!("sample table: {e}")),
+    };
+    if view.n_frames as usize != n_frames || view.seq != r.seq {
+        return Some(format!(
+            "sample table has {} frames and seq {}, expected {n_frames} and {}",
+            view.n_frames, view.seq, r.seq
+        ));
+    }
+    if view.is_factored() && view.n_shared as usize != n_shared {
+        return Some(format!(
+            "sample table has {} shared factors, expected {n_shared}",
+            view.n_shared
+        ));
+    }
+    let mut scratch = Vec::new();
+    for (i, e) in view.all_entries().enumerate() {
+        let fend = e.offset.saturating_add(e.frame_len as u64);
+        if e.offset < SHARD_HEADER_LEN as u64 || fend > data.len() as u64 {
+            return Some(format!("frame {i} lies outside the shard"));
+        }
+        match decode_frame(
+            &data[e.offset as usize..fend as usize],
+            Some(e.checksum),
+            &mut scratch,
+        ) {
+            Ok(h) if h.dtype == dtype && h.raw_len == e.raw_len => {
+                let want = if i >= n_frames {
+                    FrameKind::Shared
+                } else if view.is_factored() {
+                    FrameKind::Factor
+                } else {
+                    FrameKind::Full
+                };
+                if h.kind != want {
+                    return Some(format!("frame {i} is a {}, expected a {want}", h.kind));
+                }
+            }
+            Ok(h) => {
+                return Some(format!(
+                    "frame {i} holds {} bytes of {}, its table says {} bytes of {dtype}",
+                    h.raw_len, h.dtype, e.raw_len
+                ))
+            }
+            Err(err) => return Some(format!("frame {i}: {err}")),
+        }
+    }
+    None
+}
+
+/// Salvages the store at `dir`. The caller holds no writer on it; salvage takes the
+/// writer lock itself, so it never runs beside a writer.
+pub fn salvage(dir: &Path, dry_run: bool) -> Result<SalvageReport> {
+    let manifest = Manifest::load(dir)?;
+    let lock = crate::writer::acquire_lock(dir)?;
+    let order = manifest.spec.frame_order();
+    let (n_frames, n_shared) = (order.n_frames(), order.n_shared());
+    let dtype = manifest.spec.dtype;
+    let store_id = manifest.store_id_bytes()?;
+    let mut rep = SalvageReport::default();
+    if let Some(why) = crate::unfinished(dir) {
+        rep.notes.push(format!(
+            "{}: the store is unfinished ({why}); salvage does not finish it",
+            crate::unfinished_path(dir).display()
+        ));
+    }
+
+    // 1. The log up to its first bad record.
+    let lp = log_path(dir);
+    let log = std::fs::read(&lp).at(&lp)?;
+    let mut records = Vec::new();
+    let mut rewrite_log = false;
+    if log.len() < LOG_HEADER_LEN || log[..LOG_HEADER_LEN] != LOG_HEADER[..] {
+        rep.actions.push(format!(
+            "{}: the log header is damaged; a new log is written",
+            lp.display()
+        ));
+        rewrite_log = true;
+    } else {
+        let mut p = LOG_HEADER_LEN;
+        while p < log.len() {
+            match decode_log_record(&log[p..]) {
+                Ok((r, n)) => {
+                    records.push(r);
+                    p += n;
+                }
+                Err(e) => {
+                    rep.actions.push(format!(
+                        "{}: cut at offset {p}, its first bad record ({e}); the {} byte(s) from there on are dropped",
+                        lp.display(),
+                        log.len() - p
+                    ));
+                    rewrite_log = true;
+                    break;
+                }
+            }
+        }
+    }
+
+    // 2. The shards: identity, footers.
+    let sd = shards_dir(dir);
+    let mut shards: BTreeMap<u32, memmap2::Mmap> = BTreeMap::new();
+    for e in std::fs::read_dir(&sd).at(&sd)? {
+        let e = e.at(&sd)?;
+        let Some(no) = parse_shard_name(&e.file_name().to_string_lossy()) else {
+            continue;
+        };
+        let m = crate::map_file(&e.path())?;
+        match ShardHeader::parse(&m) {
+            Ok(h) if h.store_id == store_id && h.shard_no == no => {
+                shards.insert(no, m);
+            }
+            Ok(_) => rep.notes.push(format!(
+                "{}: belongs to another store or is misnamed; its samples are not used (the file is left in place)",
+                e.path().display()
+            )),
+            Err(_) => rep.notes.push(format!(
+                "{}: no valid shard header; its samples are not used (the next writer removes an empty one)",
+                e.path().display()
+            )),
+        }
+    }
+
+    // 3. Which logged samples stay.
+    let checks: Vec<Option<String>> = records
+        .par_iter()
+        .map(|r| match shards.get(&r.shard) {
+            None => Some(format!(
+                "its shard {} is missing or unusable",
+                shard_path(dir, r.shard).display()
+            )),
+            Some(data) => check_sample(data, r, n_frames, n_shared, dtype),
+        })
+        .collect();
+    let mut kept: Vec<LogRecord> = Vec::new();
+    let mut seen: HashSet<(String, String)> = HashSet::new();
+    for (r, why) in records.into_iter().zip(checks) {
+        let who = format!("task `{}` sample {} (seq {})", r.task, r.id, r.seq);
+        if let Some(why) = why {
+            rep.actions
+                .push(format!("dropped {who} from the log: {why}"));
+            rewrite_log = true;
+            continue;
+        }
+        if !seen.insert((r.task.to_string(), format!("{:?}", r.id))) {
+            rep.actions.push(format!(
+                "dropped {who} from the log: committed twice, the first commit is kept"
+            ));
+            rewrite_log = true;
+            continue;
+        }
+        kept.push(r);
+    }
+
+    // 4. Samples that sealed footers list but the log lost.
+    let logged: HashSet<(u32, u64)> = kept.iter().map(|r| (r.shard, r.table_offset)).collect();
+    let mut footers: BTreeMap<u32, (u64, Vec<(u64, u32)>)> = BTreeMap::new();
+    for (no, data) in &shards {
+        let path = shard_path(dir, *no);
+        let f = match parse_footer(data) {
+            Ok(Some(f)) => f,
+            Ok(None) => continue,
+            Err(e) => {
+                rep.notes.push(format!(
+                    "{}: footer unreadable ({e}); the next writer cannot seal it again, its logged samples are still read",
+                    path.display()
+                ));
+                continue;
+            }
+        };
+        let mut lost: Vec<LogRecord> = Vec::new();
+        for &(off, len) in &f.tables {
+            if logged.contains(&(*no, off)) {
+                continue;
+            }
+            let end = off + len as u64;
+            let copy = data
+                .get(end as usize..)
+                .and_then(|b| decode_log_record(b).ok())
+                .map(|(r, _)| r)
+                .filter(|r| r.shard == *no && r.table_offset == off && r.table_len == len);
+            match copy {
+                None => rep.notes.push(format!(
+                    "{}: the sample table at offset {off} is not in the log and has no record copy (written by an older gradshard); it cannot be re-admitted",
+                    path.display()
+                )),
+                Some(r) => match check_sample(data, &r, n_frames, n_shared, dtype) {
+                    Some(why) => rep.notes.push(format!(
+                        "{}: task `{}` sample {} is not in the log and cannot be re-admitted: {why}",
+                        path.display(),
+                        r.task,
+                        r.id
+                    )),
+                    None => lost.push(r),
+                },
+            }
+        }
+        for r in lost {
+            if seen.insert((r.task.to_string(), format!("{:?}", r.id))) {
+                rep.actions.push(format!(
+                    "re-admitted task `{}` sample {} (seq {}) from {}: its log record was lost, its table and frames check out",
+                    r.task,
+                    r.id,
+                    r.seq,
+                    path.display()
+                ));
+                rewrite_log = true;
+                kept.push(r);
+            }
+        }
+        footers.insert(*no, (f.offset, f.tables));
+    }
+    kept.sort_by_key(|r| r.seq);
+    let seqs: HashSet<u64> = kept.iter().map(|r| r.seq).collect();
+    if seqs.len() != kept.len() {
+        rep.notes.push(
+            "two kept samples share a sequence number; the store's log was rewritten by hand?"
+                .into(),
+        );
+    }
+
+    // 5. Footers must list exactly the kept tables of their shard.
+    let mut new_footers: Vec<(u32, u64, Vec<(u64, u32)>)> = Vec::new();
+    for (no, (offset, tables)) in &footers {
+        let mut want: Vec<(u64, u32)> = kept
+            .iter()
+            .filter(|r| r.shard == *no)
+            .map(|r| (r.table_offset, r.table_len))
+            .collect();
+        want.sort_unstable();
+        let mut have = tables.clone();
+        have.sort_unstable();
+        if want != have {
+            rep.actions.push(format!(
+                "{}: footer rewritten to list the {} kept sample table(s) (it listed {})",
+                shard_path(dir, *no).display(),
+                want.len(),
+                have.len()
+            ));
+            new_footers.push((*no, *offset, want));
+        }
+    }
+    rep.kept = kept.len() as u64;
+    rep.changed = rewrite_log || !new_footers.is_empty();
+    if dry_run || !rep.changed {
+        return Ok(rep);
+    }
+
+    // 6. Write: the new log beside the old one, then swap; then the footers.
+    drop(shards);
+    let mut bytes = LOG_HEADER.to_vec();
+    for r in &kept {
+        bytes.extend(encode_log_record(r));
+    }
+    let mut k = 0;
+    let old = loop {
+        let p = dir.join(format!("samples.log.before-salvage-{k}"));
+        if !p.exists() {
+            break p;
+        }
+        k += 1;
+    };
+    std::fs::copy(&lp, &old).at(&old)?;
+    crate::fsutil::write_atomic(&lp, &bytes)?;
+    rep.old_log = Some(old);
+    for (no, offset, tables) in new_footers {
+        let path = shard_path(dir, no);
+        let mut f = OpenOptions::new().write(true).open(&path).at(&path)?;
+        f.set_len(offset).at(&path)?;
+        use std::io::{Seek, SeekFrom};
+        f.seek(SeekFrom::End(0)).at(&path)?;
+        f.write_all(&encode_footer(offset, &tables)).at(&path)?;
+        f.sync_all().at(&path)?;
+    }
+    // 7. A writer opened and closed at once seals what is unsealed (its usual recovery).
+    drop(lock);
+    crate::StoreWriter::open_or_create(dir, &manifest.spec, crate::WriterOptions::default())?
+        .finish()?;
+    Ok(rep)
+}
