@@ -16,7 +16,7 @@ use gradshard_core::{f32_to_bf16_bits, Block, SampleId, TaskName};
 use gradshard_index::FrameKey;
 use gradshard_store::Store;
 use numpy::ndarray::{ArrayD, IxDyn};
-use numpy::IntoPyArray;
+use numpy::{IntoPyArray, PyArrayMethods, PyUntypedArrayMethods};
 use pyo3::create_exception;
 use pyo3::exceptions::{PyException, PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -321,8 +321,9 @@ impl PyStore {
 
     /// The (layer, block, head) slice of many samples, `(n, d, D)`: every sample of the
     /// task in store order, or those of `ids` in that order. Decoded in parallel with the
-    /// GIL released.
-    #[pyo3(signature = (task, layer, block, head, ids = None, dtype = "f32"))]
+    /// GIL released. `out`: a C-contiguous float32 numpy array of shape (n, d, D) to
+    /// read into (and return) instead of a new one, e.g. one buffer reused over heads.
+    #[pyo3(signature = (task, layer, block, head, ids = None, dtype = "f32", out = None))]
     #[allow(clippy::too_many_arguments)]
     fn tile<'py>(
         &self,
@@ -333,6 +334,7 @@ impl PyStore {
         head: usize,
         ids: Option<&Bound<'py, PyAny>>,
         dtype: &str,
+        out: Option<Bound<'py, numpy::PyArrayDyn<f32>>>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let ty = out_type(dtype)?;
         let b = block_of(block)?;
@@ -348,15 +350,49 @@ impl PyStore {
         let g = s.order().geometry();
         let (d, dd) = (g.head_dim, g.hidden);
         let task = task.to_string();
-        let (n, v) = py
-            .detach(move || -> gradshard_store::Result<(usize, Vec<f32>)> {
-                let pos = match ids {
-                    None => (0..s.samples(&task)?.len()).collect(),
-                    Some(ids) => positions(&s, &task, &ids)?,
-                };
-                let mut out = vec![0f32; pos.len() * d * dd];
+        let pos = {
+            let s = s.clone();
+            let task = task.clone();
+            py.detach(move || -> gradshard_store::Result<Vec<usize>> {
+                match ids {
+                    None => Ok((0..s.samples(&task)?.len()).collect()),
+                    Some(ids) => positions(&s, &task, &ids),
+                }
+            })
+            .py()?
+        };
+        let n = pos.len();
+        if let Some(arr) = out {
+            if ty != OutType::F32 {
+                return Err(PyValueError::new_err(
+                    "out= takes a float32 array: use dtype=\"f32\"",
+                ));
+            }
+            if !arr.is_c_contiguous() {
+                return Err(PyValueError::new_err("out must be C-contiguous"));
+            }
+            let mut rw = arr
+                .try_readwrite()
+                .map_err(|e| PyValueError::new_err(format!("out: {e}")))?;
+            if rw.shape() != [n, d, dd] {
+                return Err(PyValueError::new_err(format!(
+                    "out has shape {:?}, the tile is ({n}, {d}, {dd})",
+                    rw.shape()
+                )));
+            }
+            let buf = rw
+                .as_slice_mut()
+                .map_err(|_| PyValueError::new_err("out must be C-contiguous"))?;
+            py.detach(|| s.read_tile(&task, &pos, layer, b, head, buf))
+                .py()?;
+            drop(rw);
+            return Ok(arr.into_any());
+        }
+        let v = py
+            .detach(move || -> gradshard_store::Result<Vec<f32>> {
+                let mut out = vec![0f32; n * d * dd];
                 s.read_tile(&task, &pos, layer, b, head, &mut out)?;
-                Ok((pos.len(), out))
+                Ok(out)
             })
             .py()?;
         to_array(py, vec![n, d, dd], v, ty)

@@ -104,3 +104,19 @@ def test_store_describes_the_model_and_its_samples(ingested, model):
             assert loss_sum == float(meta["loss_sum"])
         assert all(s.representation(task, i) == "full" for i, _, _ in got)
     assert "samples in 2 tasks" in repr(s)
+
+
+def test_tile_reads_into_a_given_buffer(ingested):
+    s = gradshard.open(ingested[("llama-gqa", "bf16")])
+    g = s.geometry
+    buf = np.full((8, g["head_dim"], g["hidden"]), np.nan, dtype=np.float32)
+    for head in range(g["heads"]):
+        got = s.tile("math", 1, "O", head, out=buf)
+        assert got is buf
+        assert np.array_equal(buf, s.tile("math", 1, "O", head))
+    with pytest.raises(ValueError, match="out has shape"):
+        s.tile("math", 1, "O", 0, ids=[0, 1], out=buf)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        s.tile("math", 1, "O", 0, out=np.zeros((g["hidden"], g["head_dim"], 8), np.float32).T)
+    with pytest.raises(TypeError):
+        s.tile("math", 1, "O", 0, out=np.zeros((8, g["head_dim"], g["hidden"]), np.float64))
