@@ -1,6 +1,7 @@
 """dtype="bf16": the values rounded to nearest even, handed over through DLPack.
 
-The DLPack export is checked without torch by reading the capsule with ctypes; the
+The DLPack export is checked without torch by reading the capsule with ctypes and by
+handing it to jax (when installed; CI installs it); the
 torch round trip runs when torch is installed (CI does not install it: the test is
 reported as skipped)."""
 
@@ -101,3 +102,20 @@ def test_bf16_torch_tensors_round_to_nearest_even(ingested, model):
     del s32, s16
     t += 1
     assert torch.isfinite(t).all()
+
+
+def test_bf16_dlpack_into_jax(ingested):
+    """A real DLPack consumer other than torch (CI installs jax for this)."""
+    jax = pytest.importorskip("jax", reason="jax is not installed")
+    import jax.numpy as jnp
+
+    s32 = gradshard.open(ingested[("gpt2", "f32")])
+    s16 = gradshard.open(ingested[("gpt2", "bf16")])
+    for st in (s32, s16):
+        f = st.tile("general", 1, "V", 2)
+        x = jax.dlpack.from_dlpack(gradshard.bf16_dlpack(f))
+        assert x.dtype == jnp.bfloat16 and x.shape == f.shape
+        assert np.array_equal(bits(np.asarray(x.astype(jnp.float32))), bits(bf16_rne(f)))
+    # From the bf16 store the values are already bf16: nothing is rounded twice.
+    f16 = s16.tile("general", 1, "V", 2)
+    assert np.array_equal(bits(bf16_rne(f16)), bits(f16))
