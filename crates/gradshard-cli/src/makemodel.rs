@@ -74,6 +74,27 @@ fn preset_config(a: &MakeModelArgs) -> Result<Value> {
     })
 }
 
+/// `--layers` on a given config: the layer count of the (possibly nested)
+/// language model, and its `layer_types` pattern repeated or cut to match.
+fn set_layers(config: &mut Value, layers: usize) {
+    let target = match config.get_mut("text_config") {
+        Some(t) if t.is_object() => t,
+        _ => config,
+    };
+    let key = if target.get("n_layer").is_some() {
+        "n_layer"
+    } else {
+        "num_hidden_layers"
+    };
+    target[key] = json!(layers);
+    if let Some(Value::Array(types)) = target.get("layer_types") {
+        if !types.is_empty() {
+            let cycled: Vec<Value> = types.iter().cycle().take(layers).cloned().collect();
+            target["layer_types"] = Value::Array(cycled);
+        }
+    }
+}
+
 pub fn make_model(a: MakeModelArgs) -> Result<ExitCode> {
     let mut config = match &a.config {
         Some(p) => {
@@ -85,12 +106,7 @@ pub fn make_model(a: MakeModelArgs) -> Result<ExitCode> {
         None => preset_config(&a)?,
     };
     if let (Some(l), Some(_)) = (a.layers, &a.config) {
-        let key = if config.get("n_layer").is_some() {
-            "n_layer"
-        } else {
-            "num_hidden_layers"
-        };
-        config[key] = json!(l);
+        set_layers(&mut config, l);
     }
     let dtype = if a.dtype == "f32" {
         WeightDtype::F32
@@ -122,7 +138,9 @@ pub fn make_model(a: MakeModelArgs) -> Result<ExitCode> {
         if tasks.is_empty() {
             bail!("--tasks names no task");
         }
-        let vocab = config
+        // A nested (gemma3) config keeps the vocabulary in its text config.
+        let text = gradshard_core::nested_text_config(&config)?.unwrap_or_else(|| config.clone());
+        let vocab = text
             .get("vocab_size")
             .and_then(Value::as_u64)
             .context("the config has no vocab_size")? as usize;

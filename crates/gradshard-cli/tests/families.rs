@@ -198,3 +198,63 @@ fn collect_then_score_reproduces_every_familys_oracle() {
         }
     }
 }
+
+/// `make-model --config` takes a family's config as it is (here Gemma 3, with
+/// `--layers` repeating its `layer_types` pattern, and the same config nested
+/// as a `gemma3` checkpoint's `text_config`); `collect` stores what it wrote.
+#[test]
+fn make_model_writes_collectable_checkpoints_of_a_family() {
+    let dir = tempfile::tempdir().unwrap();
+    let text: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("gemma3/model/config.json")).unwrap(),
+    )
+    .unwrap();
+    let nested = serde_json::json!({"model_type": "gemma3", "text_config": text});
+    for (name, cfg) in [("text", &text), ("nested", &nested)] {
+        let cfg_path = dir.path().join(format!("{name}.json"));
+        std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+        let model = dir.path().join(name);
+        let out = ok(&[
+            "make-model",
+            "--out",
+            p(&model),
+            "--config",
+            p(&cfg_path),
+            "--layers",
+            "6",
+            "--dtype",
+            "f32",
+            "--samples",
+            "3",
+            "--seq",
+            "9",
+            "--tasks",
+            "a",
+        ]);
+        assert!(out.contains("make-model:"), "{out}");
+        let written: Value =
+            serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap())
+                .unwrap();
+        let t = if name == "nested" {
+            &written["text_config"]
+        } else {
+            &written
+        };
+        assert_eq!(t["num_hidden_layers"], 6, "{name}");
+        assert_eq!(t["layer_types"].as_array().unwrap().len(), 6, "{name}");
+        let store = dir.path().join(format!("{name}-store"));
+        let out = ok(&[
+            "collect",
+            "--model",
+            p(&model),
+            "--task",
+            &format!("a={}", p(&model.join("a.jsonl"))),
+            "--store",
+            p(&store),
+            "--quiet",
+            "--params",
+            "attn,mlp",
+        ]);
+        assert!(out.contains("3 samples stored"), "{name}: {out}");
+    }
+}
