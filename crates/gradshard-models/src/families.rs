@@ -481,7 +481,7 @@ fn rotary_dim(r: &Reader<'_>, head_dim: usize, factor: f64, field: &str) -> Resu
     }
     // transformers: int(head_dim * factor)
     let dim = (head_dim as f64 * factor) as usize;
-    if dim == 0 || dim % 2 != 0 {
+    if dim == 0 || !dim.is_multiple_of(2) {
         return Err(r.err(format!(
             "`{field}` = {factor} gives {dim} rotary dimensions of {head_dim}; RoPE needs an even number > 0"
         )));
@@ -796,7 +796,7 @@ fn describe_gemma(r: &Reader<'_>, arch: Arch) -> Result<DecoderConfig> {
     let scalar = r.opt_f64("query_pre_attn_scalar")?.ok_or_else(|| {
         r.err("missing `query_pre_attn_scalar` (Gemma scales attention by its inverse square root, not head_dim's)".into())
     })?;
-    if !(scalar > 0.0) {
+    if scalar.is_nan() || scalar <= 0.0 {
         return Err(r.err(format!("`query_pre_attn_scalar` must be > 0, got {scalar}")));
     }
     c.attn_scale = 1.0 / scalar.sqrt();
