@@ -542,7 +542,10 @@ pub fn salvage(a: SalvageArgs) -> Result<ExitCode> {
     let stats_dir = gradshard_collect::stats::stats_dir(&a.store);
     if stats_dir.is_dir() {
         if a.dry_run {
-            println!("would do: rebuild {} from the kept samples", stats_dir.display());
+            println!(
+                "would do: rebuild {} from the kept samples",
+                stats_dir.display()
+            );
         } else {
             let side = stats_dir.join(gradshard_collect::stats::SIDE_LOG);
             let rebuilt = match gradshard_collect::stats::rebuild(&a.store) {

@@ -87,27 +87,48 @@ fn tampered_statistics_are_refused_by_merge_reported_by_verify_and_rebuilt_by_sa
     let o = run(&["verify", "--store", p(&a)]);
     let e = stderr(&o);
     assert_eq!(o.status.code(), Some(2), "{e}");
-    assert!(e.contains("stats/math.json") && e.contains("checksum mismatch"), "{e}");
+    assert!(
+        e.contains("stats/math.json") && e.contains("checksum mismatch"),
+        "{e}"
+    );
 
     let merged = dir.path().join("m");
     let o = run(&["merge", "--out", p(&merged), p(&a), p(&b)]);
     let e = stderr(&o);
-    assert!(!o.status.success(), "merge carried tampered statistics: {e}");
-    assert!(e.contains("stats/math.json") && e.contains("salvage"), "{e}");
-    assert!(!merged.join("manifest.json").exists(), "merge wrote before refusing");
+    assert!(
+        !o.status.success(),
+        "merge carried tampered statistics: {e}"
+    );
+    assert!(
+        e.contains("stats/math.json") && e.contains("salvage"),
+        "{e}"
+    );
+    assert!(
+        !merged.join("manifest.json").exists(),
+        "merge wrote before refusing"
+    );
 
     // score does not use stats/ but says so out loud.
     let out = dir.path().join("o");
     let o = run(&score_args(&a, &out));
     let e = stderr(&o);
     assert!(o.status.success(), "{e}");
-    assert!(e.contains("warning") && e.contains("stats/math.json"), "{e}");
+    assert!(
+        e.contains("warning") && e.contains("stats/math.json"),
+        "{e}"
+    );
 
     let s = ok(&["salvage", "--store", p(&a)]);
-    assert!(s.contains("rebuilt") && s.contains("math.json") && s.contains("OK"), "{s}");
+    assert!(
+        s.contains("rebuilt") && s.contains("math.json") && s.contains("OK"),
+        "{s}"
+    );
     let rebuilt: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     let orig: Value = serde_json::from_str(&good).unwrap();
-    assert_eq!(rebuilt["groups"], orig["groups"], "salvage rebuilt other numbers");
+    assert_eq!(
+        rebuilt["groups"], orig["groups"],
+        "salvage rebuilt other numbers"
+    );
     ok(&["merge", "--out", p(&merged), p(&a), p(&b)]);
     assert!(ok(&["verify", "--store", p(&merged)]).contains("OK"));
 }
@@ -164,7 +185,10 @@ fn a_killed_merge_is_refused_by_readers_until_rerun() {
         ] {
             let o = run(&args);
             let e = stderr(&o);
-            assert!(!o.status.success(), "{args:?} read an unfinished merge: {e}");
+            assert!(
+                !o.status.success(),
+                "{args:?} read an unfinished merge: {e}"
+            );
             assert!(
                 e.contains("unfinished") && e.contains("rerun the same merge command"),
                 "{e}"
@@ -221,7 +245,10 @@ fn salvage_mends_garbage_a_cut_log_a_duplicate_and_a_missing_shard() {
         let s = ok(&["salvage", "--store", p(&store)]);
         assert!(s.contains("verify:") && s.contains("OK"), "{what}: {s}");
         let again = ok(&["salvage", "--store", p(&store)]);
-        assert!(again.contains("needed no change"), "{what}: second salvage: {again}");
+        assert!(
+            again.contains("needed no change"),
+            "{what}: second salvage: {again}"
+        );
         s
     };
 
@@ -237,7 +264,11 @@ fn salvage_mends_garbage_a_cut_log_a_duplicate_and_a_missing_shard() {
     let s = salvage("garbage");
     assert!(s.contains("cut at offset"), "{s}");
     assert_eq!(sample_count(&store), n);
-    assert_eq!(std::fs::read(&log).unwrap(), full, "salvage changed good records");
+    assert_eq!(
+        std::fs::read(&log).unwrap(),
+        full,
+        "salvage changed good records"
+    );
 
     // The log cut short by three records: they come back from the shards.
     let starts = record_starts(&full);
@@ -253,7 +284,10 @@ fn salvage_mends_garbage_a_cut_log_a_duplicate_and_a_missing_shard() {
     let mut dup = now.clone();
     dup.extend_from_slice(&now[starts[0]..starts[1]]);
     std::fs::write(&log, &dup).unwrap();
-    assert_eq!(run(&["verify", "--store", p(&store)]).status.code(), Some(2));
+    assert_eq!(
+        run(&["verify", "--store", p(&store)]).status.code(),
+        Some(2)
+    );
     let s = salvage("duplicate");
     assert!(s.contains("committed twice"), "{s}");
     assert_eq!(sample_count(&store), n);

@@ -934,6 +934,96 @@ mod tests {
         assert_eq!(e, all);
     }
 
+    /// The statistics decoders (task file, side log) on mutated bytes: an error naming
+    /// the file or a value, never a panic; and any edited number fails the checksum.
+    #[test]
+    fn stats_decoders_survive_mutations_and_edits_fail_the_checksum() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = TaskName::new("math").unwrap();
+        let mut w = Welford::new(3);
+        w.push(&[1.0, 2.5, 1e-7]);
+        w.push(&[0.5, 2.0, 3e-7]);
+        let s = TaskStats {
+            format: "gradshard-task-stats".into(),
+            version: STATS_VERSION,
+            task: t.clone(),
+            n_samples: w.n,
+            tokens_total: 17,
+            ids_xxh3: "0123456789abcdef".into(),
+            method: "rebuilt".into(),
+            quantity: QUANTITY.into(),
+            groups: (0..3)
+                .map(|i| GroupStat {
+                    layer: 0,
+                    block: "Q".into(),
+                    head: i,
+                    numel: 64,
+                    mean: w.mean[i],
+                    m2: w.m2[i],
+                })
+                .collect(),
+            channels: vec![],
+            checksum: String::new(),
+        };
+        let path = s.save(dir.path()).unwrap();
+        let good = std::fs::read(&path).unwrap();
+        let back = TaskStats::load(&path).unwrap();
+        assert_eq!(back.groups, s.groups);
+        {
+            let mut side = SideLog::open(dir.path(), 3, true).unwrap();
+            for i in 0..5i64 {
+                side.append(&t, &SampleId::Int(i), 3, &[i as f64, 1.0, 2.0])
+                    .unwrap();
+            }
+            side.sync().unwrap();
+        }
+        let side_path = dir.path().join(STATS_DIR).join(SIDE_LOG);
+        let side_good = std::fs::read(&side_path).unwrap();
+        let mut x = 0x9e3779b97f4a7c15u64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut detected = 0;
+        for round in 0..600 {
+            let (src, target) = if round % 2 == 0 {
+                (&good, &path)
+            } else {
+                (&side_good, &side_path)
+            };
+            let mut b = src.clone();
+            for _ in 0..1 + next() % 3 {
+                let i = (next() as usize) % b.len();
+                match next() % 3 {
+                    0 => b[i] ^= 1 + (next() % 255) as u8,
+                    1 if b[i].is_ascii_digit() => b[i] = b'0' + ((b[i] - b'0' + 1) % 10),
+                    _ => b.truncate(i.max(1)),
+                }
+            }
+            std::fs::write(target, &b).unwrap();
+            if round % 2 == 0 {
+                match TaskStats::load(&path) {
+                    Ok(l) => assert_eq!(l.groups, s.groups, "an edit passed the checksum"),
+                    Err(e) => {
+                        assert!(e.to_string().contains("math.json"), "{e}");
+                        detected += 1;
+                    }
+                }
+            } else if let Ok(l) = SideLog::open(dir.path(), 3, false) {
+                for i in 0..5i64 {
+                    let _ = l.get(&t, &SampleId::Int(i), 3);
+                }
+            }
+            std::fs::write(target, src).unwrap();
+        }
+        assert!(
+            detected > 250,
+            "only {detected} of 300 mutated files refused"
+        );
+    }
+
     #[test]
     fn side_log_keeps_the_last_record_and_cuts_a_torn_tail() {
         let dir = tempfile::tempdir().unwrap();

@@ -345,6 +345,27 @@ pub fn decode_frame(
     let raw_len = h.raw_len as usize;
     let mut tmp;
     let decoded: &[u8] = if h.codec == 1 {
+        // The zstd frame states its content size; it must be the header's before the
+        // header's size is allocated (a crafted header could otherwise ask for 1 GiB
+        // behind a few bytes of payload).
+        match zstd::zstd_safe::get_frame_content_size(payload) {
+            Ok(Some(n)) if n == raw_len as u64 => {}
+            Ok(found) => {
+                return Err(Error::Invalid {
+                    what: "frame payload",
+                    detail: format!(
+                        "zstd frame states {} bytes, header says {raw_len}",
+                        found.map_or("no content size".into(), |n| n.to_string())
+                    ),
+                })
+            }
+            Err(_) => {
+                return Err(Error::Invalid {
+                    what: "frame payload",
+                    detail: "not a zstd frame".into(),
+                })
+            }
+        }
         tmp = Vec::with_capacity(raw_len);
         // One decompression context per thread: a factored sample is many small frames,
         // and creating a context per frame cost more than decoding some of them.

@@ -15,8 +15,8 @@ pub use frame::{
     FRAME_HEADER_LEN, MAX_FACTOR_ROWS, MAX_FRAME_BYTES,
 };
 pub use log::{
-    decode_log, decode_log_record, encode_log_record, LogRecord, LogScan, LOG_HEADER, LOG_HEADER_LEN,
-    MAX_RECORD_BODY,
+    decode_log, decode_log_record, encode_log_record, LogRecord, LogScan, LOG_HEADER,
+    LOG_HEADER_LEN, MAX_RECORD_BODY,
 };
 pub use shard::{
     encode_footer, encode_sample_table, parse_footer, Footer, ShardHeader, TableEntry, TableView,

@@ -158,7 +158,11 @@ impl Manifest {
             g.heads,
             g.kv_heads,
             g.head_dim,
-        )?;
+        )
+        .map_err(|e| Error::Manifest {
+            path: path.clone(),
+            detail: e.to_string(),
+        })?;
         let n = m.spec.frame_order().n_frames();
         if n != m.n_frames {
             return Err(Error::Manifest {

@@ -33,6 +33,9 @@ use crate::error::{IoContext, Result};
 use crate::manifest::Manifest;
 use crate::{log_path, parse_shard_name, shard_path, shards_dir};
 
+/// (table_offset, table_len) of sample tables, as a footer lists them.
+type Tables = Vec<(u64, u32)>;
+
 /// What salvage found and did (or, with `dry_run`, would do).
 #[derive(Debug, Default, Clone)]
 pub struct SalvageReport {
@@ -221,7 +224,7 @@ pub fn salvage(dir: &Path, dry_run: bool) -> Result<SalvageReport> {
 
     // 4. Samples that sealed footers list but the log lost.
     let logged: HashSet<(u32, u64)> = kept.iter().map(|r| (r.shard, r.table_offset)).collect();
-    let mut footers: BTreeMap<u32, (u64, Vec<(u64, u32)>)> = BTreeMap::new();
+    let mut footers: BTreeMap<u32, (u64, Tables)> = BTreeMap::new();
     for (no, data) in &shards {
         let path = shard_path(dir, *no);
         let f = match parse_footer(data) {
@@ -287,7 +290,8 @@ pub fn salvage(dir: &Path, dry_run: bool) -> Result<SalvageReport> {
     }
 
     // 5. Footers must list exactly the kept tables of their shard.
-    let mut new_footers: Vec<(u32, u64, Vec<(u64, u32)>)> = Vec::new();
+    // (shard, footer offset, the tables it must list)
+    let mut new_footers: Vec<(u32, u64, Tables)> = Vec::new();
     for (no, (offset, tables)) in &footers {
         let mut want: Vec<(u64, u32)> = kept
             .iter()
