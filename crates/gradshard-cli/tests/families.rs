@@ -105,15 +105,61 @@ fn collect_and_score(family: &str, repr: &str, dir: &Path) -> f64 {
         "(0 as factors, 16 as full slices)"
     };
     assert!(out.contains(want), "{family}: {out}");
+    score_against_oracle(family, &store, &format!("{family}-{repr}"), dir)
+}
+
+/// `grads --batch 4` (the `ingest` layout) for both tasks, then `ingest --dtype f32`.
+fn grads_then_ingest(family: &str, dir: &Path) -> f64 {
+    let fx = fixtures().join(family);
+    let model = fx.join("model");
+    let out = dir.join(format!("{family}-grads"));
+    for task in ["math", "general"] {
+        ok(&[
+            "grads",
+            "--model",
+            p(&model),
+            "--input",
+            p(&fx.join("tasks").join(format!("{task}.jsonl"))),
+            "--out",
+            p(&out.join(task)),
+            "--params",
+            "attn,mlp",
+            "--batch",
+            "4",
+        ]);
+    }
+    let store = dir.join(format!("{family}-ingested"));
+    ok(&[
+        "ingest",
+        "--model",
+        p(&model),
+        "--task",
+        &format!("math={}", p(&out.join("math"))),
+        "--task",
+        &format!("general={}", p(&out.join("general"))),
+        "--store",
+        p(&store),
+        "--dtype",
+        "f32",
+    ]);
+    score_against_oracle(family, &store, &format!("{family}-ingest"), dir)
+}
+
+/// Scores math vs general of `store` (default setting, every pair matrix) and
+/// checks it against the fixture's oracle; returns the worst relative error.
+fn score_against_oracle(family: &str, store: &Path, label: &str, dir: &Path) -> f64 {
+    let fx = fixtures().join(family);
+    let model = fx.join("model");
+    let repr = label;
     let g = Geometry::from_config_path(&model).unwrap();
     let pairs: Vec<String> = (0..g.layers)
         .flat_map(|l| (0..g.heads).map(move |h| format!("{l}:{h}")))
         .collect();
-    let res = dir.join(format!("{family}-{repr}-scores"));
+    let res = dir.join(format!("{label}-scores"));
     ok(&[
         "score",
         "--store",
-        p(&store),
+        p(store),
         "--task-a",
         "math",
         "--task-b",
@@ -196,6 +242,17 @@ fn collect_then_score_reproduces_every_familys_oracle() {
                 t0.elapsed().as_secs_f64()
             );
         }
+    }
+}
+
+/// `ingest` knows every family's geometry: the gradients `grads` writes,
+/// ingested and scored, give the oracle's scores too.
+#[test]
+fn grads_then_ingest_then_score_reproduces_every_familys_oracle() {
+    let dir = tempfile::tempdir().unwrap();
+    for family in FAMILIES {
+        let worst = grads_then_ingest(family, dir.path());
+        eprintln!("{family}: grads -> ingest -> score vs oracle, worst relative error {worst:.2e}");
     }
 }
 

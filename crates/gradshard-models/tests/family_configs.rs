@@ -42,6 +42,9 @@ fn assert_refused(model: &str, edit: impl Fn(&mut Value), names: &[&str]) {
     }
 }
 
+/// A change to a config.
+type Edit = Box<dyn Fn(&mut Value)>;
+
 fn remove(v: &mut Value, key: &str) {
     v.as_object_mut().unwrap().remove(key).expect(key);
 }
@@ -229,7 +232,7 @@ fn assert_same_grads(a: &SampleGrads, b: &SampleGrads, strip: &str, what: &str) 
 #[test]
 fn legacy_config_forms_give_the_same_gradients() {
     // model, the transformers 5 config turned into what older hub checkpoints say
-    let cases: Vec<(&str, Box<dyn Fn(&mut Value)>)> = vec![
+    let cases: Vec<(&str, Edit)> = vec![
         (
             "neox",
             Box::new(|v| {
