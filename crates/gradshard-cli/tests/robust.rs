@@ -301,3 +301,56 @@ fn salvage_mends_garbage_a_cut_log_a_duplicate_and_a_missing_shard() {
     assert_eq!(sample_count(&store), n - dropped);
     ok(&score_args(&store, &dir.path().join("o")));
 }
+
+/// Case 7: one JSONL line of 10⁶ tokens made `collect` abort inside the allocator
+/// (exit 134). With no position limit in the config, the memory estimate refuses it
+/// first, naming the sample and --max-tokens, and the store keeps what it had.
+#[test]
+fn a_sample_too_long_for_memory_is_refused_before_allocating() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = fixtures().join("llama-gqa/model");
+    let model = dir.path().join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    for e in std::fs::read_dir(&f).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), model.join(e.file_name())).unwrap();
+    }
+    let cfg_path = model.join("config.json");
+    let mut cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg.as_object_mut()
+        .unwrap()
+        .remove("max_position_embeddings");
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let ids: Vec<String> = (0..1_000_000u32).map(|i| (i % 50).to_string()).collect();
+    let tasks = dir.path().join("long.jsonl");
+    std::fs::write(
+        &tasks,
+        format!(
+            "{{\"id\": 1, \"input_ids\": [1, 2, 3, 4]}}\n{{\"id\": 2, \"input_ids\": [{}]}}\n",
+            ids.join(",")
+        ),
+    )
+    .unwrap();
+    let store = dir.path().join("s");
+    let task = format!("long={}", p(&tasks));
+    let o = run(&[
+        "collect",
+        "--model",
+        p(&model),
+        "--task",
+        &task,
+        "--store",
+        p(&store),
+        "--quiet",
+    ]);
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(
+        e.contains("sample 2") && e.contains("1000000 tokens") && e.contains("--max-tokens"),
+        "{e}"
+    );
+    // The first sample was committed and is intact.
+    assert!(ok(&["verify", "--store", p(&store)]).contains("OK"));
+    assert_eq!(sample_count(&store), 1);
+}

@@ -688,6 +688,89 @@ impl Sink<'_> {
 
 /// Runs a collection; see the module docs. Rerunning the same options after a
 /// crash continues: committed (task, id) pairs are not recomputed.
+/// Bytes of memory available to this process (MemAvailable), where /proc says.
+fn available_memory() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Refuses a sample whose forward and backward would need more memory than the
+/// machine has, before anything is allocated for it (one line of 10⁶ tokens used to
+/// abort the process inside the allocator). The estimate is deliberately rough but
+/// on the low side: per layer, the attention scores, probabilities and their
+/// gradient (3 · heads · T² f32), and about 16 · D f32 of activations per token
+/// (residual, norms, q/k/v/o, the MLP at 4·D, and their gradients), times the batch.
+pub struct MemoryGuard {
+    layers: u64,
+    heads: u64,
+    hidden: u64,
+    batch: u64,
+    available: Option<u64>,
+}
+
+impl MemoryGuard {
+    pub fn new(g: &gradshard_core::Geometry, batch: usize, available: Option<u64>) -> MemoryGuard {
+        MemoryGuard {
+            layers: g.layers as u64,
+            heads: g.heads as u64,
+            hidden: g.hidden as u64,
+            batch: batch.max(1) as u64,
+            available,
+        }
+    }
+
+    /// Estimated bytes to compute one batch of sequences of `tokens` tokens.
+    pub fn estimate(&self, tokens: u64) -> u64 {
+        let t = tokens.saturating_sub(1);
+        let attn = 3u64
+            .saturating_mul(self.heads)
+            .saturating_mul(t.saturating_mul(t));
+        let act = 16u64.saturating_mul(self.hidden).saturating_mul(t);
+        attn.saturating_add(act)
+            .saturating_mul(4)
+            .saturating_mul(self.layers)
+            .saturating_mul(self.batch)
+    }
+
+    /// The longest sample whose estimate fits in `budget` bytes.
+    pub fn longest_fitting(&self, budget: u64) -> u64 {
+        let (mut lo, mut hi) = (2u64, 1u64 << 32);
+        while lo < hi {
+            let mid = lo + (hi - lo).div_ceil(2);
+            if self.estimate(mid) <= budget {
+                lo = mid;
+            } else {
+                hi = mid - 1;
+            }
+        }
+        lo
+    }
+
+    pub fn check(&self, task: &TaskName, id: &SampleId, tokens: usize) -> Result<()> {
+        let Some(avail) = self.available else {
+            return Ok(());
+        };
+        let need = self.estimate(tokens as u64);
+        if need <= avail {
+            return Ok(());
+        }
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        Err(Error::Sample {
+            task: task.clone(),
+            id: id.clone(),
+            what: format!(
+                "{tokens} tokens would need about {:.1} GiB to compute (estimate: attention 3·heads·T² and 16·D·T activations per layer, f32, x batch {}), more than the {:.1} GiB available; truncate with --max-tokens {} (or a smaller --batch)",
+                gib(need),
+                self.batch,
+                gib(avail),
+                self.longest_fitting(avail)
+            ),
+        })
+    }
+}
+
 pub fn collect(
     opts: &CollectOptions,
     progress: &mut dyn FnMut(CollectEvent),
@@ -779,6 +862,7 @@ pub fn collect(
         let (k, n) = (opts.worker.k as u64, opts.worker.n as u64);
         planned += lines / n + u64::from(lines % n > k);
     }
+    let memory_guard = MemoryGuard::new(order.geometry(), opts.batch, available_memory());
     let tok_path = opts.model_dir.join("tokenizer.json");
     let values_per_sample: u64 = tracked
         .iter()
@@ -846,6 +930,10 @@ pub fn collect(
                         return None;
                     }
                 };
+                if let Err(e) = memory_guard.check(task, &id, s.ids.len()) {
+                    id_err = Some(e);
+                    return None;
+                }
                 if writer
                     .as_ref()
                     .is_some_and(|w| w.borrow().is_committed(task, &id))
@@ -1000,4 +1088,39 @@ pub fn collect(
 enum Got {
     Grads(SampleGrads),
     Factors(SampleFactors),
+}
+
+#[cfg(test)]
+mod memory_tests {
+    use super::*;
+
+    #[test]
+    fn a_sample_too_long_for_memory_is_refused_naming_the_longest_that_fits() {
+        let cfg = serde_json::json!({"model_type":"llama","num_hidden_layers":32,"hidden_size":4096,
+            "num_attention_heads":32,"num_key_value_heads":8});
+        let g = Geometry::from_config(&cfg).unwrap();
+        let avail = 24u64 << 30;
+        let guard = MemoryGuard::new(&g, 1, Some(avail));
+        let t = TaskName::new("math").unwrap();
+        guard.check(&t, &SampleId::Int(1), 512).unwrap();
+        let e = guard
+            .check(&t, &SampleId::Int(7), 1_000_000)
+            .unwrap_err()
+            .to_string();
+        let n = guard.longest_fitting(avail);
+        assert!(guard.estimate(n) <= avail && guard.estimate(n + 1) > avail);
+        assert!(
+            e.contains("task `math` sample 7")
+                && e.contains("1000000 tokens")
+                && e.contains(&format!("--max-tokens {n}")),
+            "{e}"
+        );
+        // A batch of 8 needs 8 times the memory: the longest sample shrinks.
+        let b8 = MemoryGuard::new(&g, 8, Some(avail));
+        assert!(b8.longest_fitting(avail) < n);
+        // Without a memory figure nothing is refused.
+        MemoryGuard::new(&g, 1, None)
+            .check(&t, &SampleId::Int(7), 1_000_000)
+            .unwrap();
+    }
 }
