@@ -605,8 +605,8 @@ fn bf16_dlpack(a: numpy::PyReadonlyArrayDyn<'_, f32>) -> dlpack::Bf16Array {
     dlpack::Bf16Array::new(bits, shape)
 }
 
-/// Opens a store read-only (the `_Store` base class; `gradshard.open` returns the
-/// Python subclass `gradshard.Store`).
+/// `gradshard._native`: `_Store` (the base class of the Python `gradshard.Store` that
+/// `gradshard.open` returns), `StoreError`, `Bf16Array` and `bf16_dlpack`.
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("StoreError", m.py().get_type::<StoreError>())?;
