@@ -100,7 +100,8 @@ pub struct RopeConfig {
     pub scaling: RopeScaling,
 }
 
-/// LLaMA-family configuration (llama, mistral, qwen2).
+/// LLaMA-family configuration (llama, mistral, qwen2), as parsed; the model
+/// runs it as the [`DecoderConfig`] `families::describe_llama` makes of it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LlamaConfig {
     pub arch: Arch,
@@ -152,16 +153,15 @@ pub struct Gpt2Config {
 /// A parsed `config.json`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ModelConfig {
-    Llama(LlamaConfig),
     Gpt2(Gpt2Config),
-    /// Every family described by a [`DecoderConfig`] (see `families.rs`).
+    /// Every other family, described for the generic decoder (`families.rs`);
+    /// the LLaMA family is parsed into a [`LlamaConfig`] first.
     Decoder(DecoderConfig),
 }
 
 impl ModelConfig {
     pub fn arch(&self) -> Arch {
         match self {
-            ModelConfig::Llama(c) => c.arch,
             ModelConfig::Gpt2(_) => Arch::Gpt2,
             ModelConfig::Decoder(c) => c.arch,
         }
@@ -169,7 +169,6 @@ impl ModelConfig {
 
     pub fn vocab_size(&self) -> usize {
         match self {
-            ModelConfig::Llama(c) => c.vocab_size,
             ModelConfig::Gpt2(c) => c.vocab_size,
             ModelConfig::Decoder(c) => c.vocab_size,
         }
@@ -178,7 +177,6 @@ impl ModelConfig {
     /// Longest sequence the model accepts (GPT-2's learned positions); None = unbounded.
     pub fn max_positions(&self) -> Option<usize> {
         match self {
-            ModelConfig::Llama(c) => c.max_positions,
             ModelConfig::Gpt2(c) => Some(c.n_positions),
             ModelConfig::Decoder(c) => c.max_positions,
         }
@@ -200,9 +198,16 @@ impl ModelConfig {
         };
         let model_type = r.req_str("model_type")?;
         match model_type.as_str() {
-            "llama" => Ok(ModelConfig::Llama(parse_llama(&r, Arch::Llama)?)),
-            "mistral" => Ok(ModelConfig::Llama(parse_llama(&r, Arch::Mistral)?)),
-            "qwen2" => Ok(ModelConfig::Llama(parse_llama(&r, Arch::Qwen2)?)),
+            "llama" | "mistral" | "qwen2" => {
+                let arch = match model_type.as_str() {
+                    "llama" => Arch::Llama,
+                    "mistral" => Arch::Mistral,
+                    _ => Arch::Qwen2,
+                };
+                Ok(ModelConfig::Decoder(crate::families::describe_llama(
+                    &parse_llama(&r, arch)?,
+                )))
+            }
             "gpt2" => Ok(ModelConfig::Gpt2(parse_gpt2(&r)?)),
             other => match crate::families::parse(&r, other)? {
                 Some(c) => Ok(ModelConfig::Decoder(c)),

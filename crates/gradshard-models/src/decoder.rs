@@ -138,13 +138,15 @@ pub(crate) fn spec(c: &DecoderConfig, root: &str) -> SpecBuilder {
     }
     let q_out = c.num_heads * hd;
     for i in 0..c.num_layers {
+        // In forward order (the LLaMA family's historic checkpoint order).
         let slots = c.placement.slots();
-        for (slot, has) in slots.iter().enumerate() {
-            if *has {
+        let slot_norm = |s: &mut SpecBuilder, slot: usize| {
+            if slots[slot] {
                 let n = r.norms[slot].expect("role table matches placement");
-                norm(&mut s, name(n, i, root), dm);
+                norm(s, name(n, i, root), dm);
             }
-        }
+        };
+        slot_norm(&mut s, 0);
         for (n, rows) in qkv_shapes(c, &r) {
             lin(&mut s, name(n, i, root), rows, dm, Attn, c.qkv_bias);
         }
@@ -158,6 +160,8 @@ pub(crate) fn spec(c: &DecoderConfig, root: &str) -> SpecBuilder {
             norm(&mut s, name(kn, i, root), kw);
         }
         lin(&mut s, name(r.o, i, root), dm, q_out, Attn, c.o_bias);
+        slot_norm(&mut s, 1);
+        slot_norm(&mut s, 2);
         match c.mlp {
             MlpKind::Gated => {
                 lin(&mut s, name(r.mlp_in, i, root), ff, dm, Mlp, c.mlp_bias);
@@ -170,6 +174,7 @@ pub(crate) fn spec(c: &DecoderConfig, root: &str) -> SpecBuilder {
             MlpKind::Plain => lin(&mut s, name(r.mlp_in, i, root), ff, dm, Mlp, c.mlp_bias),
         }
         lin(&mut s, name(r.mlp_down, i, root), dm, ff, Mlp, c.mlp_bias);
+        slot_norm(&mut s, 3);
     }
     if let Some(n) = r.final_norm {
         norm(&mut s, name(n, 0, root), dm);

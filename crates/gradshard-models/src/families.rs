@@ -1,6 +1,6 @@
 //! The families built on the generic decoder (`decoder.rs`): for each one,
 //! how its `config.json` becomes a [`DecoderConfig`] and which Hugging Face
-//! tensor plays which role ([`Roles`]). Adding a family means adding one
+//! tensor plays which role (`Roles`). Adding a family means adding one
 //! `describe_*` function and one `Roles` table here; the forward pass and the
 //! gradient taps are shared. docs/models.md explains every family's trap.
 //!
@@ -14,7 +14,9 @@
 
 use serde_json::Value;
 
-use crate::config::{parse_scaling, Activation, Arch, Reader, RopeConfig, RopeScaling};
+use crate::config::{
+    parse_scaling, Activation, Arch, LlamaConfig, Reader, RopeConfig, RopeScaling,
+};
 use crate::error::Result;
 
 /// How a norm normalises and scales.
@@ -615,6 +617,52 @@ impl DecoderConfig {
 
 fn rms_eps(r: &Reader<'_>, default: f64) -> Result<f64> {
     Ok(r.opt_f64("rms_norm_eps")?.unwrap_or(default))
+}
+
+/// The LLaMA family (llama, mistral, qwen2) as parsed by `config.rs`: pre-norm
+/// RMSNorm, split Q/K/V, SwiGLU, full RoPE; Mistral's window on every layer.
+pub(crate) fn describe_llama(l: &LlamaConfig) -> DecoderConfig {
+    DecoderConfig {
+        arch: l.arch,
+        vocab_size: l.vocab_size,
+        hidden_size: l.hidden_size,
+        intermediate_size: l.intermediate_size,
+        num_layers: l.num_layers,
+        num_heads: l.num_heads,
+        num_kv_heads: l.num_kv_heads,
+        head_dim: l.head_dim,
+        norm: NormKind::Rms,
+        norm_eps: l.rms_norm_eps,
+        placement: NormPlacement::Pre,
+        parallel_residual: false,
+        qk_norm: QkNorm::None,
+        qkv: QkvLayout::Split,
+        mlp: MlpKind::Gated,
+        act: l.act,
+        qkv_bias: l.qkv_bias,
+        o_bias: l.o_bias,
+        mlp_bias: l.mlp_bias,
+        positions: Positions::Rotary {
+            rotary_dim: l.head_dim,
+        },
+        layer_kinds: vec![
+            LayerKind {
+                sliding_window: l.sliding_window,
+                rope: Some(l.rope.clone()),
+            };
+            l.num_layers
+        ],
+        attn_scale: 1.0 / (l.head_dim as f64).sqrt(),
+        attn_softcap: None,
+        final_softcap: None,
+        embed_scale: None,
+        embed_norm: false,
+        head: HeadKind::Linear,
+        tie_word_embeddings: l.tie_word_embeddings,
+        lm_head_bias: false,
+        max_positions: l.max_positions,
+        nested: false,
+    }
 }
 
 /// GPT-NeoX (Pythia): interleaved fused QKV, partial rotary, parallel

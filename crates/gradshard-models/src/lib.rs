@@ -1,13 +1,12 @@
 //! Hugging Face causal language models in burn, for per-sample gradients.
 //!
-//! - Architectures: `llama`, `mistral`, `qwen2` (RMSNorm, HF rotate-half RoPE,
-//!   GQA/MQA, SwiGLU) and `gpt2` (learned positions, LayerNorm, Conv1D in the
-//!   checkpoint's [in, out] layout, tied embeddings), all computing in f32;
-//!   f32/bf16/f16 checkpoints are widened on load.
-//! - One generic decoder (`decoder.rs`) assembled from a [`DecoderConfig`]
-//!   that [`families`] derives from the config: `gpt_neox`, `phi3`, `bert`
-//!   (`is_decoder`), `qwen3`, `gemma2`, `gemma3_text` / `gemma3`, `olmo2`
-//!   (docs/models.md).
+//! - Architectures, all computing in f32 (f32/bf16/f16 checkpoints are
+//!   widened on load): one generic decoder (`decoder.rs`) assembled from a
+//!   [`DecoderConfig`] that [`families`] derives from `config.json` — `llama`,
+//!   `mistral`, `qwen2`, `gpt_neox`, `phi3`, `bert` (`is_decoder`), `qwen3`,
+//!   `gemma2`, `gemma3_text` / `gemma3`, `olmo2` (docs/models.md) — and `gpt2`
+//!   (learned positions, LayerNorm, Conv1D in the checkpoint's [in, out]
+//!   layout, tied embeddings; `model.rs`).
 //! - g = d(Σ over predicted positions of cross-entropy)/dW per sample, for a
 //!   chosen [`ParamSet`], under HF parameter names and HF shapes, either one
 //!   sample per backward or several per backward ([`GradModel::grads_batched`]),

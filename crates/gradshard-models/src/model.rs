@@ -1,5 +1,6 @@
-//! The transformer forward passes (LLaMA family and GPT-2), generic over the
-//! burn backend.
+//! GPT-2's forward pass and what every model shares (the weight registry,
+//! loading, gradient taps, attention helpers), generic over the burn backend.
+//! Every other family runs on the generic decoder (`decoder.rs`).
 //!
 //! Weights are held on the *inner* (non-autodiff) backend and lifted into the
 //! autodiff graph at every forward pass (`Tensor::from_inner`), so each pass
@@ -24,7 +25,7 @@ use burn::tensor::activation;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 
-use crate::config::{Activation, Gpt2Config, LlamaConfig, ModelConfig, RopeScaling};
+use crate::config::{Activation, Gpt2Config, ModelConfig, RopeScaling};
 use crate::error::{Error, Result};
 use crate::weights::{Checkpoint, WeightSpec};
 
@@ -119,32 +120,6 @@ pub(crate) struct Norm<B: Backend> {
     pub(crate) b: Option<Tensor<B, 1>>,
 }
 
-struct LlamaLayer<B: Backend> {
-    ln1: Norm<B>,
-    q: Lin<B>,
-    k: Lin<B>,
-    v: Lin<B>,
-    o: Lin<B>,
-    ln2: Norm<B>,
-    gate: Lin<B>,
-    up: Lin<B>,
-    down: Lin<B>,
-}
-
-struct LlamaNet<B: Backend> {
-    cfg: LlamaConfig,
-    embed_idx: usize,
-    embed: Tensor<B, 2>,
-    layers: Vec<LlamaLayer<B>>,
-    norm: Norm<B>,
-    lm_head: Lin<B>,
-    /// RoPE inverse frequencies (radians per position), length head_dim / 2,
-    /// already rescaled per `rope_scaling`.
-    inv_freq: Vec<f64>,
-    /// Positions are divided by this (linear RoPE scaling); 1 otherwise.
-    pos_scale: f64,
-}
-
 struct Gpt2Layer<B: Backend> {
     ln1: Norm<B>,
     c_attn: Lin<B>,
@@ -166,7 +141,6 @@ struct Gpt2Net<B: Backend> {
 }
 
 enum Net<B: Backend> {
-    Llama(LlamaNet<B>),
     Gpt2(Gpt2Net<B>),
     Decoder(crate::decoder::DecoderNet<B>),
 }
@@ -263,7 +237,6 @@ impl<B: Backend> Loader<'_, B> {
 /// the order the loader lists them (GPT-2 with `transformer.` prefixes).
 pub fn checkpoint_spec(config: &ModelConfig) -> Vec<WeightSpec> {
     let s = match config {
-        ModelConfig::Llama(c) => llama_spec(c),
         ModelConfig::Gpt2(c) => gpt2_spec(c, false),
         ModelConfig::Decoder(c) => crate::decoder::spec(c, &crate::decoder::default_root(c)),
     };
@@ -274,51 +247,6 @@ pub fn checkpoint_spec(config: &ModelConfig) -> Vec<WeightSpec> {
             shape: e.shape,
         })
         .collect()
-}
-
-fn llama_spec(c: &LlamaConfig) -> SpecBuilder {
-    use ParamKind::*;
-    let mut s = SpecBuilder {
-        entries: vec![],
-        strip: None,
-    };
-    let (d, hd, v, ff) = (c.hidden_size, c.head_dim, c.vocab_size, c.intermediate_size);
-    let (q_out, kv_out) = (c.num_heads * hd, c.num_kv_heads * hd);
-    s.add("model.embed_tokens.weight".into(), vec![v, d], Embedding);
-    for i in 0..c.num_layers {
-        let p = format!("model.layers.{i}");
-        s.add(format!("{p}.input_layernorm.weight"), vec![d], Vector);
-        for (n, out) in [("q", q_out), ("k", kv_out), ("v", kv_out)] {
-            s.add(format!("{p}.self_attn.{n}_proj.weight"), vec![out, d], Attn);
-            if c.qkv_bias {
-                s.add(format!("{p}.self_attn.{n}_proj.bias"), vec![out], Vector);
-            }
-        }
-        s.add(format!("{p}.self_attn.o_proj.weight"), vec![d, q_out], Attn);
-        if c.o_bias {
-            s.add(format!("{p}.self_attn.o_proj.bias"), vec![d], Vector);
-        }
-        s.add(
-            format!("{p}.post_attention_layernorm.weight"),
-            vec![d],
-            Vector,
-        );
-        for (n, shape, bias_len) in [
-            ("gate", vec![ff, d], ff),
-            ("up", vec![ff, d], ff),
-            ("down", vec![d, ff], d),
-        ] {
-            s.add(format!("{p}.mlp.{n}_proj.weight"), shape, Mlp);
-            if c.mlp_bias {
-                s.add(format!("{p}.mlp.{n}_proj.bias"), vec![bias_len], Vector);
-            }
-        }
-    }
-    s.add("model.norm.weight".into(), vec![d], Vector);
-    if !c.tie_word_embeddings {
-        s.add("lm_head.weight".into(), vec![v, d], LmHead);
-    }
-    s
 }
 
 fn gpt2_spec(c: &Gpt2Config, legacy_names: bool) -> SpecBuilder {
@@ -358,12 +286,6 @@ fn gpt2_spec(c: &Gpt2Config, legacy_names: bool) -> SpecBuilder {
         s.add("lm_head.weight".into(), vec![v, d], LmHead);
     }
     s
-}
-
-/// RoPE inverse frequencies for `head_dim`, with llama3 rescaling applied.
-/// Returns (inv_freq [head_dim/2], position divisor).
-fn rope_tables(c: &LlamaConfig) -> (Vec<f64>, f64) {
-    rope_freqs(&c.rope, c.head_dim)
 }
 
 /// RoPE inverse frequencies for `dim` rotated values of a head (per `rope`),
@@ -411,15 +333,6 @@ impl<B: Backend> Model<B> {
         let ckpt = Checkpoint::open(dir)?;
         let arch = config.arch();
         let (spec, ignorable): (SpecBuilder, Ignorable) = match &config {
-            ModelConfig::Llama(c) => {
-                let tied = c.tie_word_embeddings;
-                (
-                    llama_spec(c),
-                    Box::new(move |n: &str| {
-                        n.ends_with(".rotary_emb.inv_freq") || (tied && n == "lm_head.weight")
-                    }),
-                )
-            }
             ModelConfig::Decoder(c) => crate::decoder::spec_for_checkpoint(c, &ckpt),
             ModelConfig::Gpt2(c) => {
                 let legacy = ckpt.shape("transformer.wte.weight").is_none()
@@ -452,7 +365,6 @@ impl<B: Backend> Model<B> {
             device,
         };
         let net = match &config {
-            ModelConfig::Llama(c) => Net::Llama(load_llama(&ld, c)?),
             ModelConfig::Gpt2(c) => Net::Gpt2(load_gpt2(&ld, c)?),
             ModelConfig::Decoder(c) => Net::Decoder(crate::decoder::load(&ld, c)?),
         };
@@ -472,57 +384,6 @@ impl<B: Backend> Model<B> {
             device: device.clone(),
         })
     }
-}
-
-fn load_llama<B: Backend>(ld: &Loader<'_, B>, c: &LlamaConfig) -> Result<LlamaNet<B>> {
-    let (embed_idx, embed) = ld.w2("model.embed_tokens.weight")?;
-    let mut layers = Vec::with_capacity(c.num_layers);
-    for i in 0..c.num_layers {
-        let p = format!("model.layers.{i}");
-        let lin = |n: &str, bias: bool| ld.lin(&format!("{p}.{n}"), bias, Layout::OutIn);
-        layers.push(LlamaLayer {
-            ln1: Norm {
-                w: ld.w1(&format!("{p}.input_layernorm.weight"))?,
-                b: None,
-            },
-            q: lin("self_attn.q_proj", c.qkv_bias)?,
-            k: lin("self_attn.k_proj", c.qkv_bias)?,
-            v: lin("self_attn.v_proj", c.qkv_bias)?,
-            o: lin("self_attn.o_proj", c.o_bias)?,
-            ln2: Norm {
-                w: ld.w1(&format!("{p}.post_attention_layernorm.weight"))?,
-                b: None,
-            },
-            gate: lin("mlp.gate_proj", c.mlp_bias)?,
-            up: lin("mlp.up_proj", c.mlp_bias)?,
-            down: lin("mlp.down_proj", c.mlp_bias)?,
-        });
-    }
-    let norm = Norm {
-        w: ld.w1("model.norm.weight")?,
-        b: None,
-    };
-    let lm_head = if c.tie_word_embeddings {
-        Lin {
-            idx: embed_idx,
-            w: embed.clone(),
-            b: None,
-            layout: Layout::OutIn,
-        }
-    } else {
-        ld.lin("lm_head", false, Layout::OutIn)?
-    };
-    let (inv_freq, pos_scale) = rope_tables(c);
-    Ok(LlamaNet {
-        cfg: c.clone(),
-        embed_idx,
-        embed,
-        layers,
-        norm,
-        lm_head,
-        inv_freq,
-        pos_scale,
-    })
 }
 
 fn load_gpt2<B: Backend>(ld: &Loader<'_, B>, c: &Gpt2Config) -> Result<Gpt2Net<B>> {
@@ -705,13 +566,6 @@ pub(crate) fn lift<B: AutodiffBackend, const D: usize>(t: &Tensor<Inner<B>, D>) 
     Tensor::from_inner(t.clone())
 }
 
-fn rms_norm<B: AutodiffBackend>(x: Tensor<B, 3>, n: &Norm<Inner<B>>, eps: f64) -> Tensor<B, 3> {
-    let d = x.dims()[2];
-    let ms = x.clone().square().mean_dim(2); // [b, t, 1]
-    let y = x * (ms + eps).sqrt().recip();
-    y * lift::<B, 1>(&n.w).reshape([1, 1, d])
-}
-
 fn layer_norm<B: AutodiffBackend>(x: Tensor<B, 3>, n: &Norm<Inner<B>>, eps: f64) -> Tensor<B, 3> {
     let d = x.dims()[2];
     let mean = x.clone().mean_dim(2);
@@ -826,10 +680,6 @@ impl<B: Backend> Model<B> {
         A: AutodiffBackend<InnerBackend = B>,
     {
         match &self.net {
-            Net::Llama(n) => {
-                let device = ids.device();
-                Ok(llama_forward(n, ids, ctx, &device))
-            }
             Net::Decoder(n) => {
                 let device = ids.device();
                 crate::decoder::forward(n, ids, ctx, &device)
@@ -847,54 +697,6 @@ impl<B: Backend> Model<B> {
             }
         }
     }
-}
-
-fn llama_forward<A: AutodiffBackend>(
-    n: &LlamaNet<Inner<A>>,
-    ids: Tensor<A, 2, Int>,
-    ctx: &mut Ctx<'_, A>,
-    device: &A::Device,
-) -> Tensor<A, 3> {
-    let c = &n.cfg;
-    let [_, t] = ids.dims();
-    let (h, hkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
-    // cos/sin tables [1,1,t,hd], computed in f64 on the host.
-    let half = hd / 2;
-    let mut cos = vec![0f32; t * hd];
-    let mut sin = vec![0f32; t * hd];
-    for p in 0..t {
-        for (i, f) in n.inv_freq.iter().enumerate() {
-            let ang = (p as f64 / n.pos_scale) * f;
-            let (s, co) = ang.sin_cos();
-            for j in [i, i + half] {
-                cos[p * hd + j] = co as f32;
-                sin[p * hd + j] = s as f32;
-            }
-        }
-    }
-    let cos = Tensor::<A, 4>::from_data(TensorData::new(cos, [1, 1, t, hd]), device);
-    let sin = Tensor::<A, 4>::from_data(TensorData::new(sin, [1, 1, t, hd]), device);
-    let mask = attn_mask::<A>(t, c.sliding_window, device);
-    let scale = 1.0 / (hd as f64).sqrt();
-
-    let mut x = ctx.rows(n.embed_idx, &n.embed, &ids);
-    for l in &n.layers {
-        let xn = rms_norm(x.clone(), &l.ln1, c.rms_norm_eps);
-        let q = split_heads(ctx.linear(xn.clone(), &l.q), h, hd);
-        let k = split_heads(ctx.linear(xn.clone(), &l.k), hkv, hd);
-        let v = split_heads(ctx.linear(xn, &l.v), hkv, hd);
-        let q = rope(q, &cos, &sin);
-        let k = repeat_kv(rope(k, &cos, &sin), h / hkv);
-        let v = repeat_kv(v, h / hkv);
-        let a = attention(q, k, v, &mask, scale);
-        x = x + ctx.linear(a, &l.o);
-        let xn = rms_norm(x.clone(), &l.ln2, c.rms_norm_eps);
-        let g = act(c.act, ctx.linear(xn.clone(), &l.gate));
-        let u = ctx.linear(xn, &l.up);
-        x = x + ctx.linear(g * u, &l.down);
-    }
-    let x = rms_norm(x, &n.norm, c.rms_norm_eps);
-    ctx.linear(x, &n.lm_head)
 }
 
 fn gpt2_forward<A: AutodiffBackend>(
