@@ -140,3 +140,44 @@ fn tokenizers_reproduce_the_fixture_ids() {
         }
     }
 }
+
+/// A bf16 copy of each checkpoint is a different model within bf16 rounding:
+/// every reference gradient within 2e-2, and measurably not f32-exact.
+#[test]
+fn bf16_checkpoints_stay_within_2e_2() {
+    for model in FAMILIES {
+        let tmp = tempfile::tempdir().unwrap();
+        write_checkpoint(
+            model,
+            tmp.path(),
+            &read_checkpoint(model),
+            safetensors::Dtype::BF16,
+            1,
+        );
+        let m = GradModel::load(tmp.path(), Device::Cpu, ParamSet::AttnMlp).unwrap();
+        let mut worst = 0.0f64;
+        for (task, s) in referenced(model) {
+            let g = m.grads_loop(&s).unwrap();
+            let r = ref_grads(model, task, &g.id);
+            assert_eq!(g.tokens, r.tokens);
+            let loss_rel = (g.loss_sum - r.loss_sum).abs() / r.loss_sum.abs();
+            assert!(
+                loss_rel < 2e-2,
+                "{model}/{task}/{}: loss rel {loss_rel:e}",
+                g.id
+            );
+            for t in &g.grads {
+                let e = rel_err(&t.data, &r.tensors[&t.name].1);
+                assert!(
+                    e <= 2e-2,
+                    "{model}/{task}/{}: {} rel err {e:e}",
+                    g.id,
+                    t.name
+                );
+                worst = worst.max(e);
+            }
+        }
+        assert!(worst > 1e-5, "{model}: bf16 copy gave f32-exact gradients");
+        eprintln!("{model}: worst per-tensor rel err (bf16 checkpoint) = {worst:.2e}");
+    }
+}
