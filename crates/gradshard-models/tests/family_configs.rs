@@ -42,6 +42,9 @@ fn assert_refused(model: &str, edit: impl Fn(&mut Value), names: &[&str]) {
     }
 }
 
+/// Checkpoint tensors: (name, shape, f32 values).
+type Tensors = Vec<(String, Vec<usize>, Vec<f32>)>;
+
 /// A change to a config.
 type Edit = Box<dyn Fn(&mut Value)>;
 
@@ -197,11 +200,7 @@ fn olmo2_config_errors_name_the_field() {
 
 /// A copy of fixture `model` whose config is `cfg` and whose tensors are
 /// `tensors` (default: the fixture's), in a temporary directory.
-fn variant(
-    model: &str,
-    cfg: &Value,
-    tensors: Option<Vec<(String, Vec<usize>, Vec<f32>)>>,
-) -> tempfile::TempDir {
+fn variant(model: &str, cfg: &Value, tensors: Option<Tensors>) -> tempfile::TempDir {
     let tmp = tempfile::tempdir().unwrap();
     let tensors = tensors.unwrap_or_else(|| read_checkpoint(model));
     write_checkpoint(model, tmp.path(), &tensors, Dtype::F32, 1);
