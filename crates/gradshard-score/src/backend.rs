@@ -152,12 +152,13 @@ pub trait Backend: Sync {
 
 /// The CPU backend: rayon for elementwise work, the `gemm` crate for X·Yᵀ.
 ///
-/// X and Y are formed in f64 straight from the raw f32 tile, `k_block` columns
-/// at a time, and multiplied in f64: the signed variant's sums cancel by up to
+/// X and Y are formed in f64 straight from the raw f32 tile, a cache-sized block of
+/// columns (at most `k_block`) at a time, and multiplied in f64: the signed variant's sums cancel by up to
 /// 10⁴ on the fixtures, where f32 X/Y or f32 accumulation lost ~2e-5 relative.
 #[derive(Debug, Clone)]
 pub struct CpuBackend {
-    /// Columns per GEMM call (bounds the f64 scratch to `(nx + ny)·k_block` values).
+    /// Most columns per GEMM call (capped at a cache-sized block; bounds the f64 scratch
+    /// of each column group to `(nx + ny)·k_block` values).
     pub k_block: usize,
 }
 
@@ -204,12 +205,10 @@ impl Backend for CpuBackend {
         let rows = inv_t.len();
         check_len("cpu", "column_fisher tile", tile.len(), rows * width)?;
         check_len("cpu", "column_fisher out", out.len(), width)?;
-        for (r, row) in tile.chunks_exact(width.max(1)).enumerate() {
-            if let Some(k) = row.iter().position(|v| !v.is_finite()) {
-                return Ok(Some((r, k)));
-            }
-        }
         // Column blocks in parallel; rows summed in order inside each block (deterministic).
+        // One pass: a non-finite value makes its column's sum non-finite (finite values
+        // cannot overflow it: g² ≤ 1.2e77 and 1/T ≤ 1), so the tile is scanned for the
+        // first one only when some sum is not finite.
         const CB: usize = 4096;
         let inv_n = 1.0 / rows as f64;
         out.par_chunks_mut(CB).enumerate().for_each(|(cb, acc)| {
@@ -224,6 +223,14 @@ impl Backend for CpuBackend {
             }
             acc.iter_mut().for_each(|a| *a *= inv_n);
         });
+        if out.iter().all(|v| v.is_finite()) {
+            return Ok(None);
+        }
+        for (r, row) in tile.chunks_exact(width.max(1)).enumerate() {
+            if let Some(k) = row.iter().position(|v| !v.is_finite()) {
+                return Ok(Some((r, k)));
+            }
+        }
         Ok(None)
     }
 
@@ -261,20 +268,58 @@ impl Backend for CpuBackend {
         let width = den.len();
         check_len("cpu", "interference a", a.len(), a_inv_t.len() * width)?;
         check_len("cpu", "interference b", b.len(), b_inv_t.len() * width)?;
+        // 1/den once per slice: X is then a product, not an f64 division per element
+        // (differs from g/den by at most one rounding, ~1e-16 relative).
+        let rden: Vec<f64> = den.iter().map(|d| 1.0 / d).collect();
+        let rden = &rden[..];
         self.blocked_gemm(
             a_inv_t.len(),
             b_inv_t.len(),
             width,
             |i, k0, dst| {
                 let row = &a[i * width + k0..i * width + k0 + dst.len()];
-                for ((d, g), dn) in dst.iter_mut().zip(row).zip(&den[k0..]) {
-                    *d = transform_value_f64(*g, a_inv_t[i], *dn, variant, Role::X);
+                let rd = &rden[k0..k0 + dst.len()];
+                let it = a_inv_t[i];
+                match variant {
+                    Variant::Unsigned => {
+                        for ((d, &g), &r) in dst.iter_mut().zip(row).zip(rd) {
+                            let g = g as f64;
+                            *d = g * g * it * r;
+                        }
+                    }
+                    Variant::Signed => {
+                        for ((d, &g), &r) in dst.iter_mut().zip(row).zip(rd) {
+                            *d = g as f64 * r;
+                        }
+                    }
+                    Variant::Symmetric => {
+                        for ((d, &g), &r) in dst.iter_mut().zip(row).zip(rd) {
+                            let g = g as f64;
+                            *d = (g * g * it).sqrt() * r;
+                        }
+                    }
                 }
             },
             |j, k0, dst| {
                 let row = &b[j * width + k0..j * width + k0 + dst.len()];
-                for ((d, g), dn) in dst.iter_mut().zip(row).zip(&den[k0..]) {
-                    *d = transform_value_f64(*g, b_inv_t[j], *dn, variant, Role::Y);
+                let it = b_inv_t[j];
+                match variant {
+                    Variant::Unsigned => {
+                        for (d, &g) in dst.iter_mut().zip(row) {
+                            *d = (g as f64).abs();
+                        }
+                    }
+                    Variant::Signed => {
+                        for (d, &g) in dst.iter_mut().zip(row) {
+                            *d = g as f64;
+                        }
+                    }
+                    Variant::Symmetric => {
+                        for (d, &g) in dst.iter_mut().zip(row) {
+                            let g = g as f64;
+                            *d = (g * g * it).sqrt();
+                        }
+                    }
                 }
             },
             out,
@@ -308,10 +353,25 @@ impl Backend for CpuBackend {
     }
 }
 
+/// Columns of X and Y formed per `gemm` call in [`CpuBackend::blocked_gemm`]: 16 rows
+/// of both sides are 128 KiB of f64, which stays in L2 between forming and multiplying.
+const CACHE_BLOCK: usize = 512;
+
+/// Most column groups (partial products) of one [`CpuBackend::blocked_gemm`] call.
+const MAX_GROUPS: usize = 16;
+
+/// Bytes of f64 partial products one [`CpuBackend::blocked_gemm`] call may hold.
+const PARTIALS_BYTES: usize = 32 << 20;
+
 impl CpuBackend {
     /// `out += X·Yᵀ` in f64, where row i of X over columns `k0..k0+kb` is produced by
-    /// `fill_x(i, k0, &mut [f64; kb])` (same for Y): one `k_block` of columns at a time,
-    /// filled in parallel, multiplied with the `gemm` crate.
+    /// `fill_x(i, k0, &mut [f64; kb])` (same for Y).
+    ///
+    /// The columns are cut into a fixed number of contiguous groups (a function of the
+    /// shape only, never of the thread count, so results are the same on any machine);
+    /// the groups run in parallel, each forming X and Y a cache-sized block of columns
+    /// at a time (at most `k_block`) and multiplying them into its own partial product
+    /// with a single-threaded `gemm`; the partials are then added to `out` in group order.
     fn blocked_gemm(
         &self,
         nx: usize,
@@ -326,56 +386,72 @@ impl CpuBackend {
         if nx == 0 || ny == 0 || width == 0 {
             return Ok(());
         }
+        let kb_max = self.k_block.clamp(1, CACHE_BLOCK).min(width);
+        let blocks = width.div_ceil(kb_max);
+        let groups = blocks
+            .min(MAX_GROUPS)
+            .min((PARTIALS_BYTES / (nx * ny * 8)).max(1));
+        // One group (huge nx·ny): let gemm split the product over the threads instead.
         let threads = rayon::current_num_threads();
-        let par = if threads > 1 {
+        let par = if groups == 1 && threads > 1 {
             gemm::Parallelism::Rayon(threads)
         } else {
             gemm::Parallelism::None
         };
-        let kb_max = self.k_block.max(1).min(width);
-        // f64 copies of one column block of X and Y (row-major [n × kb]).
-        let mut xb = vec![0f64; nx * kb_max];
-        let mut yb = vec![0f64; ny * kb_max];
-        let mut k0 = 0;
-        while k0 < width {
-            let kb = kb_max.min(width - k0);
-            xb[..nx * kb]
-                .par_chunks_mut(kb)
-                .enumerate()
-                .for_each(|(i, d)| fill_x(i, k0, d));
-            yb[..ny * kb]
-                .par_chunks_mut(kb)
-                .enumerate()
-                .for_each(|(j, d)| fill_y(j, k0, d));
-            // SAFETY: lhs is `xb` viewed as [nx × kb] row-major (row stride kb),
-            // rhs is `yb` viewed transposed as [kb × ny] (element (k, j) at j·kb + k),
-            // dst is `out` [nx × ny] row-major; `out.len() == nx·ny` was checked and
-            // `xb`/`yb` hold at least nx·kb / ny·kb values. `read_dst = true` with
-            // alpha = beta = 1 accumulates: out = out + xb·ybᵀ.
-            unsafe {
-                gemm::gemm(
-                    nx,
-                    ny,
-                    kb,
-                    out.as_mut_ptr(),
-                    1,
-                    ny as isize,
-                    true,
-                    xb.as_ptr(),
-                    1,
-                    kb as isize,
-                    yb.as_ptr(),
-                    kb as isize,
-                    1,
-                    1.0f64,
-                    1.0f64,
-                    false,
-                    false,
-                    false,
-                    par,
-                );
+        let partials: Vec<Vec<f64>> = (0..groups)
+            .into_par_iter()
+            .map_init(
+                || (Vec::new(), Vec::new()),
+                |(xb, yb): &mut (Vec<f64>, Vec<f64>), g| {
+                    xb.resize(nx * kb_max, 0.0);
+                    yb.resize(ny * kb_max, 0.0);
+                    let mut part = vec![0f64; nx * ny];
+                    for blk in g * blocks / groups..(g + 1) * blocks / groups {
+                        let k0 = blk * kb_max;
+                        let kb = kb_max.min(width - k0);
+                        for (i, d) in xb[..nx * kb].chunks_exact_mut(kb).enumerate() {
+                            fill_x(i, k0, d);
+                        }
+                        for (j, d) in yb[..ny * kb].chunks_exact_mut(kb).enumerate() {
+                            fill_y(j, k0, d);
+                        }
+                        // SAFETY: lhs is `xb` viewed as [nx × kb] row-major (row stride
+                        // kb), rhs is `yb` viewed transposed as [kb × ny] (element (k, j)
+                        // at j·kb + k), dst is `part` [nx × ny] row-major; `xb`/`yb` hold
+                        // at least nx·kb / ny·kb values and `part` nx·ny. `read_dst =
+                        // true` with alpha = beta = 1 accumulates: part += xb·ybᵀ.
+                        unsafe {
+                            gemm::gemm(
+                                nx,
+                                ny,
+                                kb,
+                                part.as_mut_ptr(),
+                                1,
+                                ny as isize,
+                                true,
+                                xb.as_ptr(),
+                                1,
+                                kb as isize,
+                                yb.as_ptr(),
+                                kb as isize,
+                                1,
+                                1.0f64,
+                                1.0f64,
+                                false,
+                                false,
+                                false,
+                                par,
+                            );
+                        }
+                    }
+                    part
+                },
+            )
+            .collect();
+        for part in &partials {
+            for (o, p) in out.iter_mut().zip(part) {
+                *o += p;
             }
-            k0 += kb;
         }
         Ok(())
     }
