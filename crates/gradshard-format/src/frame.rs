@@ -301,14 +301,11 @@ pub fn encode_frame(codec: Codec, shuffle: bool, dtype: DType, raw: &[u8]) -> Re
     Ok(out)
 }
 
-/// Verifies and decodes one whole frame (`bytes` must be exactly the frame) into its
-/// raw little-endian element bytes in `out` (cleared first). `expected_checksum` is the
-/// copy from the sample table, if the caller has one.
-pub fn decode_frame(
-    bytes: &[u8],
-    expected_checksum: Option<u64>,
-    out: &mut Vec<u8>,
-) -> Result<FrameHeader> {
+/// Verifies one whole frame (`bytes` must be exactly the frame): header, length and
+/// checksum (and the sample table's copy of it, `expected_checksum`, if the caller has
+/// one). Returns the header and the still-encoded payload for [`decode_payload`] or
+/// [`decode_payload_f32`]; nothing is allocated.
+pub fn verify_frame(bytes: &[u8], expected_checksum: Option<u64>) -> Result<(FrameHeader, &[u8])> {
     let h = parse_frame_header(bytes)?;
     let need = h.frame_len();
     if bytes.len() < need {
@@ -342,64 +339,148 @@ pub fn decode_frame(
             });
         }
     }
+    Ok((h, payload))
+}
+
+/// The payload of a verified frame with its codec undone (its filter not): the payload
+/// itself when stored uncompressed, otherwise zstd-decompressed into `buf` (cleared and
+/// reused; grown to `raw_len` only after the zstd frame confirmed that size).
+fn decompressed<'a>(h: &FrameHeader, payload: &'a [u8], buf: &'a mut Vec<u8>) -> Result<&'a [u8]> {
+    if h.codec != 1 {
+        return Ok(payload);
+    }
     let raw_len = h.raw_len as usize;
-    let mut tmp;
-    let decoded: &[u8] = if h.codec == 1 {
-        // The zstd frame states its content size; it must be the header's before the
-        // header's size is allocated (a crafted header could otherwise ask for 1 GiB
-        // behind a few bytes of payload).
-        match zstd::zstd_safe::get_frame_content_size(payload) {
-            Ok(Some(n)) if n == raw_len as u64 => {}
-            Ok(found) => {
-                return Err(Error::Invalid {
-                    what: "frame payload",
-                    detail: format!(
-                        "zstd frame states {} bytes, header says {raw_len}",
-                        found.map_or("no content size".into(), |n| n.to_string())
-                    ),
-                })
-            }
-            Err(_) => {
-                return Err(Error::Invalid {
-                    what: "frame payload",
-                    detail: "not a zstd frame".into(),
-                })
-            }
-        }
-        tmp = Vec::with_capacity(raw_len);
-        // One decompression context per thread: a factored sample is many small frames,
-        // and creating a context per frame cost more than decoding some of them.
-        thread_local! {
-            static DCTX: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
-                const { std::cell::RefCell::new(None) };
-        }
-        let n = DCTX
-            .with(|c| {
-                let mut c = c.borrow_mut();
-                if c.is_none() {
-                    *c = Some(zstd::bulk::Decompressor::new()?);
-                }
-                c.as_mut()
-                    .expect("set above")
-                    .decompress_to_buffer(payload, &mut tmp)
-            })
-            .map_err(|e| Error::Zstd(e.to_string()))?;
-        if n != raw_len {
+    // The zstd frame states its content size; it must be the header's before the
+    // header's size is allocated (a crafted header could otherwise ask for 1 GiB
+    // behind a few bytes of payload).
+    match zstd::zstd_safe::get_frame_content_size(payload) {
+        Ok(Some(n)) if n == raw_len as u64 => {}
+        Ok(found) => {
             return Err(Error::Invalid {
                 what: "frame payload",
-                detail: format!("decompressed to {n} bytes, header says {raw_len}"),
-            });
+                detail: format!(
+                    "zstd frame states {} bytes, header says {raw_len}",
+                    found.map_or("no content size".into(), |n| n.to_string())
+                ),
+            })
         }
-        &tmp
-    } else {
-        payload
-    };
+        Err(_) => {
+            return Err(Error::Invalid {
+                what: "frame payload",
+                detail: "not a zstd frame".into(),
+            })
+        }
+    }
+    buf.clear();
+    buf.reserve(raw_len);
+    // One decompression context per thread: a factored sample is many small frames,
+    // and creating a context per frame cost more than decoding some of them.
+    thread_local! {
+        static DCTX: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    let n = DCTX
+        .with(|c| {
+            let mut c = c.borrow_mut();
+            if c.is_none() {
+                *c = Some(zstd::bulk::Decompressor::new()?);
+            }
+            c.as_mut()
+                .expect("set above")
+                .decompress_to_buffer(payload, &mut *buf)
+        })
+        .map_err(|e| Error::Zstd(e.to_string()))?;
+    if n != raw_len || buf.len() != raw_len {
+        return Err(Error::Invalid {
+            what: "frame payload",
+            detail: format!("decompressed to {n} bytes, header says {raw_len}"),
+        });
+    }
+    Ok(&buf[..])
+}
+
+/// Decodes the payload of a frame checked by [`verify_frame`] into its raw
+/// little-endian element bytes in `out` (cleared first). `buf` is scratch for the
+/// decompressed bytes (reused across calls).
+pub fn decode_payload(
+    h: &FrameHeader,
+    payload: &[u8],
+    buf: &mut Vec<u8>,
+    out: &mut Vec<u8>,
+) -> Result<()> {
+    let decoded = decompressed(h, payload, buf)?;
     if h.shuffled {
         unshuffle(decoded, h.dtype.size(), out);
     } else {
         out.clear();
         out.extend_from_slice(decoded);
     }
+    Ok(())
+}
+
+/// Decodes the payload of a frame checked by [`verify_frame`] straight into f32 values:
+/// `out.len()` must be the frame's element count (`raw_len / dtype size`). zstd
+/// decompresses into `buf` (scratch, reused across calls); undoing the byte shuffle and
+/// widening bf16 to f32 is then one pass writing `out`, with no other buffer.
+pub fn decode_payload_f32(
+    h: &FrameHeader,
+    payload: &[u8],
+    buf: &mut Vec<u8>,
+    out: &mut [f32],
+) -> Result<()> {
+    let size = h.dtype.size();
+    let n = h.raw_len as usize / size;
+    if out.len() != n {
+        return Err(Error::Invalid {
+            what: "frame",
+            detail: format!(
+                "holds {n} values of {}, the destination {}",
+                h.dtype,
+                out.len()
+            ),
+        });
+    }
+    let src = decompressed(h, payload, buf)?;
+    debug_assert_eq!(src.len(), n * size);
+    match (h.dtype, h.shuffled) {
+        (DType::Bf16, true) => {
+            let (lo, hi) = src.split_at(n);
+            for ((o, &l), &h) in out.iter_mut().zip(lo).zip(hi) {
+                *o = f32::from_bits(((h as u32) << 24) | ((l as u32) << 16));
+            }
+        }
+        (DType::Bf16, false) => {
+            for (o, c) in out.iter_mut().zip(src.chunks_exact(2)) {
+                *o = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16);
+            }
+        }
+        (DType::F32, true) => {
+            let (b0, rest) = src.split_at(n);
+            let (b1, rest) = rest.split_at(n);
+            let (b2, b3) = rest.split_at(n);
+            for ((((o, &a), &b), &c), &d) in out.iter_mut().zip(b0).zip(b1).zip(b2).zip(b3) {
+                *o = f32::from_le_bytes([a, b, c, d]);
+            }
+        }
+        (DType::F32, false) => {
+            for (o, c) in out.iter_mut().zip(src.chunks_exact(4)) {
+                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Verifies and decodes one whole frame (`bytes` must be exactly the frame) into its
+/// raw little-endian element bytes in `out` (cleared first). `expected_checksum` is the
+/// copy from the sample table, if the caller has one.
+pub fn decode_frame(
+    bytes: &[u8],
+    expected_checksum: Option<u64>,
+    out: &mut Vec<u8>,
+) -> Result<FrameHeader> {
+    let (h, payload) = verify_frame(bytes, expected_checksum)?;
+    decode_payload(&h, payload, &mut Vec::new(), out)?;
     Ok(h)
 }
 
@@ -444,6 +525,36 @@ mod tests {
                 let h = decode_frame(&f, None, &mut out).unwrap();
                 assert_eq!(out, raw);
                 assert_eq!(h.frame_len(), f.len());
+            }
+        }
+    }
+
+    #[test]
+    fn f32_decode_matches_byte_decode_in_every_mode() {
+        let vals: Vec<f32> = (0..777)
+            .map(|i| ((i as f32) * 0.37).sin() * 1e-3 - (i % 5) as f32)
+            .collect();
+        for dtype in [DType::Bf16, DType::F32] {
+            let mut raw = Vec::new();
+            dtype.encode_into(&vals, &mut raw);
+            let mut want = Vec::new();
+            dtype.decode_into(&raw, &mut want);
+            for codec in [Codec::None, Codec::Zstd(1)] {
+                for sh in [false, true] {
+                    let f = encode_frame(codec, sh, dtype, &raw).unwrap();
+                    let (h, payload) = verify_frame(&f, None).unwrap();
+                    let mut buf = Vec::new();
+                    let mut out = vec![f32::NAN; vals.len()];
+                    decode_payload_f32(&h, payload, &mut buf, &mut out).unwrap();
+                    assert_eq!(
+                        out.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        "{dtype} {codec:?} shuffled={sh}"
+                    );
+                    // A destination of the wrong length is refused, not partly filled.
+                    let mut short = vec![0f32; vals.len() - 1];
+                    assert!(decode_payload_f32(&h, payload, &mut buf, &mut short).is_err());
+                }
             }
         }
     }

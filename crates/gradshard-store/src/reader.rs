@@ -1,13 +1,20 @@
-//! Read-only access to a store through memory-mapped shards. Every frame read
-//! verifies its checksum; corruption is reported with task, sample, slice and file.
+//! Read-only access to a store: shard headers, sample tables and footers through
+//! memory maps, frames with positioned reads (`pread`) into reused per-thread buffers.
+//! Every frame read verifies its checksum; corruption is reported with task, sample,
+//! slice and file.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use gradshard_core::{Block, SampleId, TaskName};
-use gradshard_format::{decode_frame, decode_log, FrameKind, LogRecord, TableEntry};
+use gradshard_format::{
+    decode_log, decode_payload_f32, verify_frame, FrameKind, LogRecord, TableEntry,
+};
 use gradshard_index::{FrameOrder, Index, PlannedRead, ReadPlan};
 use memmap2::Mmap;
 use rayon::prelude::*;
@@ -16,22 +23,43 @@ use crate::error::{Error, IoContext, Result};
 use crate::manifest::Manifest;
 use crate::{log_path, shard_path};
 
-/// Drops the mapped pages lying wholly inside `[start, end)` from this process's page
-/// tables once a frame is decoded, so that a pass over a store larger than RAM keeps its
-/// resident set bounded (the pages stay in the kernel's page cache; a later read simply
-/// maps them again). Advisory: where the kernel refuses (another page size), memory use is
-/// higher but nothing read changes, so the refusal is not an error.
-fn release_pages(m: &Mmap, start: usize, end: usize) {
-    const PAGE: usize = 4096;
-    let a = start.div_ceil(PAGE) * PAGE;
-    let b = end / PAGE * PAGE;
-    if b > a {
-        // SAFETY: the mapping is read-only and file-backed; MADV_DONTNEED only unmaps the
-        // pages, and any later access faults the same file bytes back in. Frames never
-        // overlap, so these whole pages belong to this frame alone, whose bytes are no
-        // longer borrowed.
-        let _ = unsafe { m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, a, b - a) };
+/// One thread's frame buffers: the stored bytes of a frame (read with `pread`, one copy
+/// out of the page cache) and its zstd-decompressed bytes. Frames are read into these
+/// instead of being mapped: nothing of a shard's frames is mapped, so a pass over a store
+/// larger than RAM keeps its resident set bounded without releasing pages per frame
+/// (which cost a page fault per page on every warm read and a TLB shootdown per frame).
+#[derive(Default)]
+struct FrameBufs {
+    stored: Vec<u8>,
+    raw: Vec<u8>,
+}
+
+/// Buffers above this size are not kept for the next frame (a row group of a large
+/// non-attention tensor, or a corrupt length): bounded memory per thread.
+const KEEP_BUF_BYTES: usize = 64 << 20;
+
+thread_local! {
+    static FRAME_BUFS: RefCell<FrameBufs> = RefCell::new(FrameBufs::default());
+}
+
+/// Runs `f` with this thread's frame buffers (fresh ones if a caller up the stack holds them).
+fn with_frame_bufs<T>(f: impl FnOnce(&mut FrameBufs) -> T) -> T {
+    let mut b = FRAME_BUFS.with(|c| std::mem::take(&mut *c.borrow_mut()));
+    let r = f(&mut b);
+    for v in [&mut b.stored, &mut b.raw] {
+        if v.capacity() > KEEP_BUF_BYTES {
+            *v = Vec::new();
+        }
     }
+    FRAME_BUFS.with(|c| *c.borrow_mut() = b);
+    r
+}
+
+/// Where a frame's decoded values go: a growable vector (factors) or a tile row of
+/// exactly the frame's length (full frames, decoded in place).
+enum Dest<'o> {
+    Vec(&'o mut Vec<f32>),
+    Slice(&'o mut [f32]),
 }
 
 /// I/O counters, for tests and benchmarks ("reading one slice performs one frame read").
@@ -162,6 +190,8 @@ pub struct Store {
     order: FrameOrder,
     index: Index,
     shards: HashMap<u32, Mmap>,
+    /// The same shard files, for positioned frame reads.
+    files: HashMap<u32, File>,
     stats: IoStats,
     shared_cache: Mutex<SharedCache>,
     any_factored: std::sync::OnceLock<bool>,
@@ -293,6 +323,7 @@ impl Store {
         let bytes = std::fs::read(&lp).at(&lp)?;
         let scan = decode_log(&bytes).at(&lp)?;
         let mut shards = HashMap::new();
+        let mut files = HashMap::new();
         let store_id = manifest.store_id_bytes()?;
         for r in &scan.records {
             if let std::collections::hash_map::Entry::Vacant(e) = shards.entry(r.shard) {
@@ -300,6 +331,7 @@ impl Store {
                 let m = crate::map_file(&path)?;
                 check_shard_identity(&path, &m, r.shard, &store_id)?;
                 e.insert(m);
+                files.insert(r.shard, File::open(&path).at(&path)?);
             }
         }
         check_log_complete(dir, &lp, &scan.records, &store_id)?;
@@ -310,6 +342,7 @@ impl Store {
             order,
             index,
             shards,
+            files,
             stats: IoStats::default(),
             shared_cache: Mutex::new(SharedCache {
                 cap: DEFAULT_SHARED_CACHE_BYTES,
@@ -432,11 +465,12 @@ impl Store {
         Ok(plan)
     }
 
-    /// Reads, verifies and decodes one frame into `out` (cleared first) as f32. `what`
-    /// names it in errors; the frame must be of `kind`, and hold `width`-wide rows (a
-    /// factor: `rows × width`, the header's n) or exactly `numel` values (a full frame).
+    /// Reads, verifies and decodes one frame into `out` as f32 (a vector is resized to
+    /// the frame; a slice must be its length). `what` names it in errors; the frame must
+    /// be of `kind`, and hold `width`-wide rows (a factor: `rows × width`, the header's n)
+    /// or exactly `width` values (a full frame). The bytes come from one `pread` into this
+    /// thread's buffer; header and checksum are verified before anything is decoded.
     /// Returns the factor's row count (0 for a full frame).
-    #[allow(clippy::too_many_arguments)]
     fn decode_entry(
         &self,
         r: &LogRecord,
@@ -444,19 +478,21 @@ impl Store {
         entry: TableEntry,
         kind: FrameKind,
         width: usize,
-        scratch: &mut Vec<u8>,
-        out: &mut Vec<f32>,
+        out: Dest<'_>,
     ) -> Result<usize> {
         let m = self.shard(r)?;
         let end = entry.offset.saturating_add(entry.frame_len as u64);
         if end > m.len() as u64 {
             return Err(self.past_end(r, &what(), end, m.len()));
         }
-        let bytes = &m[entry.offset as usize..end as usize];
+        let file = self.files.get(&r.shard).ok_or_else(|| Error::Input {
+            path: shard_path(&self.dir, r.shard),
+            what: "shard file is not open".into(),
+        })?;
         self.stats.frames_read.fetch_add(1, Ordering::Relaxed);
         self.stats
             .frame_bytes
-            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            .fetch_add(entry.frame_len as u64, Ordering::Relaxed);
         let corrupt = |source| Error::Corrupt {
             path: shard_path(&self.dir, r.shard),
             task: r.task.clone(),
@@ -464,41 +500,47 @@ impl Store {
             slice: format!("{} (at offset {})", what(), entry.offset),
             source: Box::new(source),
         };
-        let decoded = decode_frame(bytes, Some(entry.checksum), scratch);
-        release_pages(m, entry.offset as usize, end as usize);
-        let h = decoded.map_err(corrupt)?;
         let dtype = self.manifest.spec.dtype;
-        let rows = h.rows as usize;
-        let want = match kind {
-            FrameKind::Full => width * dtype.size(),
-            _ => rows * width * dtype.size(),
-        };
-        if h.kind != kind
-            || h.raw_len as usize != want
-            || h.raw_len != entry.raw_len
-            || h.dtype != dtype
-        {
-            return Err(corrupt(gradshard_format::Error::Invalid {
-                what: "frame",
-                detail: format!(
-                    "{} of {} bytes of {}, expected a {kind} of {want} bytes of {dtype}",
-                    h.kind, h.raw_len, h.dtype
-                ),
-            }));
-        }
-        out.clear();
-        dtype.decode_into(scratch, out);
-        Ok(rows)
+        with_frame_bufs(|bufs| {
+            bufs.stored.clear();
+            bufs.stored.resize(entry.frame_len as usize, 0);
+            file.read_exact_at(&mut bufs.stored, entry.offset)
+                .at(&shard_path(&self.dir, r.shard))?;
+            let (h, payload) = verify_frame(&bufs.stored, Some(entry.checksum)).map_err(corrupt)?;
+            let rows = h.rows as usize;
+            let want = match kind {
+                FrameKind::Full => width * dtype.size(),
+                _ => rows * width * dtype.size(),
+            };
+            if h.kind != kind
+                || h.raw_len as usize != want
+                || h.raw_len != entry.raw_len
+                || h.dtype != dtype
+            {
+                return Err(corrupt(gradshard_format::Error::Invalid {
+                    what: "frame",
+                    detail: format!(
+                        "{} of {} bytes of {}, expected a {kind} of {want} bytes of {dtype}",
+                        h.kind, h.raw_len, h.dtype
+                    ),
+                }));
+            }
+            let n = want / dtype.size();
+            let dst: &mut [f32] = match out {
+                Dest::Vec(v) => {
+                    v.clear();
+                    v.resize(n, 0.0);
+                    v
+                }
+                Dest::Slice(s) => s,
+            };
+            decode_payload_f32(&h, payload, &mut bufs.raw, dst).map_err(corrupt)?;
+            Ok(rows)
+        })
     }
 
     /// A shared factor of a sample, from the cache or decoded (and cached).
-    fn shared_factor(
-        &self,
-        r: &LogRecord,
-        j: usize,
-        entry: TableEntry,
-        scratch: &mut Vec<u8>,
-    ) -> Result<Factor> {
+    fn shared_factor(&self, r: &LogRecord, j: usize, entry: TableEntry) -> Result<Factor> {
         let key = (r.shard, entry.offset);
         if let Some(f) = self.shared_cache.lock().expect("cache lock").get(key) {
             self.stats.shared_hits.fetch_add(1, Ordering::Relaxed);
@@ -512,8 +554,7 @@ impl Store {
             entry,
             FrameKind::Shared,
             cols,
-            scratch,
-            &mut vals,
+            Dest::Vec(&mut vals),
         )?;
         self.stats.shared_decoded.fetch_add(1, Ordering::Relaxed);
         let f = Factor {
@@ -528,12 +569,7 @@ impl Store {
     }
 
     /// The factors of one planned frame of a factored sample: (P, S).
-    fn planned_factors(
-        &self,
-        r: &LogRecord,
-        p: &PlannedRead,
-        scratch: &mut Vec<u8>,
-    ) -> Result<(Factor, Factor)> {
+    fn planned_factors(&self, r: &LogRecord, p: &PlannedRead) -> Result<(Factor, Factor)> {
         let (j, se) = p.shared.expect("a factored read");
         let (_, width, _) = self.order.factor_of(p.frame).expect("planned frame");
         let what = || format!("{} (factor P)", self.order.describe(p.frame));
@@ -544,10 +580,9 @@ impl Store {
             p.entry,
             FrameKind::Factor,
             width,
-            scratch,
-            &mut pv,
+            Dest::Vec(&mut pv),
         )?;
-        let s = self.shared_factor(r, j, se, scratch)?;
+        let s = self.shared_factor(r, j, se)?;
         if s.rows != n {
             return Err(Error::Corrupt {
                 path: shard_path(&self.dir, r.shard),
@@ -573,25 +608,24 @@ impl Store {
         ))
     }
 
-    /// Reads one planned frame as f32 values (`frame_numel`), reconstructing Pᵀ S for a
-    /// factored sample.
-    fn read_planned(
-        &self,
-        r: &LogRecord,
-        p: &PlannedRead,
-        scratch: &mut Vec<u8>,
-        out: &mut Vec<f32>,
-    ) -> Result<()> {
+    /// Reads one planned frame as f32 values into `out` (`frame_numel` long), decoding
+    /// a full frame in place or reconstructing Pᵀ S for a factored sample.
+    fn read_planned(&self, r: &LogRecord, p: &PlannedRead, out: &mut [f32]) -> Result<()> {
         let numel = self.order.frame_numel(p.frame).expect("planned frame");
+        if out.len() != numel {
+            return Err(Error::Invalid(format!(
+                "frame buffer holds {} values, frame {} has {numel}",
+                out.len(),
+                p.frame
+            )));
+        }
         if p.shared.is_none() {
             let what = || format!("{} (frame {})", self.order.describe(p.frame), p.frame);
-            self.decode_entry(r, &what, p.entry, FrameKind::Full, numel, scratch, out)?;
+            self.decode_entry(r, &what, p.entry, FrameKind::Full, numel, Dest::Slice(out))?;
             return Ok(());
         }
-        let (pf, sf) = self.planned_factors(r, p, scratch)?;
+        let (pf, sf) = self.planned_factors(r, p)?;
         let (_, rr, c) = self.order.factor_of(p.frame).expect("planned frame");
-        out.clear();
-        out.resize(numel, 0.0);
         gradshard_core::factor::pt_s(&pf.values, &sf.values, pf.rows, rr, c, out);
         Ok(())
     }
@@ -599,8 +633,9 @@ impl Store {
     /// One frame of one sample, as f32 (reconstructed from its factors when factored).
     pub fn read_frame(&self, r: &LogRecord, frame: usize) -> Result<Vec<f32>> {
         let plan = self.plan(&[r], &[frame])?;
-        let mut out = Vec::new();
-        self.read_planned(r, &plan.reads[0], &mut Vec::new(), &mut out)?;
+        let numel = self.order.frame_numel(frame).unwrap_or(0);
+        let mut out = vec![0f32; numel];
+        self.read_planned(r, &plan.reads[0], &mut out)?;
         Ok(out)
     }
 
@@ -619,7 +654,7 @@ impl Store {
                 r.task, r.id
             )));
         };
-        let (pf, sf) = self.planned_factors(r, p, &mut Vec::new())?;
+        let (pf, sf) = self.planned_factors(r, p)?;
         Ok((j, pf, sf))
     }
 
@@ -718,16 +753,10 @@ impl Store {
         let plan = self.plan(&chosen, &[frame])?;
         let mut reads = plan.reads;
         reads.sort_by_key(|p| p.slot);
+        // Each frame decodes straight into its row of the tile.
         out.par_chunks_mut(numel)
             .zip(reads.par_iter())
-            .try_for_each_init(
-                || (Vec::new(), Vec::new()),
-                |(scratch, vals), (row, p)| {
-                    self.read_planned(chosen[p.slot], p, scratch, vals)?;
-                    row.copy_from_slice(vals);
-                    Ok(())
-                },
-            )
+            .try_for_each(|(row, p)| self.read_planned(chosen[p.slot], p, row))
     }
 
     /// The samples at `positions` of a task (records, checked).
@@ -767,18 +796,19 @@ impl Store {
         let (r, c) = (g.head_dim, g.hidden);
         let samples = reads
             .par_iter()
-            .map_init(Vec::new, |scratch, p| -> Result<SliceFactors> {
+            .map(|p| -> Result<SliceFactors> {
                 let rec = chosen[p.slot];
                 if p.shared.is_some() {
-                    let (pf, sf) = self.planned_factors(rec, p, scratch)?;
+                    let (pf, sf) = self.planned_factors(rec, p)?;
                     return Ok(SliceFactors {
                         n: pf.rows,
                         p: Arc::try_unwrap(pf.values).unwrap_or_else(|a| (*a).clone()),
                         s: sf.values,
                     });
                 }
-                let mut vals = Vec::new();
-                self.read_planned(rec, p, scratch, &mut vals)?;
+                let numel = self.order.frame_numel(p.frame).expect("planned frame");
+                let mut vals = vec![0f32; numel];
+                self.read_planned(rec, p, &mut vals)?;
                 let mut eye = vec![0f32; r * r];
                 for i in 0..r {
                     eye[i * r + i] = 1.0;
@@ -823,13 +853,14 @@ impl Store {
         let plan = self.plan(&[r], &frames)?;
         let cols = t.shape[1];
         let mut out = Vec::with_capacity((end - start) * cols);
-        let (mut scratch, mut vals) = (Vec::new(), Vec::new());
+        let mut vals = Vec::new();
         let mut reads = plan.reads.clone();
         reads.sort_by_key(|p| p.slot);
         for p in reads {
             let g = p.frame - self.order.other(ti, 0).expect("group 0");
             let (g0, g1) = t.group_rows(g);
-            self.read_planned(r, &p, &mut scratch, &mut vals)?;
+            vals.resize(self.order.frame_numel(p.frame).expect("planned frame"), 0.0);
+            self.read_planned(r, &p, &mut vals)?;
             let (a, b) = (start.max(g0), end.min(g1));
             out.extend_from_slice(&vals[(a - g0) * cols..(b - g0) * cols]);
         }
