@@ -1,6 +1,7 @@
 //! Device selection and the backend-erased [`GradModel`].
 //!
-//! `Device::Cpu` runs on `Autodiff<NdArray<f32>>`; `Device::Cuda(n)` runs on
+//! `Device::Cpu` runs on `Autodiff<Flex>` (burn's flex CPU backend, f32, gemm
+//! with AVX-512 kernels where the CPU has them); `Device::Cuda(n)` runs on
 //! `Autodiff<Cuda<f32>>` and is only usable when the crate is built with the
 //! `cuda` feature (otherwise loading returns [`Error::Device`]). The same
 //! generic [`Engine`] code runs on both.
@@ -21,8 +22,8 @@ use crate::error::{Error, Result};
 use crate::grads::{Engine, SampleFactors, SampleGrads, SampleLoss};
 use crate::model::{ParamInfo, ParamSet};
 
-/// CPU backend with autodiff (burn ndarray, f32).
-pub type CpuBackend = burn::backend::Autodiff<burn::backend::NdArray<f32>>;
+/// CPU backend with autodiff (burn flex, f32).
+pub type CpuBackend = burn::backend::Autodiff<burn::backend::Flex>;
 
 /// CUDA backend with autodiff (f32 floats).
 #[cfg(feature = "cuda")]
@@ -31,7 +32,7 @@ pub type CudaBackend = burn::backend::Autodiff<burn::backend::Cuda<f32>>;
 /// Where the model runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Device {
-    /// burn ndarray on the host CPU.
+    /// burn flex on the host CPU.
     #[default]
     Cpu,
     /// CUDA GPU with this ordinal (needs the `cuda` feature).
@@ -130,7 +131,7 @@ impl GradModel {
         let engine = match device {
             Device::Cpu => AnyEngine::Cpu(Box::new(Engine::load(
                 dir,
-                &burn::backend::ndarray::NdArrayDevice::Cpu,
+                &burn::backend::flex::FlexDevice,
                 params,
             )?)),
             #[cfg(feature = "cuda")]
