@@ -20,8 +20,8 @@ use crate::families::{
     roles, DecoderConfig, HeadKind, MlpKind, NormKind, Positions, QkNorm, QkvLayout, Roles,
 };
 use crate::model::{
-    act, attn_mask, lift, repeat_kv, rope, rope_freqs, split_heads, Ctx, Ignorable, Inner, Layout,
-    Lin, Loader, Norm, ParamKind, SpecBuilder,
+    act, add_mask, attn_mask, lift, repeat_kv, rope, rope_freqs, split_heads, Ctx, Ignorable,
+    Inner, Layout, Lin, Loader, Norm, ParamKind, SpecBuilder,
 };
 use crate::weights::Checkpoint;
 
@@ -622,7 +622,7 @@ fn attention<A: AutodiffBackend>(
     let k = repeat_kv(k, hq / hkv);
     let v = repeat_kv(v, hq / hkv);
     let scores = q.matmul(k.swap_dims(2, 3)) * c.attn_scale;
-    let scores = softcap(scores, c.attn_softcap) + mask.clone();
+    let scores = add_mask(softcap(scores, c.attn_softcap), mask);
     let p = activation::softmax(scores, 3);
     let a = p.matmul(v).swap_dims(1, 2).reshape([b, t, hq * d]);
     ctx.linear(a, &l.o)
