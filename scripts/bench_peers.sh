@@ -80,6 +80,9 @@ has() { case " $FLAGS " in *" $1 "*) echo yes ;; *) echo no ;; esac; }
 MEM=$(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo)
 MACHINE="$CPU, $CORES cores (avx512f $(has avx512f), amx $(has amx_tile)), $MEM"
 echo "$MACHINE; $THREADS threads each"
+# Other work on the machine skews both sides: the load average is printed at each stage.
+load() { echo "   (load average $(cut -d' ' -f1-3 /proc/loadavg))"; }
+load
 echo "gradshard $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$ROOT" diff --quiet 2>/dev/null || echo '+dirty')"
 
 # samples/s of one model-only collect row (better of two runs).
@@ -104,6 +107,7 @@ for row in "1 full loop_full" "1 factored loop_factored" "$BATCH full batched_fu
   printf '  %-17s %8.2f samples/s\n' "$3" "${GS[$3]}"
 done
 
+load
 echo "== gradshard score (bf16 stores, page cache warm)"
 for rep in full factored; do
   if [ ! -f "$DIR/s-$rep/manifest.json" ] || [ -e "$DIR/s-$rep/UNFINISHED" ]; then
@@ -126,11 +130,13 @@ echo "== gradshard grads (parity reference: task a)"
 rm -rf "$DIR/grads-a"
 "$BIN" grads --model "$MODEL" --input "$MODEL/a.jsonl" --out "$DIR/grads-a" --params attn >/dev/null
 
+load
 echo "== PyTorch (scripts/peers.py)"
 PT=$(env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE "$PY" scripts/peers.py "$MODEL" a b \
   --threads "$THREADS" --batch "$BATCH" --reps 2 --grads-a "$DIR/grads-a" 2>"$DIR/torch.err")
 echo "$PT" >"$DIR/torch.json"
 echo "  $PT"
+load
 
 "$PY" - "$DIR/torch.json" "$MACHINE" "$THREADS" "$BATCH" "$N" "$SEQ" \
   "${GS[loop_full]}" "${GS[loop_factored]}" "${GS[batched_full]}" "${GS[batched_factored]}" \
