@@ -170,11 +170,14 @@ impl<A: AutodiffBackend> Engine<A> {
         let logits = self.model.forward(batch.ids.clone(), ctx)?;
         let [b, t, _] = logits.dims();
         debug_assert_eq!(t, batch.t);
-        let logp = burn::tensor::activation::log_softmax(logits, 2);
-        let picked = logp
-            .gather(2, batch.labels.clone().reshape([b, t, 1]))
-            .reshape([b, t]);
-        Ok((picked.neg() * batch.mask.clone()).sum_dim(1).reshape([b]))
+        // Cross-entropy as logsumexp − picked logit: no full-width log-softmax tensor
+        // (one pass over the [b, t, V] logits less forward and backward). The row max
+        // is detached: logsumexp's derivative with respect to the shift is exactly 0.
+        let max = logits.clone().max_dim(2).detach();
+        let lse = (logits.clone() - max.clone()).exp().sum_dim(2).log() + max;
+        let picked = logits.gather(2, batch.labels.clone().reshape([b, t, 1]));
+        let nll = (lse - picked).reshape([b, t]);
+        Ok((nll * batch.mask.clone()).sum_dim(1).reshape([b]))
     }
 
     /// Loss sums without gradients, one entry per sample.
