@@ -265,6 +265,7 @@ pub fn salvage(dir: &Path, dry_run: bool) -> Result<SalvageReport> {
                 },
             }
         }
+        lost.sort_by_key(|r| r.seq);
         for r in lost {
             if seen.insert((r.task.to_string(), format!("{:?}", r.id))) {
                 rep.actions.push(format!(
@@ -280,7 +281,8 @@ pub fn salvage(dir: &Path, dry_run: bool) -> Result<SalvageReport> {
         }
         footers.insert(*no, (f.offset, f.tables));
     }
-    kept.sort_by_key(|r| r.seq);
+    // Kept records stay in log order (a writer with several workers commits samples
+    // in the order they complete, not in seq order); re-admitted ones follow, by seq.
     let seqs: HashSet<u64> = kept.iter().map(|r| r.seq).collect();
     if seqs.len() != kept.len() {
         rep.notes.push(
