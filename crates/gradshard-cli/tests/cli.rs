@@ -1,34 +1,15 @@
 //! End-to-end tests of the `gradshard` binary: crash and resume, bounded memory,
 //! exit codes and messages.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+mod common;
+
+use std::path::Path;
+use std::process::Stdio;
 use std::time::Instant;
 
+use common::{bin, fixtures, ok, run};
+
 use rand::{Rng, SeedableRng};
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_gradshard"))
-}
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
-fn run(args: &[&str]) -> Output {
-    bin().args(args).output().expect("run gradshard")
-}
-
-fn ok(args: &[&str]) -> String {
-    let o = run(args);
-    assert!(
-        o.status.success(),
-        "gradshard {args:?} failed: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
 
 fn inspect_json(store: &Path) -> serde_json::Value {
     serde_json::from_str(&ok(&[

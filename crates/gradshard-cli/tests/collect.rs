@@ -2,10 +2,14 @@
 //! LLaMA-GQA fixture: the float64 oracle's scores, the fixtures' Fisher, crash
 //! and resume, worker shares merged, the demo.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Stdio;
 use std::time::Instant;
+
+use common::{bin, fixtures, ok, p, run};
 
 use arrow::array::{Array, BooleanArray, Float64Array, Int32Array, Int64Array, StringArray};
 use arrow::datatypes::DataType;
@@ -13,31 +17,8 @@ use gradshard_core::{Block, Geometry};
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_gradshard"))
-}
-
 fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/llama-gqa")
-}
-
-fn run(args: &[&str]) -> Output {
-    bin().args(args).output().expect("run gradshard")
-}
-
-fn ok(args: &[&str]) -> String {
-    let o = run(args);
-    assert!(
-        o.status.success(),
-        "gradshard {args:?} failed: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn p(x: &Path) -> &str {
-    x.to_str().unwrap()
+    fixtures().join("llama-gqa")
 }
 
 /// `collect` arguments for the fixture model with both task files (or `tasks`).
