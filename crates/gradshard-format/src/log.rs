@@ -207,39 +207,44 @@ pub fn decode_log(bytes: &[u8]) -> Result<LogScan> {
         if rest.len() < RECORD_HEAD || rest.iter().all(|b| *b == 0) {
             return torn(records);
         }
-        let len = u32_at(rest, 0);
-        let end = RECORD_HEAD as u64 + len as u64;
-        let ends_file = end >= rest.len() as u64;
-        if len > MAX_RECORD_BODY || end > rest.len() as u64 {
-            if ends_file && len <= MAX_RECORD_BODY {
-                return torn(records);
+        // A record that fails and reaches the end of the file is a torn write; one that
+        // fails with more bytes after it is corruption.
+        let ends_file = RECORD_HEAD as u64 + u32_at(rest, 0) as u64 >= rest.len() as u64;
+        match decode_log_record(rest) {
+            Ok((r, n)) => {
+                records.push(r);
+                p += n;
             }
-            return Err(Error::Invalid {
-                what: "log record",
-                detail: format!(
-                    "record at offset {p} claims {len} bytes; file has {} left",
-                    rest.len()
-                ),
-            });
-        }
-        let body = &rest[RECORD_HEAD..end as usize];
-        let stored = u64_at(rest, 4);
-        let computed = checksum(&[body]);
-        if stored != computed {
-            if ends_file {
-                return torn(records);
+            // (A body that passed its checksum but does not parse is corruption, below.)
+            Err(Error::Truncated {
+                what: "log record", ..
+            }) => return torn(records),
+            Err(Error::TooLarge { value, .. }) => {
+                return Err(Error::Invalid {
+                    what: "log record",
+                    detail: format!(
+                        "record at offset {p} claims {value} bytes; file has {} left",
+                        rest.len()
+                    ),
+                })
             }
-            return Err(Error::Checksum {
-                what: "log record (not at the tail: corruption, not a torn write)",
-                stored,
-                computed,
-            });
+            Err(Error::Checksum { .. }) if ends_file => return torn(records),
+            Err(Error::Checksum {
+                stored, computed, ..
+            }) => {
+                return Err(Error::Checksum {
+                    what: "log record (not at the tail: corruption, not a torn write)",
+                    stored,
+                    computed,
+                })
+            }
+            Err(e) => {
+                return Err(Error::Invalid {
+                    what: "log record",
+                    detail: format!("at offset {p}: {e}"),
+                })
+            }
         }
-        records.push(decode_body(body).map_err(|e| Error::Invalid {
-            what: "log record",
-            detail: format!("at offset {p}: {e}"),
-        })?);
-        p += end as usize;
     }
     Ok(LogScan {
         records,
