@@ -48,6 +48,11 @@ pub enum Error {
     #[error("{path}: {what}")]
     Stats { path: PathBuf, what: String },
 
+    /// A statistics file of version 1 (no checksum): recomputed where it is needed,
+    /// reported by `verify` as a warning.
+    #[error("{path}: statistics version 1, written by an older gradshard without a checksum; `gradshard salvage --store {store}` rebuilds it from the samples")]
+    StatsWithoutChecksum { path: PathBuf, store: PathBuf },
+
     /// Stores that cannot be merged, with the reason.
     #[error("merge: {0}")]
     Merge(String),

@@ -433,12 +433,9 @@ impl TaskStats {
             what: format!("not a statistics file: {e}"),
         })?;
         if s.version == 1 {
-            return Err(Error::Stats {
+            return Err(Error::StatsWithoutChecksum {
                 path: path.to_path_buf(),
-                what: format!(
-                    "statistics version 1, written by an older gradshard without a checksum; `gradshard salvage --store {}` rebuilds it from the samples",
-                    store_of(path).display()
-                ),
+                store: store_of(path),
             });
         }
         if s.version != STATS_VERSION {
@@ -521,7 +518,7 @@ pub fn check_files(store: &Store) -> StatsCheck {
         out.files += 1;
         let s = match TaskStats::load(&path) {
             Ok(s) => s,
-            Err(e @ Error::Stats { .. }) if e.to_string().contains("version 1,") => {
+            Err(e @ Error::StatsWithoutChecksum { .. }) => {
                 out.warnings.push(e.to_string());
                 continue;
             }
@@ -864,7 +861,7 @@ pub fn load_or_compute(store: &Store, task: &TaskName) -> Result<TaskStats> {
     let path = task_stats_path(store.dir(), task);
     if path.exists() {
         let s = match TaskStats::load(&path) {
-            Err(e @ Error::Stats { .. }) if e.to_string().contains("version 1,") => {
+            Err(e @ Error::StatsWithoutChecksum { .. }) => {
                 tracing::warn!("{e}; recomputing");
                 return compute(store, task, &layout, recs, digest);
             }
