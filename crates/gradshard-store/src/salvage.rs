@@ -22,11 +22,13 @@ use std::collections::{BTreeMap, HashSet};
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
 
 use gradshard_format::{
-    decode_frame, decode_log_record, encode_footer, encode_log_record, parse_footer, FrameKind,
-    LogRecord, ShardHeader, TableView, LOG_HEADER, LOG_HEADER_LEN, SHARD_HEADER_LEN,
+    decode_log_record, encode_footer, encode_log_record, parse_footer, LogRecord, ShardHeader,
+    LOG_HEADER, LOG_HEADER_LEN,
 };
+use gradshard_index::FrameOrder;
 use rayon::prelude::*;
 
 use crate::error::{IoContext, Result};
@@ -51,71 +53,18 @@ pub struct SalvageReport {
     pub changed: bool,
 }
 
-/// Why a sample cannot be kept, or `None` when its table and frames check out.
-fn check_sample(
+/// Why a sample cannot be kept (the first problem `verify` would report for it), or
+/// `None` when its table and frames check out.
+fn unreadable(
+    dir: &Path,
     data: &[u8],
     r: &LogRecord,
-    n_frames: usize,
-    n_shared: usize,
-    dtype: gradshard_core::DType,
+    manifest: &Manifest,
+    order: &FrameOrder,
 ) -> Option<String> {
-    let end = r.table_offset.saturating_add(r.table_len as u64);
-    if r.table_offset < SHARD_HEADER_LEN as u64 || end > data.len() as u64 {
-        return Some(format!(
-            "its sample table {}..{end} lies outside the shard ({} bytes)",
-            r.table_offset,
-            data.len()
-        ));
-    }
-    let view = match TableView::parse(&data[r.table_offset as usize..end as usize]) {
-        Ok(v) => v,
-        Err(e) => return Some(format!("sample table: {e}")),
-    };
-    if view.n_frames as usize != n_frames || view.seq != r.seq {
-        return Some(format!(
-            "sample table has {} frames and seq {}, expected {n_frames} and {}",
-            view.n_frames, view.seq, r.seq
-        ));
-    }
-    if view.is_factored() && view.n_shared as usize != n_shared {
-        return Some(format!(
-            "sample table has {} shared factors, expected {n_shared}",
-            view.n_shared
-        ));
-    }
-    let mut scratch = Vec::new();
-    for (i, e) in view.all_entries().enumerate() {
-        let fend = e.offset.saturating_add(e.frame_len as u64);
-        if e.offset < SHARD_HEADER_LEN as u64 || fend > data.len() as u64 {
-            return Some(format!("frame {i} lies outside the shard"));
-        }
-        match decode_frame(
-            &data[e.offset as usize..fend as usize],
-            Some(e.checksum),
-            &mut scratch,
-        ) {
-            Ok(h) if h.dtype == dtype && h.raw_len == e.raw_len => {
-                let want = if i >= n_frames {
-                    FrameKind::Shared
-                } else if view.is_factored() {
-                    FrameKind::Factor
-                } else {
-                    FrameKind::Full
-                };
-                if h.kind != want {
-                    return Some(format!("frame {i} is a {}, expected a {want}", h.kind));
-                }
-            }
-            Ok(h) => {
-                return Some(format!(
-                    "frame {i} holds {} bytes of {}, its table says {} bytes of {dtype}",
-                    h.raw_len, h.dtype, e.raw_len
-                ))
-            }
-            Err(err) => return Some(format!("frame {i}: {err}")),
-        }
-    }
-    None
+    let (frames, bytes) = (AtomicU64::new(0), AtomicU64::new(0));
+    let (problems, _) = crate::verify::check_sample(dir, data, r, manifest, order, &frames, &bytes);
+    problems.into_iter().next()
 }
 
 /// Salvages the store at `dir`. The caller holds no writer on it; salvage takes the
@@ -124,8 +73,6 @@ pub fn salvage(dir: &Path, dry_run: bool) -> Result<SalvageReport> {
     let manifest = Manifest::load(dir)?;
     let lock = crate::writer::acquire_lock(dir)?;
     let order = manifest.spec.frame_order();
-    let (n_frames, n_shared) = (order.n_frames(), order.n_shared());
-    let dtype = manifest.spec.dtype;
     let store_id = manifest.store_id_bytes()?;
     let mut rep = SalvageReport::default();
     if let Some(why) = crate::unfinished(dir) {
@@ -199,7 +146,7 @@ pub fn salvage(dir: &Path, dry_run: bool) -> Result<SalvageReport> {
                 "its shard {} is missing or unusable",
                 shard_path(dir, r.shard).display()
             )),
-            Some(data) => check_sample(data, r, n_frames, n_shared, dtype),
+            Some(data) => unreadable(dir, data, r, &manifest, &order),
         })
         .collect();
     let mut kept: Vec<LogRecord> = Vec::new();
@@ -254,7 +201,7 @@ pub fn salvage(dir: &Path, dry_run: bool) -> Result<SalvageReport> {
                     "{}: the sample table at offset {off} is not in the log and has no record copy (written by an older gradshard); it cannot be re-admitted",
                     path.display()
                 )),
-                Some(r) => match check_sample(data, &r, n_frames, n_shared, dtype) {
+                Some(r) => match unreadable(dir, data, &r, &manifest, &order) {
                     Some(why) => rep.notes.push(format!(
                         "{}: task `{}` sample {} is not in the log and cannot be re-admitted: {why}",
                         path.display(),

@@ -8,6 +8,7 @@ use gradshard_format::{
     decode_frame, decode_log, parse_footer, FrameKind, LogRecord, ShardHeader, TableView,
     SHARD_HEADER_LEN, TRAILER_LEN,
 };
+use gradshard_index::FrameOrder;
 use rayon::prelude::*;
 
 use crate::error::{IoContext, Result};
@@ -38,8 +39,6 @@ impl VerifyReport {
 pub fn verify(dir: &Path, progress: &(dyn Fn(u64, u64) + Sync)) -> Result<VerifyReport> {
     let manifest = Manifest::load(dir)?;
     let order = manifest.spec.frame_order();
-    let n_frames = order.n_frames();
-    let dtype = manifest.spec.dtype;
     let store_id = manifest.store_id_bytes()?;
     let mut rep = VerifyReport::default();
     if let Some(why) = crate::unfinished(dir) {
@@ -192,120 +191,22 @@ pub fn verify(dir: &Path, progress: &(dyn Fn(u64, u64) + Sync)) -> Result<Verify
     let per_sample: Vec<Checked> = records
         .par_iter()
         .map(|r| {
-            let mut probs = Vec::new();
-            let mut ranges = Vec::new();
             let who = format!("task `{}` sample {}", r.task, r.id);
             let Some(data) = files.get(&r.shard) else {
-                probs.push(format!("{who}: shard {} is missing", shard_path(dir, r.shard).display()));
-                return (probs, ranges);
+                let p = format!(
+                    "{who}: shard {} is missing",
+                    shard_path(dir, r.shard).display()
+                );
+                return (vec![p], Vec::new());
             };
             if bad_shards.contains(&r.shard) {
-                probs.push(format!("{who}: in damaged shard {}", shard_path(dir, r.shard).display()));
-                return (probs, ranges);
+                let p = format!(
+                    "{who}: in damaged shard {}",
+                    shard_path(dir, r.shard).display()
+                );
+                return (vec![p], Vec::new());
             }
-            let p = shard_path(dir, r.shard);
-            let end = r.table_offset.saturating_add(r.table_len as u64);
-            if end > data.len() as u64 || r.table_offset < SHARD_HEADER_LEN as u64 {
-                probs.push(format!(
-                    "{}: {who}: index entry past end of file (sample table {}..{end}, file {} bytes)",
-                    p.display(),
-                    r.table_offset,
-                    data.len()
-                ));
-                return (probs, ranges);
-            }
-            let view = match TableView::parse(&data[r.table_offset as usize..end as usize]) {
-                Ok(v) => v,
-                Err(e) => {
-                    probs.push(format!("{}: {who}: sample table: {e}", p.display()));
-                    return (probs, ranges);
-                }
-            };
-            if view.n_frames as usize != n_frames || view.seq != r.seq {
-                probs.push(format!(
-                    "{}: {who}: sample table has {} frames and seq {}, expected {n_frames} and {}",
-                    p.display(),
-                    view.n_frames,
-                    view.seq,
-                    r.seq
-                ));
-                return (probs, ranges);
-            }
-            let factored = view.is_factored();
-            if factored && (view.n_shared as usize != order.n_shared() || manifest.format_version < 2) {
-                probs.push(format!(
-                    "{}: {who}: sample table has {} shared factors, expected 0 or {} (format version {})",
-                    p.display(),
-                    view.n_shared,
-                    order.n_shared(),
-                    manifest.format_version
-                ));
-                return (probs, ranges);
-            }
-            ranges.push((r.shard, r.table_offset, end));
-            if let Some(n) = crate::writer::record_copy_len(data, end, r) {
-                ranges.push((r.shard, end, end + n as u64));
-            }
-            let mut scratch = Vec::new();
-            // Factor row counts: every P of a shared factor S has S's n.
-            let mut shared_rows = vec![None; view.n_shared as usize];
-            let mut factor_rows: Vec<(usize, usize)> = Vec::new();
-            for (i, e) in view.all_entries().enumerate() {
-                let fend = e.offset.saturating_add(e.frame_len as u64);
-                let (slice, kind, width) = if i >= n_frames {
-                    let j = i - n_frames;
-                    (order.describe_shared(j), FrameKind::Shared, order.shared()[j].cols)
-                } else if factored {
-                    let (_, w, _) = order.factor_of(i).expect("frame in range");
-                    (format!("{} (factor P)", order.describe(i)), FrameKind::Factor, w)
-                } else {
-                    (order.describe(i), FrameKind::Full, order.frame_numel(i).unwrap_or(0))
-                };
-                if fend > data.len() as u64 || e.offset < SHARD_HEADER_LEN as u64 {
-                    probs.push(format!(
-                        "{}: {who} {slice}: index entry past end of file (frame {}..{fend}, file {} bytes)",
-                        p.display(),
-                        e.offset,
-                        data.len()
-                    ));
-                    continue;
-                }
-                ranges.push((r.shard, e.offset, fend));
-                match decode_frame(&data[e.offset as usize..fend as usize], Some(e.checksum), &mut scratch) {
-                    Ok(h) => {
-                        let rows = if kind == FrameKind::Full { 1 } else { h.rows as usize };
-                        let want = rows * width * dtype.size();
-                        if h.kind != kind || h.raw_len as usize != want || h.dtype != dtype || h.raw_len != e.raw_len {
-                            probs.push(format!(
-                                "{}: {who} {slice}: a {} of {} bytes of {}, expected a {kind} of {want} bytes of {dtype}",
-                                p.display(),
-                                h.kind,
-                                h.raw_len,
-                                h.dtype
-                            ));
-                        }
-                        match kind {
-                            FrameKind::Shared => shared_rows[i - n_frames] = Some(rows),
-                            FrameKind::Factor => factor_rows.push((i, rows)),
-                            FrameKind::Full => {}
-                        }
-                        frames.fetch_add(1, Ordering::Relaxed);
-                        bytes.fetch_add(e.frame_len as u64, Ordering::Relaxed);
-                    }
-                    Err(err) => probs.push(format!("{}: {who} {slice} at offset {}: {err}", p.display(), e.offset)),
-                }
-            }
-            for (f, n) in factor_rows {
-                let (j, _, _) = order.factor_of(f).expect("frame in range");
-                if let Some(sn) = shared_rows[j].filter(|sn| *sn != n) {
-                    probs.push(format!(
-                        "{}: {who} {} (factor P): {n} rows, its {} has {sn}",
-                        p.display(),
-                        order.describe(f),
-                        order.describe_shared(j)
-                    ));
-                }
-            }
+            let (probs, ranges) = check_sample(dir, data, r, &manifest, &order, &frames, &bytes);
             progress(done.fetch_add(1, Ordering::Relaxed) + 1, total);
             (probs, ranges)
         })
@@ -345,4 +246,158 @@ pub fn verify(dir: &Path, progress: &(dyn Fn(u64, u64) + Sync)) -> Result<Verify
     }
     let _ = TRAILER_LEN;
     Ok(rep)
+}
+
+/// Checks one committed sample in its shard's bytes: the table (place, checksum, frame
+/// count, seq, shared-factor count), every frame (place, checksums, kind, dtype, size)
+/// and, for a factored sample, that each P has its S's row count. Returns the problems
+/// (each naming the shard, task, sample and slice) and the byte ranges the sample
+/// references. `frames` and `bytes` count what decoded. `salvage` keeps a sample only
+/// when this finds nothing, so a salvaged store passes `verify`.
+pub(crate) fn check_sample(
+    dir: &Path,
+    data: &[u8],
+    r: &LogRecord,
+    manifest: &Manifest,
+    order: &FrameOrder,
+    frames: &AtomicU64,
+    bytes: &AtomicU64,
+) -> (Vec<String>, Vec<(u32, u64, u64)>) {
+    let mut probs = Vec::new();
+    let mut ranges = Vec::new();
+    let who = format!("task `{}` sample {}", r.task, r.id);
+    let n_frames = order.n_frames();
+    let dtype = manifest.spec.dtype;
+    let p = shard_path(dir, r.shard);
+    let end = r.table_offset.saturating_add(r.table_len as u64);
+    if end > data.len() as u64 || r.table_offset < SHARD_HEADER_LEN as u64 {
+        probs.push(format!(
+            "{}: {who}: index entry past end of file (sample table {}..{end}, file {} bytes)",
+            p.display(),
+            r.table_offset,
+            data.len()
+        ));
+        return (probs, ranges);
+    }
+    let view = match TableView::parse(&data[r.table_offset as usize..end as usize]) {
+        Ok(v) => v,
+        Err(e) => {
+            probs.push(format!("{}: {who}: sample table: {e}", p.display()));
+            return (probs, ranges);
+        }
+    };
+    if view.n_frames as usize != n_frames || view.seq != r.seq {
+        probs.push(format!(
+            "{}: {who}: sample table has {} frames and seq {}, expected {n_frames} and {}",
+            p.display(),
+            view.n_frames,
+            view.seq,
+            r.seq
+        ));
+        return (probs, ranges);
+    }
+    let factored = view.is_factored();
+    if factored && (view.n_shared as usize != order.n_shared() || manifest.format_version < 2) {
+        probs.push(format!(
+            "{}: {who}: sample table has {} shared factors, expected 0 or {} (format version {})",
+            p.display(),
+            view.n_shared,
+            order.n_shared(),
+            manifest.format_version
+        ));
+        return (probs, ranges);
+    }
+    ranges.push((r.shard, r.table_offset, end));
+    if let Some(n) = crate::writer::record_copy_len(data, end, r) {
+        ranges.push((r.shard, end, end + n as u64));
+    }
+    let mut scratch = Vec::new();
+    // Factor row counts: every P of a shared factor S has S's n.
+    let mut shared_rows = vec![None; view.n_shared as usize];
+    let mut factor_rows: Vec<(usize, usize)> = Vec::new();
+    for (i, e) in view.all_entries().enumerate() {
+        let fend = e.offset.saturating_add(e.frame_len as u64);
+        let (slice, kind, width) = if i >= n_frames {
+            let j = i - n_frames;
+            (
+                order.describe_shared(j),
+                FrameKind::Shared,
+                order.shared()[j].cols,
+            )
+        } else if factored {
+            let (_, w, _) = order.factor_of(i).expect("frame in range");
+            (
+                format!("{} (factor P)", order.describe(i)),
+                FrameKind::Factor,
+                w,
+            )
+        } else {
+            (
+                order.describe(i),
+                FrameKind::Full,
+                order.frame_numel(i).unwrap_or(0),
+            )
+        };
+        if fend > data.len() as u64 || e.offset < SHARD_HEADER_LEN as u64 {
+            probs.push(format!(
+                "{}: {who} {slice}: index entry past end of file (frame {}..{fend}, file {} bytes)",
+                p.display(),
+                e.offset,
+                data.len()
+            ));
+            continue;
+        }
+        ranges.push((r.shard, e.offset, fend));
+        match decode_frame(
+            &data[e.offset as usize..fend as usize],
+            Some(e.checksum),
+            &mut scratch,
+        ) {
+            Ok(h) => {
+                let rows = if kind == FrameKind::Full {
+                    1
+                } else {
+                    h.rows as usize
+                };
+                let want = rows * width * dtype.size();
+                if h.kind != kind
+                    || h.raw_len as usize != want
+                    || h.dtype != dtype
+                    || h.raw_len != e.raw_len
+                {
+                    probs.push(format!(
+                        "{}: {who} {slice}: a {} of {} bytes of {}, expected a {kind} of {want} bytes of {dtype}",
+                        p.display(),
+                        h.kind,
+                        h.raw_len,
+                        h.dtype
+                    ));
+                }
+                match kind {
+                    FrameKind::Shared => shared_rows[i - n_frames] = Some(rows),
+                    FrameKind::Factor => factor_rows.push((i, rows)),
+                    FrameKind::Full => {}
+                }
+                frames.fetch_add(1, Ordering::Relaxed);
+                bytes.fetch_add(e.frame_len as u64, Ordering::Relaxed);
+            }
+            Err(err) => probs.push(format!(
+                "{}: {who} {slice} at offset {}: {err}",
+                p.display(),
+                e.offset
+            )),
+        }
+    }
+    for (f, n) in factor_rows {
+        let (j, _, _) = order.factor_of(f).expect("frame in range");
+        if let Some(sn) = shared_rows[j].filter(|sn| *sn != n) {
+            probs.push(format!(
+                "{}: {who} {} (factor P): {n} rows, its {} has {sn}",
+                p.display(),
+                order.describe(f),
+                order.describe_shared(j)
+            ));
+        }
+    }
+    (probs, ranges)
 }
