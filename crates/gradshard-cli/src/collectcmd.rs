@@ -12,7 +12,7 @@ use gradshard_collect::{
     CollectEvent, CollectOptions, CollectReport, NanPolicy, RepresentationChoice, WorkerSplit,
 };
 use gradshard_core::TaskName;
-use gradshard_models::{Device, ParamSet};
+use gradshard_models::{CpuEngine, Device, ParamSet};
 use gradshard_store::{fsutil, LiveCounters};
 use serde_json::json;
 
@@ -36,6 +36,10 @@ pub struct CollectArgs {
     /// cpu, cuda or cuda:N (CUDA needs a build with --features cuda).
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     pub device: Device,
+    /// CPU engine: `auto` (the native engine for the LLaMA family with attn or
+    /// attn,mlp, burn otherwise), `native` (fail if it does not run the model) or `burn`.
+    #[arg(long, default_value = "auto")]
+    pub cpu_engine: CpuEngine,
     /// Only the first N samples of each task file (before the worker split).
     #[arg(long)]
     pub max_samples: Option<usize>,
@@ -93,6 +97,7 @@ pub fn run_collect(a: &CollectArgs) -> Result<CollectReport> {
     o.dtype = a.write.dtype;
     o.codec = codec;
     o.device = a.device;
+    o.cpu_engine = a.cpu_engine;
     o.max_samples = a.max_samples;
     o.max_tokens = a.max_tokens;
     o.batch = a.batch;
@@ -143,11 +148,12 @@ fn print_report(r: &CollectReport, a: &CollectArgs) -> Result<()> {
     if a.model_only {
         let bytes = r.stored * r.values_per_sample * r.dtype_bytes;
         println!(
-            "collect --model-only: {} samples in {secs:.2} s: {:.2} samples/s, {:.3} GB/s of {}-B gradients (nothing stored); model {:.2} s, frames+stats {:.2} s; peak RSS {}",
+            "collect --model-only: {} samples in {secs:.2} s: {:.2} samples/s, {:.3} GB/s of {}-B gradients (nothing stored); model ({} engine) {:.2} s, frames+stats {:.2} s; peak RSS {}",
             r.stored,
             r.stored as f64 / secs,
             bytes as f64 / secs / 1e9,
             r.dtype_bytes,
+            r.engine,
             r.compute_time.as_secs_f64(),
             r.prepare_time.as_secs_f64(),
             peak.map(human).unwrap_or_else(|| "n/a".into())
@@ -176,7 +182,8 @@ fn print_report(r: &CollectReport, a: &CollectArgs) -> Result<()> {
         w.stored_bytes as f64 / secs / 1e9
     );
         println!(
-        "  time: model {:.2} s, frames+stats {:.2} s, waited on the writer {:.2} s | compression {:.2} s (summed over workers), write+fsync {:.2} s; peak RSS {}",
+        "  time: model ({} engine) {:.2} s, frames+stats {:.2} s, waited on the writer {:.2} s | compression {:.2} s (summed over workers), write+fsync {:.2} s; peak RSS {}",
+        r.engine,
         r.compute_time.as_secs_f64(),
         r.prepare_time.as_secs_f64(),
         r.blocked_time.as_secs_f64(),
@@ -214,6 +221,7 @@ fn print_report(r: &CollectReport, a: &CollectArgs) -> Result<()> {
             "seconds": secs,
             "raw_gb_per_s": w.raw_bytes as f64 / secs / 1e9,
             "disk_gb_per_s": w.stored_bytes as f64 / secs / 1e9,
+            "engine": r.engine,
             "model_seconds": r.compute_time.as_secs_f64(),
             "prepare_seconds": r.prepare_time.as_secs_f64(),
             "blocked_on_writer_seconds": r.blocked_time.as_secs_f64(),

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::Args;
-use gradshard_models::{write_grads, Device, GradsOptions, ParamSet, Progress};
+use gradshard_models::{write_grads, CpuEngine, Device, GradsOptions, ParamSet, Progress};
 
 use crate::progress::counter;
 
@@ -32,6 +32,10 @@ pub struct GradsArgs {
     /// cpu, or cuda[:N] in builds with the `cuda` feature.
     #[arg(long, default_value = "cpu")]
     pub device: Device,
+    /// CPU engine: `auto` (the native engine for the LLaMA family with attn or
+    /// attn,mlp, burn otherwise), `native` (fail if it does not run the model) or `burn`.
+    #[arg(long, default_value = "auto")]
+    pub cpu_engine: CpuEngine,
 }
 
 pub fn grads(a: GradsArgs) -> Result<ExitCode> {
@@ -40,6 +44,7 @@ pub fn grads(a: GradsArgs) -> Result<ExitCode> {
     o.max_tokens = a.max_tokens;
     o.batch = a.batch.max(1);
     o.device = a.device;
+    o.cpu_engine = a.cpu_engine;
     let bar = counter(0, "grads");
     let r = write_grads(&o, &mut |p| match p {
         Progress::Sample { done, .. } => bar.set_position(done as u64),

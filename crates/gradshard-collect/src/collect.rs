@@ -2,6 +2,7 @@
 //! writer pipeline (bounded queue → compression workers → appender), with the
 //! per-sample Fisher sums logged for the statistics.
 
+use rayon::prelude::*;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -10,8 +11,8 @@ use std::time::{Duration, Instant};
 use gradshard_core::{Axis, Block, DType, Geometry, OtherTensor, SampleId, TaskName};
 use gradshard_index::FrameOrder;
 use gradshard_models::{
-    load_tokenizer, Device, GradModel, ParamInfo, ParamSet, ReaderOptions, SampleFactors,
-    SampleGrads, SampleReader,
+    load_tokenizer, CpuEngine, Device, GradModel, ParamInfo, ParamSet, ReaderOptions,
+    SampleFactors, SampleGrads, SampleReader,
 };
 use gradshard_store::{
     CodecSpec, Representation, SampleMeta, StoreSpec, StoreWriter, WriteReport, WriterOptions,
@@ -132,6 +133,8 @@ pub struct CollectOptions {
     pub dtype: DType,
     pub codec: CodecSpec,
     pub device: Device,
+    /// Which engine runs the model on the CPU.
+    pub cpu_engine: CpuEngine,
     /// Only the first N samples of each task file (before the worker split).
     pub max_samples: Option<usize>,
     /// Truncate each sample to this many tokens.
@@ -160,6 +163,7 @@ impl CollectOptions {
             dtype: DType::Bf16,
             codec: CodecSpec::DEFAULT,
             device: Device::Cpu,
+            cpu_engine: CpuEngine::Auto,
             max_samples: None,
             max_tokens: None,
             batch: 1,
@@ -239,6 +243,8 @@ pub struct CollectReport {
     pub factored_samples: u64,
     /// Values handed to the writer by this run (factors count their own size).
     pub values_stored: u64,
+    /// The engine that computed the gradients (`native`, `burn`, `burn-cuda`).
+    pub engine: &'static str,
 }
 
 fn to_core_id(task: &TaskName, id: &gradshard_models::SampleId, line: usize) -> Result<SampleId> {
@@ -645,16 +651,26 @@ impl Sink<'_> {
         let mut s_of = s_of;
         p_of.iter_mut().for_each(|p| round(&mut p.1));
         s_of.iter_mut().for_each(|s| round(&mut s.1));
-        let grams: Vec<Vec<f64>> = s_of
-            .iter()
-            .zip(order.shared())
+        // The Gram matrices and the frames' squared sums are many small products:
+        // computed in parallel, one product per task (gemm runs single-threaded
+        // inside the pool), then added in frame order, as one by one.
+        let shared: Vec<_> = s_of.iter().zip(order.shared()).collect();
+        let grams: Vec<Vec<f64>> = shared
+            .par_iter()
             .map(|((n, v, _), sf)| gradshard_core::factor::gram(v, *n, sf.cols))
             .collect();
+        let layout = &self.layout;
+        let terms: Vec<_> = p_of
+            .par_iter()
+            .enumerate()
+            .map(|(frame, (n, p))| {
+                let (j, _, _) = order.factor_of(frame).expect("frame in range");
+                layout.factored_terms(frame, p, &s_of[j].1, *n, &grams[j])
+            })
+            .collect();
         let mut sums = vec![0f64; self.layout.len()];
-        for (frame, (n, p)) in p_of.iter().enumerate() {
-            let (j, _, _) = order.factor_of(frame).expect("frame in range");
-            self.layout
-                .accumulate_factored(frame, p, &s_of[j].1, *n, &grams[j], &mut sums);
+        for t in &terms {
+            t.add_to(&mut sums);
         }
         let mut h = None;
         if let Some(w) = self.w {
@@ -802,7 +818,8 @@ pub fn collect(
             )));
         }
     }
-    let model = GradModel::load(&opts.model_dir, opts.device, opts.params)?;
+    let model = GradModel::load_with(&opts.model_dir, opts.device, opts.params, opts.cpu_engine)?;
+    let engine = model.engine_name();
     let tracked = model.tracked_params();
     let spec = spec_from_params(&opts.model_dir, &tracked, opts.dtype, opts.codec)?;
     let mut wopts = opts.writer.clone();
@@ -1066,6 +1083,7 @@ pub fn collect(
         }
     }
     Ok(CollectReport {
+        engine,
         write,
         stored,
         resumed,

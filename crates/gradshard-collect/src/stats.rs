@@ -153,14 +153,32 @@ impl StatsLayout {
         gram_s: &[f64],
         sums: &mut [f64],
     ) {
+        self.factored_terms(frame, p, s, n, gram_s).add_to(sums);
+    }
+
+    /// What [`TaskLayout::accumulate_factored`] adds, without adding it: the frames of
+    /// one sample can be computed in parallel and added in frame order afterwards (the
+    /// same sums, bit for bit, as adding them one by one).
+    pub fn factored_terms(
+        &self,
+        frame: usize,
+        p: &[f32],
+        s: &[f32],
+        n: usize,
+        gram_s: &[f64],
+    ) -> FactoredTerms {
         use gradshard_core::factor::{frob2_from_grams, gram, row_sums_sq};
         let Some((_, r, c)) = self.order.factor_of(frame) else {
-            return;
+            return FactoredTerms {
+                start: 0,
+                values: vec![],
+            };
         };
         match self.order.key(frame) {
-            Some(FrameKey::Attn { .. }) => {
-                sums[frame] += frob2_from_grams(&gram(p, n, r), gram_s);
-            }
+            Some(FrameKey::Attn { .. }) => FactoredTerms {
+                start: frame,
+                values: vec![frob2_from_grams(&gram(p, n, r), gram_s)],
+            },
             Some(FrameKey::Other { tensor, group }) => {
                 let t = &self.order.others()[tensor];
                 let base = self.chan_base[tensor];
@@ -168,18 +186,23 @@ impl StatsLayout {
                     let (a, _) = t.group_rows(group);
                     let mut rows = vec![0f64; r];
                     row_sums_sq(p, n, r, gram_s, &mut rows);
-                    for (i, v) in rows.into_iter().enumerate() {
-                        sums[base + a + i] += v;
+                    FactoredTerms {
+                        start: base + a,
+                        values: rows,
                     }
                 } else {
                     let mut cols = vec![0f64; c];
                     row_sums_sq(s, n, c, &gram(p, n, r), &mut cols);
-                    for (k, v) in cols.into_iter().enumerate() {
-                        sums[base + k] += v;
+                    FactoredTerms {
+                        start: base,
+                        values: cols,
                     }
                 }
             }
-            None => {}
+            None => FactoredTerms {
+                start: 0,
+                values: vec![],
+            },
         }
     }
 
@@ -900,6 +923,23 @@ fn compute(
     Ok(TaskStats::from_welford(
         layout, task, &w, tokens, digest, "rebuilt",
     ))
+}
+
+/// Squared sums of one factored frame, for the sums entries `start..start + len`
+/// ([`TaskLayout::factored_terms`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FactoredTerms {
+    start: usize,
+    values: Vec<f64>,
+}
+
+impl FactoredTerms {
+    /// Adds the terms into `sums`.
+    pub fn add_to(&self, sums: &mut [f64]) {
+        for (s, v) in sums[self.start..].iter_mut().zip(&self.values) {
+            *s += v;
+        }
+    }
 }
 
 #[cfg(test)]

@@ -88,8 +88,11 @@ fn gemm_f64(
         dst.fill(0.0);
         return;
     }
+    // Parallel inside gemm only when called from outside the rayon pool: callers that
+    // already run many small products in parallel (one per pool task) get one
+    // single-threaded product each.
     let threads = rayon::current_num_threads();
-    let par = if threads > 1 {
+    let par = if threads > 1 && rayon::current_thread_index().is_none() {
         gemm::Parallelism::Rayon(threads)
     } else {
         gemm::Parallelism::None

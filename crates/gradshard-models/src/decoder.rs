@@ -59,7 +59,7 @@ pub(crate) struct DecoderNet<B: Backend> {
 }
 
 /// A role's name for layer `i` under `root` (which replaces a leading `model.`).
-fn name(template: &str, i: usize, root: &str) -> String {
+pub(crate) fn name(template: &str, i: usize, root: &str) -> String {
     let n = template.replace("{i}", &i.to_string());
     match n.strip_prefix("model.") {
         Some(rest) if root != "model." => format!("{root}{rest}"),

@@ -99,8 +99,47 @@ pub fn cuda_available(n: usize) -> bool {
     }
 }
 
+/// Which engine runs a model on the CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum CpuEngine {
+    /// The native engine when it runs the model (LLaMA-style decoders with
+    /// the `attn` or `attn,mlp` sets, see `native.rs`), burn otherwise.
+    #[default]
+    Auto,
+    /// The native engine; loading fails when it does not run the model.
+    Native,
+    /// burn's autodiff on the flex backend (every architecture).
+    Burn,
+}
+
+impl fmt::Display for CpuEngine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            CpuEngine::Auto => "auto",
+            CpuEngine::Native => "native",
+            CpuEngine::Burn => "burn",
+        })
+    }
+}
+
+impl FromStr for CpuEngine {
+    type Err = Error;
+    /// `auto`, `native` or `burn`.
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(CpuEngine::Auto),
+            "native" => Ok(CpuEngine::Native),
+            "burn" => Ok(CpuEngine::Burn),
+            _ => Err(Error::InvalidArgument(format!(
+                "unknown CPU engine {s:?} (use auto, native or burn)"
+            ))),
+        }
+    }
+}
+
 /// Boxed: engines are large (a few KB of tensor handles) and live long.
 enum AnyEngine {
+    Native(Box<crate::native::NativeEngine>),
     Cpu(Box<Engine<CpuBackend>>),
     #[cfg(feature = "cuda")]
     Cuda(Box<Engine<CudaBackend>>),
@@ -110,6 +149,19 @@ enum AnyEngine {
 macro_rules! dispatch {
     ($self:expr, $e:ident => $body:expr) => {
         match &$self.engine {
+            AnyEngine::Native($e) => $body,
+            AnyEngine::Cpu($e) => $body,
+            #[cfg(feature = "cuda")]
+            AnyEngine::Cuda($e) => $body,
+        }
+    };
+}
+
+/// Runs `$body` with `$e` bound to a burn engine (never called for the native one).
+macro_rules! dispatch_burn {
+    ($self:expr, $e:ident => $body:expr) => {
+        match &$self.engine {
+            AnyEngine::Native(_) => unreachable!("handled by the caller"),
             AnyEngine::Cpu($e) => $body,
             #[cfg(feature = "cuda")]
             AnyEngine::Cuda($e) => $body,
@@ -126,14 +178,39 @@ pub struct GradModel {
 }
 
 impl GradModel {
-    /// Load `dir` (config.json + model.safetensors or a sharded index) onto `device`.
+    /// Load `dir` (config.json + model.safetensors or a sharded index) onto
+    /// `device`; on the CPU with the engine [`CpuEngine::Auto`] picks.
     pub fn load(dir: &Path, device: Device, params: ParamSet) -> Result<Self> {
+        Self::load_with(dir, device, params, CpuEngine::Auto)
+    }
+
+    /// [`GradModel::load`] with the CPU engine chosen (ignored on CUDA).
+    pub fn load_with(
+        dir: &Path,
+        device: Device,
+        params: ParamSet,
+        cpu_engine: CpuEngine,
+    ) -> Result<Self> {
         let engine = match device {
-            Device::Cpu => AnyEngine::Cpu(Box::new(Engine::load(
-                dir,
-                &burn::backend::flex::FlexDevice,
-                params,
-            )?)),
+            Device::Cpu => {
+                let native = match cpu_engine {
+                    CpuEngine::Burn => false,
+                    CpuEngine::Native => true,
+                    CpuEngine::Auto => {
+                        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+                        crate::native::NativeEngine::unsupported(&config, params).is_none()
+                    }
+                };
+                if native {
+                    AnyEngine::Native(Box::new(crate::native::NativeEngine::load(dir, params)?))
+                } else {
+                    AnyEngine::Cpu(Box::new(Engine::load(
+                        dir,
+                        &burn::backend::flex::FlexDevice,
+                        params,
+                    )?))
+                }
+            }
             #[cfg(feature = "cuda")]
             Device::Cuda(n) => {
                 if !cuda_available(n) {
@@ -167,6 +244,16 @@ impl GradModel {
         self.device
     }
 
+    /// Which engine computes: `native`, `burn` (CPU) or `burn-cuda`.
+    pub fn engine_name(&self) -> &'static str {
+        match &self.engine {
+            AnyEngine::Native(_) => "native",
+            AnyEngine::Cpu(_) => "burn",
+            #[cfg(feature = "cuda")]
+            AnyEngine::Cuda(_) => "burn-cuda",
+        }
+    }
+
     pub fn param_set(&self) -> ParamSet {
         self.params
     }
@@ -192,12 +279,21 @@ impl GradModel {
 
     /// Per-sample gradients, one backward per sample (reference path).
     pub fn grads_loop(&self, sample: &TokenSample) -> Result<SampleGrads> {
-        dispatch!(self, e => e.grads_loop(sample))
+        match &self.engine {
+            AnyEngine::Native(e) => Ok(e
+                .grads(std::slice::from_ref(sample), true)?
+                .pop()
+                .expect("one sample in, one out")),
+            _ => dispatch_burn!(self, e => e.grads_loop(sample)),
+        }
     }
 
     /// Per-sample gradients of all `samples` from one backward pass.
     pub fn grads_batched(&self, samples: &[TokenSample]) -> Result<Vec<SampleGrads>> {
-        dispatch!(self, e => e.grads_batched(samples))
+        match &self.engine {
+            AnyEngine::Native(e) => e.grads(samples, false),
+            _ => dispatch_burn!(self, e => e.grads_batched(samples)),
+        }
     }
 
     /// Per-sample gradients for a chunk: the loop path when it holds one
@@ -212,7 +308,10 @@ impl GradModel {
     /// Per-sample gradient factors (G = AᵀB per tracked weight, see
     /// [`crate::TensorFactors`]) of all `samples` from one backward pass.
     pub fn factors(&self, samples: &[TokenSample]) -> Result<Vec<SampleFactors>> {
-        dispatch!(self, e => e.factors_batched(samples))
+        match &self.engine {
+            AnyEngine::Native(e) => e.factors(samples, false),
+            _ => dispatch_burn!(self, e => e.factors_batched(samples)),
+        }
     }
 
     /// Streams per-sample gradients: reads `samples` in chunks of `batch`,
@@ -225,6 +324,11 @@ impl GradModel {
         I: IntoIterator<Item = Result<TokenSample>>,
         F: FnMut(SampleGrads) -> Result<()>,
     {
+        if let (AnyEngine::Native(e), 1) = (&self.engine, batch) {
+            // One forward and backward per sample, several samples in flight
+            // (one per thread) where the engine runs them side by side.
+            return for_each_chunk(samples, e.in_flight(), |c| e.grads(c, true), sink);
+        }
         for_each_chunk(samples, batch, |chunk| self.grads(chunk), sink)
     }
 
@@ -236,6 +340,9 @@ impl GradModel {
         I: IntoIterator<Item = Result<TokenSample>>,
         F: FnMut(SampleFactors) -> Result<()>,
     {
+        if let (AnyEngine::Native(e), 1) = (&self.engine, batch) {
+            return for_each_chunk(samples, e.in_flight(), |c| e.factors(c, true), sink);
+        }
         for_each_chunk(samples, batch, |chunk| self.factors(chunk), sink)
     }
 }

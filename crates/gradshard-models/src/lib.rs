@@ -26,6 +26,7 @@ pub mod error;
 pub mod families;
 pub mod grads;
 pub mod model;
+mod native;
 pub mod random;
 pub mod weights;
 pub mod write;
@@ -36,7 +37,7 @@ pub use data::{
 };
 #[cfg(feature = "cuda")]
 pub use device::CudaBackend;
-pub use device::{cuda_available, CpuBackend, Device, GradModel};
+pub use device::{cuda_available, CpuBackend, CpuEngine, Device, GradModel};
 pub use error::{Error, Result};
 pub use families::DecoderConfig;
 pub use grads::{Engine, SampleFactors, SampleGrads, SampleLoss, TensorFactors, TensorGrad};

@@ -326,39 +326,54 @@ pub(crate) fn rope_freqs(rope: &crate::config::RopeConfig, dim: usize) -> (Vec<f
     }
 }
 
+/// A checkpoint opened and checked against its config: the config, the mapped
+/// files and the weight spec (canonical names, stored names, shapes, kinds).
+/// Shared by the burn model and the native CPU engine (`native.rs`).
+pub(crate) struct Opened {
+    pub(crate) config: ModelConfig,
+    pub(crate) ckpt: Checkpoint,
+    pub(crate) spec: SpecBuilder,
+}
+
+/// Reads `dir/config.json`, opens the checkpoint in `dir` and validates every
+/// tensor's presence and shape against the architecture's spec.
+pub(crate) fn open_checked(dir: &Path) -> Result<Opened> {
+    let config = ModelConfig::from_file(&dir.join("config.json"))?;
+    let ckpt = Checkpoint::open(dir)?;
+    let arch = config.arch();
+    let (spec, ignorable): (SpecBuilder, Ignorable) = match &config {
+        ModelConfig::Decoder(c) => crate::decoder::spec_for_checkpoint(c, &ckpt),
+        ModelConfig::Gpt2(c) => {
+            let legacy = ckpt.shape("transformer.wte.weight").is_none()
+                && ckpt.shape("wte.weight").is_some();
+            let tied = c.tie_word_embeddings;
+            (
+                gpt2_spec(c, legacy),
+                Box::new(move |n: &str| {
+                    // causal-mask buffers saved by old transformers versions
+                    n.ends_with(".attn.bias") && n.contains("h.")
+                        || n.ends_with(".attn.masked_bias")
+                        || (tied && n == "lm_head.weight")
+                }),
+            )
+        }
+    };
+    let wspec: Vec<WeightSpec> = spec
+        .entries
+        .iter()
+        .map(|e| WeightSpec {
+            name: e.stored.clone(),
+            shape: e.shape.clone(),
+        })
+        .collect();
+    ckpt.validate(&wspec, &*ignorable, arch.as_str())?;
+    Ok(Opened { config, ckpt, spec })
+}
+
 impl<B: Backend> Model<B> {
     /// Load `dir/config.json` and the checkpoint in `dir` onto `device`.
     pub(crate) fn load(dir: &Path, device: &B::Device) -> Result<Self> {
-        let config = ModelConfig::from_file(&dir.join("config.json"))?;
-        let ckpt = Checkpoint::open(dir)?;
-        let arch = config.arch();
-        let (spec, ignorable): (SpecBuilder, Ignorable) = match &config {
-            ModelConfig::Decoder(c) => crate::decoder::spec_for_checkpoint(c, &ckpt),
-            ModelConfig::Gpt2(c) => {
-                let legacy = ckpt.shape("transformer.wte.weight").is_none()
-                    && ckpt.shape("wte.weight").is_some();
-                let tied = c.tie_word_embeddings;
-                (
-                    gpt2_spec(c, legacy),
-                    Box::new(move |n: &str| {
-                        // causal-mask buffers saved by old transformers versions
-                        n.ends_with(".attn.bias") && n.contains("h.")
-                            || n.ends_with(".attn.masked_bias")
-                            || (tied && n == "lm_head.weight")
-                    }),
-                )
-            }
-        };
-        let wspec: Vec<WeightSpec> = spec
-            .entries
-            .iter()
-            .map(|e| WeightSpec {
-                name: e.stored.clone(),
-                shape: e.shape.clone(),
-            })
-            .collect();
-        ckpt.validate(&wspec, &*ignorable, arch.as_str())?;
-
+        let Opened { config, ckpt, spec } = open_checked(dir)?;
         let ld = Loader::<B> {
             ckpt: &ckpt,
             spec: &spec.entries,

@@ -30,6 +30,8 @@ pub struct GradsOptions {
     /// Samples per backward pass (1 = reference loop).
     pub batch: usize,
     pub device: Device,
+    /// Which engine runs the model on the CPU.
+    pub cpu_engine: crate::device::CpuEngine,
 }
 
 impl GradsOptions {
@@ -47,6 +49,7 @@ impl GradsOptions {
             max_tokens: None,
             batch: 1,
             device: Device::Cpu,
+            cpu_engine: crate::device::CpuEngine::Auto,
         }
     }
 }
@@ -137,7 +140,7 @@ pub fn write_grads(opts: &GradsOptions, progress: &mut dyn FnMut(Progress)) -> R
             "max_tokens must be >= 2 (one input and one label)".into(),
         ));
     }
-    let model = GradModel::load(&opts.model_dir, opts.device, opts.params)?;
+    let model = GradModel::load_with(&opts.model_dir, opts.device, opts.params, opts.cpu_engine)?;
     let tracked = model.tracked_params();
     progress(Progress::Loaded {
         tracked: tracked.len(),
