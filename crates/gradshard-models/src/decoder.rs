@@ -67,6 +67,37 @@ pub(crate) fn name(template: &str, i: usize, root: &str) -> String {
     }
 }
 
+/// One RoPE table per distinct RoPE of the model (Gemma 3 has two): the inverse
+/// frequencies with the position divisor, and for each layer the index of its
+/// table (None without rotary positions). Shared by the burn decoder and the
+/// native engine.
+pub(crate) type RopeTables = (Vec<(Vec<f64>, f64)>, Vec<Option<usize>>);
+
+pub(crate) fn rope_tables(c: &DecoderConfig) -> RopeTables {
+    let rotary_dim = match c.positions {
+        Positions::Rotary { rotary_dim } => rotary_dim,
+        Positions::Learned { .. } => 0,
+    };
+    let mut cfgs: Vec<&crate::config::RopeConfig> = vec![];
+    let mut ropes = vec![];
+    let per_layer = c
+        .layer_kinds
+        .iter()
+        .map(|kind| match &kind.rope {
+            Some(rc) if rotary_dim > 0 => Some(match cfgs.iter().position(|x| *x == rc) {
+                Some(k) => k,
+                None => {
+                    cfgs.push(rc);
+                    ropes.push(rope_freqs(rc, rotary_dim));
+                    ropes.len() - 1
+                }
+            }),
+            _ => None,
+        })
+        .collect();
+    (ropes, per_layer)
+}
+
 /// Where a non-nested model's weights start.
 pub(crate) fn default_root(c: &DecoderConfig) -> String {
     if c.nested {
@@ -294,27 +325,9 @@ pub(crate) fn load<B: Backend>(ld: &Loader<'_, B>, c: &DecoderConfig) -> Result<
         (true, Some(n)) => Some(norm(name(n, 0, &root))?),
         _ => None,
     };
-    // One table per distinct RoPE (Gemma 3 has two).
-    let mut rope_cfgs: Vec<crate::config::RopeConfig> = vec![];
-    let mut ropes = vec![];
-    let rotary_dim = match c.positions {
-        Positions::Rotary { rotary_dim } => rotary_dim,
-        Positions::Learned { .. } => 0,
-    };
+    let (ropes, layer_rope) = rope_tables(c);
     let mut layers = Vec::with_capacity(c.num_layers);
-    for i in 0..c.num_layers {
-        let kind = &c.layer_kinds[i];
-        let rope = match &kind.rope {
-            Some(rc) if rotary_dim > 0 => Some(match rope_cfgs.iter().position(|x| x == rc) {
-                Some(k) => k,
-                None => {
-                    rope_cfgs.push(rc.clone());
-                    ropes.push(rope_freqs(rc, rotary_dim));
-                    ropes.len() - 1
-                }
-            }),
-            _ => None,
-        };
+    for (i, &rope) in layer_rope.iter().enumerate() {
         let mut norms: [Option<Norm<B>>; 4] = [None, None, None, None];
         for (slot, has) in c.placement.slots().iter().enumerate() {
             if *has {

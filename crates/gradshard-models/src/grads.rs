@@ -71,6 +71,31 @@ fn to_vec<B: burn::tensor::backend::Backend, const D: usize>(
         .map_err(|e| backend_err(context, e))
 }
 
+/// Refuses an empty chunk, a sample of fewer than 2 tokens and a token id
+/// outside the vocabulary, naming the sample (both engines call it first).
+pub(crate) fn check_samples(samples: &[TokenSample], vocab: usize) -> Result<()> {
+    if samples.is_empty() {
+        return Err(Error::InvalidArgument("empty batch".into()));
+    }
+    for s in samples {
+        if s.ids.len() < 2 {
+            return Err(Error::InvalidArgument(format!(
+                "sample {} (line {}) has {} tokens; at least 2 are needed",
+                s.id,
+                s.line,
+                s.ids.len()
+            )));
+        }
+        if let Some(&bad) = s.ids.iter().find(|&&t| t as usize >= vocab) {
+            return Err(Error::InvalidArgument(format!(
+                "sample {} (line {}) has token id {bad} >= vocab_size {vocab}",
+                s.id, s.line
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// The model plus the set of tracked weights, on autodiff backend `A`.
 pub struct Engine<A: AutodiffBackend> {
     pub(crate) model: Model<Inner<A>>,
@@ -123,26 +148,7 @@ impl<A: AutodiffBackend> Engine<A> {
     }
 
     fn batch(&self, samples: &[TokenSample]) -> Result<Batch<A>> {
-        if samples.is_empty() {
-            return Err(Error::InvalidArgument("empty batch".into()));
-        }
-        let vocab = self.model.config.vocab_size();
-        for s in samples {
-            if s.ids.len() < 2 {
-                return Err(Error::InvalidArgument(format!(
-                    "sample {} (line {}) has {} tokens; at least 2 are needed",
-                    s.id,
-                    s.line,
-                    s.ids.len()
-                )));
-            }
-            if let Some(&bad) = s.ids.iter().find(|&&t| t as usize >= vocab) {
-                return Err(Error::InvalidArgument(format!(
-                    "sample {} (line {}) has token id {bad} >= vocab_size {vocab}",
-                    s.id, s.line
-                )));
-            }
-        }
+        check_samples(samples, self.model.config.vocab_size())?;
         let b = samples.len();
         let t = samples.iter().map(|s| s.ids.len() - 1).max().unwrap_or(0);
         let mut ids = vec![0i64; b * t];

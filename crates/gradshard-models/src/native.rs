@@ -38,7 +38,7 @@ use crate::error::{Error, Result};
 use crate::families::{DecoderConfig, HeadKind, MlpKind, NormKind, NormPlacement, Positions};
 use crate::families::{QkNorm, QkvLayout};
 use crate::grads::{SampleFactors, SampleGrads, SampleLoss, TensorFactors, TensorGrad};
-use crate::model::{open_checked, rope_freqs, ParamInfo, ParamKind, ParamSet};
+use crate::model::{open_checked, ParamInfo, ParamKind, ParamSet};
 
 // ---------------------------------------------------------------------------
 // Matrix products
@@ -684,26 +684,10 @@ impl NativeEngine {
                 inp,
             })
         };
-        let rotary_dim = match c.positions {
-            Positions::Rotary { rotary_dim } => rotary_dim,
-            Positions::Learned { .. } => 0,
-        };
-        let mut ropes: Vec<(Vec<f64>, f64)> = vec![];
-        let mut rope_cfgs = vec![];
+        let (ropes, layer_rope) = crate::decoder::rope_tables(&c);
         let mut layers = Vec::with_capacity(c.num_layers);
-        for i in 0..c.num_layers {
+        for (i, &rope) in layer_rope.iter().enumerate() {
             let kind = &c.layer_kinds[i];
-            let rope = match &kind.rope {
-                Some(rc) if rotary_dim > 0 => Some(match rope_cfgs.iter().position(|x| x == rc) {
-                    Some(k) => k,
-                    None => {
-                        rope_cfgs.push(rc.clone());
-                        ropes.push(rope_freqs(rc, rotary_dim));
-                        ropes.len() - 1
-                    }
-                }),
-                _ => None,
-            };
             let norm = |slot: usize| -> Result<Vec<f32>> {
                 Ok(scale(
                     find(&nm(r.norms[slot].expect("pre-norm role"), i))?.1,
@@ -805,10 +789,7 @@ impl NativeEngine {
     }
 
     fn pack(&self, samples: &[TokenSample]) -> Result<Packed> {
-        if samples.is_empty() {
-            return Err(Error::InvalidArgument("empty batch".into()));
-        }
-        let vocab = self.c.vocab_size;
+        crate::grads::check_samples(samples, self.c.vocab_size)?;
         let mut p = Packed {
             lens: vec![],
             offs: vec![],
@@ -819,20 +800,6 @@ impl NativeEngine {
             t_max: 0,
         };
         for s in samples {
-            if s.ids.len() < 2 {
-                return Err(Error::InvalidArgument(format!(
-                    "sample {} (line {}) has {} tokens; at least 2 are needed",
-                    s.id,
-                    s.line,
-                    s.ids.len()
-                )));
-            }
-            if let Some(&bad) = s.ids.iter().find(|&&t| t as usize >= vocab) {
-                return Err(Error::InvalidArgument(format!(
-                    "sample {} (line {}) has token id {bad} >= vocab_size {vocab}",
-                    s.id, s.line
-                )));
-            }
             let t = s.ids.len() - 1;
             p.offs.push(p.n);
             p.lens.push(t);
