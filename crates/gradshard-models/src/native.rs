@@ -38,7 +38,7 @@ use crate::error::{Error, Result};
 use crate::families::{DecoderConfig, HeadKind, MlpKind, NormKind, NormPlacement, Positions};
 use crate::families::{QkNorm, QkvLayout};
 use crate::grads::{SampleFactors, SampleGrads, SampleLoss, TensorFactors, TensorGrad};
-use crate::model::{open_checked, ParamInfo, ParamKind, ParamSet};
+use crate::model::{open_checked, ParamInfo, ParamSet};
 
 // ---------------------------------------------------------------------------
 // Matrix products
@@ -562,8 +562,9 @@ struct Packed {
     labels: Vec<usize>,
     /// Position of each row within its sample.
     pos: Vec<usize>,
-    /// Largest T.
-    t_max: usize,
+    /// cos/sin of each of the model's RoPE tables for positions 0..max T,
+    /// shared by the forward and the backward.
+    tabs: Vec<RopeTab>,
 }
 
 /// What the backward needs from one layer's forward.
@@ -742,7 +743,7 @@ impl NativeEngine {
         if let Some(p) = params
             .iter()
             .enumerate()
-            .find(|(i, p)| tracked[*i] && !tapped.contains(i) && p.kind != ParamKind::Vector)
+            .find(|(i, _)| tracked[*i] && !tapped.contains(i))
         {
             return Err(Error::InvalidArgument(format!(
                 "the native CPU engine cannot track {}",
@@ -797,20 +798,22 @@ impl NativeEngine {
             ids: vec![],
             labels: vec![],
             pos: vec![],
-            t_max: 0,
+            tabs: vec![],
         };
+        let mut t_max = 0;
         for s in samples {
             let t = s.ids.len() - 1;
             p.offs.push(p.n);
             p.lens.push(t);
             p.n += t;
-            p.t_max = p.t_max.max(t);
+            t_max = t_max.max(t);
             for i in 0..t {
                 p.ids.push(s.ids[i] as usize);
                 p.labels.push(s.ids[i + 1] as usize);
                 p.pos.push(i);
             }
         }
+        p.tabs = self.ropes.iter().map(|f| rope_tab(f, t_max)).collect();
         Ok(p)
     }
 
@@ -830,7 +833,6 @@ impl NativeEngine {
                     row.iter_mut().for_each(|v| *v *= s);
                 }
             });
-        let tabs: Vec<RopeTab> = self.ropes.iter().map(|f| rope_tab(f, pk.t_max)).collect();
         let mut saved = Vec::with_capacity(if save { self.layers.len() } else { 0 });
         for l in &self.layers {
             let (xn1, r1) = rms_norm(&h, d_model, &l.n_attn, c.norm_eps);
@@ -838,8 +840,8 @@ impl NativeEngine {
             let mut k = l.k.forward(&xn1, n);
             let v = l.v.forward(&xn1, n);
             if let Some(ri) = l.rope {
-                rope_rows(&mut q, hq, d, &pk.pos, &tabs[ri], false);
-                rope_rows(&mut k, hkv, d, &pk.pos, &tabs[ri], false);
+                rope_rows(&mut q, hq, d, &pk.pos, &pk.tabs[ri], false);
+                rope_rows(&mut k, hkv, d, &pk.pos, &pk.tabs[ri], false);
             }
             let (a, p) = self.attention(pk, &q, &k, &v, l.window);
             let attn = l.o.forward(&a, n);
@@ -1191,7 +1193,6 @@ impl NativeEngine {
         let (h, saved) = self.forward(pk, true);
         let (losses, dh) = self.head(pk, &h, true);
         let mut dh = dh.expect("head returns the gradient when asked");
-        let tabs: Vec<RopeTab> = self.ropes.iter().map(|f| rope_tab(f, pk.t_max)).collect();
         for (li, (l, s)) in self.layers.iter().zip(&saved).enumerate().rev() {
             // MLP: h2 = h1 + down(silu(gate(xn2)) · up(xn2)); dh is d/dh2.
             self.emit(pk, &l.down, &dh, &s.m, out);
@@ -1223,8 +1224,8 @@ impl NativeEngine {
             let (mut dq, mut dk, dv) = self.attention_back(pk, s, &da);
             drop(da);
             if let Some(ri) = l.rope {
-                rope_rows(&mut dq, hq, d, &pk.pos, &tabs[ri], true);
-                rope_rows(&mut dk, hkv, d, &pk.pos, &tabs[ri], true);
+                rope_rows(&mut dq, hq, d, &pk.pos, &pk.tabs[ri], true);
+                rope_rows(&mut dk, hkv, d, &pk.pos, &pk.tabs[ri], true);
             }
             self.emit(pk, &l.q, &dq, &s.xn1, out);
             self.emit(pk, &l.k, &dk, &s.xn1, out);
@@ -1373,51 +1374,67 @@ impl NativeEngine {
 
     fn grads_packed(&self, samples: &[TokenSample]) -> Result<Vec<SampleGrads>> {
         let pk = self.pack(samples)?;
-        let mut slots: Vec<Vec<Option<TensorGrad>>> = (0..samples.len())
-            .map(|_| vec![None; self.n_tracked()])
-            .collect();
+        let mut slots = self.empty_slots(samples.len());
         let losses = self.run(&pk, &mut Out::Grads(&mut slots));
-        samples
-            .iter()
-            .zip(losses)
-            .zip(slots)
-            .map(|((s, l), g)| {
-                Ok(SampleGrads {
-                    id: s.id.clone(),
-                    tokens: s.predicted(),
-                    loss_sum: l,
-                    grads: g
-                        .into_iter()
-                        .map(|g| g.ok_or_else(|| missing("gradient")))
-                        .collect::<Result<_>>()?,
-                })
-            })
-            .collect()
+        per_sample(
+            samples,
+            losses,
+            slots,
+            "gradient",
+            |id, tokens, loss_sum, grads| SampleGrads {
+                id,
+                tokens,
+                loss_sum,
+                grads,
+            },
+        )
     }
 
     fn factors_packed(&self, samples: &[TokenSample]) -> Result<Vec<SampleFactors>> {
         let pk = self.pack(samples)?;
-        let mut slots: Vec<Vec<Option<TensorFactors>>> = (0..samples.len())
-            .map(|_| vec![None; self.n_tracked()])
-            .collect();
+        let mut slots = self.empty_slots(samples.len());
         let losses = self.run(&pk, &mut Out::Factors(&mut slots));
-        samples
-            .iter()
-            .zip(losses)
-            .zip(slots)
-            .map(|((s, l), f)| {
-                Ok(SampleFactors {
-                    id: s.id.clone(),
-                    tokens: s.predicted(),
-                    loss_sum: l,
-                    factors: f
-                        .into_iter()
-                        .map(|f| f.ok_or_else(|| missing("factor")))
-                        .collect::<Result<_>>()?,
-                })
-            })
-            .collect()
+        per_sample(
+            samples,
+            losses,
+            slots,
+            "factor",
+            |id, tokens, loss_sum, factors| SampleFactors {
+                id,
+                tokens,
+                loss_sum,
+                factors,
+            },
+        )
     }
+
+    /// One empty result slot per tracked weight, per sample.
+    fn empty_slots<T: Clone>(&self, samples: usize) -> Vec<Vec<Option<T>>> {
+        vec![vec![None; self.n_tracked()]; samples]
+    }
+}
+
+/// Each sample's result from its loss and its filled slots (in checkpoint
+/// order); a slot left empty is an error naming `what` was missing.
+fn per_sample<T, R>(
+    samples: &[TokenSample],
+    losses: Vec<f64>,
+    slots: Vec<Vec<Option<T>>>,
+    what: &str,
+    make: impl Fn(crate::data::SampleId, usize, f64, Vec<T>) -> R,
+) -> Result<Vec<R>> {
+    samples
+        .iter()
+        .zip(losses)
+        .zip(slots)
+        .map(|((s, l), slots)| {
+            let got = slots
+                .into_iter()
+                .map(|v| v.ok_or_else(|| missing(what)))
+                .collect::<Result<_>>()?;
+            Ok(make(s.id.clone(), s.predicted(), l, got))
+        })
+        .collect()
 }
 
 fn missing(what: &str) -> Error {
