@@ -7,31 +7,6 @@ mod common;
 use common::*;
 use gradshard_models::{Device, GradModel, ParamSet, SampleGrads, SampleId, TokenSample};
 
-fn assert_same(a: &SampleGrads, b: &SampleGrads, tol: f64, what: &str) {
-    assert_eq!(a.id, b.id, "{what}");
-    assert_eq!(a.tokens, b.tokens, "{what}: T");
-    let lr = (a.loss_sum - b.loss_sum).abs() / a.loss_sum.abs();
-    assert!(
-        lr <= 1e-6,
-        "{what}/{}: loss {} vs {}",
-        a.id,
-        a.loss_sum,
-        b.loss_sum
-    );
-    assert_eq!(a.grads.len(), b.grads.len(), "{what}");
-    for (x, y) in a.grads.iter().zip(&b.grads) {
-        assert_eq!(x.name, y.name, "{what}");
-        assert_eq!(x.shape, y.shape, "{what}: {}", x.name);
-        let e = rel_err(&y.data, &x.data);
-        assert!(
-            e <= tol,
-            "{what}/{}: {} batched vs loop rel err {e:e}",
-            a.id,
-            x.name
-        );
-    }
-}
-
 fn check(model: &str, set: ParamSet, batch: usize) {
     let m = GradModel::load(&model_dir(model), Device::Cpu, set).unwrap();
     for task in TASKS {
@@ -47,7 +22,12 @@ fn check(model: &str, set: ParamSet, batch: usize) {
             let batched = m.grads_batched(&samples[chunk_start..end]).unwrap();
             assert_eq!(batched.len(), end - chunk_start);
             for (b, l) in batched.iter().zip(&loops[chunk_start..end]) {
-                assert_same(l, b, 1e-5, &format!("{model}/{task}/{set:?}/batch{batch}"));
+                assert_same_grads(
+                    l,
+                    b,
+                    1e-5,
+                    &format!("{model}/{task}/{set:?}/batch{batch} vs loop"),
+                );
             }
         }
     }
@@ -98,8 +78,8 @@ fn padding_does_not_leak_between_samples() {
     let alone_s = m.grads_loop(&short).unwrap();
     let alone_l = m.grads_loop(&long).unwrap();
     let both = m.grads_batched(&[short.clone(), long.clone()]).unwrap();
-    assert_same(&alone_s, &both[0], 1e-5, "short");
-    assert_same(&alone_l, &both[1], 1e-5, "long");
+    assert_same_grads(&alone_s, &both[0], 1e-5, "short");
+    assert_same_grads(&alone_l, &both[1], 1e-5, "long");
     assert_eq!(both[0].tokens, 2);
     assert_eq!(both[1].tokens, 39);
 }

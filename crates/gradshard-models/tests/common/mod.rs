@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use gradshard_models::{SampleId, TokenSample};
+use gradshard_models::{SampleGrads, SampleId, TokenSample};
 use safetensors::{Dtype, SafeTensors};
 
 /// `tests/fixtures` at the workspace root (a fresh clone tests itself);
@@ -196,5 +196,29 @@ pub fn write_checkpoint(
     if shards > 1 {
         let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
         std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    }
+}
+
+/// `got` is `reference` (same sample, T, tensor names and shapes), its loss within
+/// 1e-6 and every tensor within `tol` (relative Frobenius); `what` names the case
+/// in failure messages.
+pub fn assert_same_grads(reference: &SampleGrads, got: &SampleGrads, tol: f64, what: &str) {
+    let (a, b) = (reference, got);
+    assert_eq!(a.id, b.id, "{what}");
+    assert_eq!(a.tokens, b.tokens, "{what}: T");
+    let lr = (a.loss_sum - b.loss_sum).abs() / a.loss_sum.abs();
+    assert!(
+        lr <= 1e-6,
+        "{what}/{}: loss {} vs {}",
+        a.id,
+        a.loss_sum,
+        b.loss_sum
+    );
+    assert_eq!(a.grads.len(), b.grads.len(), "{what}");
+    for (x, y) in a.grads.iter().zip(&b.grads) {
+        assert_eq!(x.name, y.name, "{what}");
+        assert_eq!(x.shape, y.shape, "{what}: {}", x.name);
+        let e = rel_err(&y.data, &x.data);
+        assert!(e <= tol, "{what}/{}: {} rel err {e:e}", a.id, x.name);
     }
 }
