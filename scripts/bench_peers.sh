@@ -110,11 +110,11 @@ done
 load
 echo "== gradshard score (bf16 stores, page cache warm)"
 for rep in full factored; do
-  if [ ! -f "$DIR/s-$rep/manifest.json" ] || [ -e "$DIR/s-$rep/UNFINISHED" ]; then
-    rm -rf "$DIR/s-$rep"
-    "$BIN" collect --model "$MODEL" "${TASKS[@]}" --store "$DIR/s-$rep" --params attn \
-      --dtype bf16 --representation "$rep" --quiet >/dev/null
-  fi
+  # Always collected afresh: a store from an older binary may have another codec.
+  rm -rf "$DIR/s-$rep"
+  "$BIN" collect --model "$MODEL" "${TASKS[@]}" --store "$DIR/s-$rep" --params attn \
+    --dtype bf16 --representation "$rep" --quiet >/dev/null
+  echo "  store $rep: $(du -sb "$DIR/s-$rep" | cut -f1) bytes, codec $("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["codec"]["name"])' "$DIR/s-$rep/manifest.json")"
   best=
   for i in 1 2 3; do
     s=$("$BIN" score --store "$DIR/s-$rep" --task-a a --task-b b --n-boot 0 --n-perm 0 \

@@ -70,6 +70,11 @@ pub struct WriteArgs {
     /// Stored element type.
     #[arg(long, default_value = "bf16", value_parser = parse_dtype)]
     pub dtype: DType,
+    /// Frame codec: `zstd-exp` (zstd on the sign/exponent byte plane, mantissa bytes
+    /// raw: smaller and faster to read on gradients) or `zstd` (zstd on every byte
+    /// plane). Default zstd-exp, or zstd with --no-shuffle.
+    #[arg(long, value_parser = ["zstd-exp", "zstd"])]
+    pub codec: Option<String>,
     /// zstd level (1 is the measured sweet spot; 0 disables compression).
     #[arg(long, default_value_t = 1)]
     pub zstd_level: i32,

@@ -119,12 +119,16 @@ pub(crate) fn writer_options(
     if w.zstd_level < 0 || w.zstd_level > 22 {
         bail!("--zstd-level {} is out of range 0..=22", w.zstd_level);
     }
+    let name = match (w.zstd_level, w.codec.as_deref(), w.no_shuffle) {
+        (0, _, _) => CodecName::None,
+        (_, Some("zstd-exp"), true) => {
+            bail!("--codec zstd-exp compresses the exponent byte plane: it needs the byte shuffle (drop --no-shuffle, or use --codec zstd)")
+        }
+        (_, Some("zstd"), _) | (_, None, true) => CodecName::Zstd,
+        _ => CodecName::ZstdExp,
+    };
     let codec = CodecSpec {
-        name: if w.zstd_level == 0 {
-            CodecName::None
-        } else {
-            CodecName::Zstd
-        },
+        name,
         level: w.zstd_level,
         shuffle: !w.no_shuffle,
     };
@@ -400,8 +404,8 @@ pub fn inspect(a: InspectArgs) -> Result<ExitCode> {
         g.model_type, g.layout, g.layers, g.hidden, g.heads, g.kv_heads, g.head_dim
     );
     let codec = match m.spec.codec.name {
-        CodecName::Zstd => format!("zstd-{}", m.spec.codec.level),
         CodecName::None => "none".into(),
+        n => format!("{} level {}", n.as_str(), m.spec.codec.level),
     };
     println!(
         "storage    {} values, {codec}{}, blocks {}, {} frames per sample",

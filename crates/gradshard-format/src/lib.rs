@@ -28,7 +28,7 @@ pub use shuffle::{shuffle, unshuffle};
 
 /// Format version written by this crate. Readers accept versions in
 /// `OLDEST_READABLE..=FORMAT_VERSION`.
-pub const FORMAT_VERSION: u16 = 2;
+pub const FORMAT_VERSION: u16 = 3;
 pub const OLDEST_READABLE: u16 = 1;
 
 /// XXH3-64 with seed 0 over the concatenation of `parts`.

@@ -323,7 +323,7 @@ mod tests {
         let h = ShardHeader::new(7, [0xAB; 16]);
         let b = h.encode();
         assert_eq!(&b[..8], b"GRADSHRD"); // magic
-        assert_eq!(&b[8..10], &[0x02, 0x00]); // version 2
+        assert_eq!(&b[8..10], &[0x03, 0x00]); // version 3
         assert_eq!(&b[10..12], &[0x40, 0x00]); // header_len 64
         assert_eq!(&b[12..16], &[0x07, 0x00, 0x00, 0x00]); // shard_no 7
         assert_eq!(&b[16..32], &[0xAB; 16]); // store id

@@ -48,6 +48,8 @@ fn seeds() -> Vec<Vec<u8>> {
         .collect();
     let mut out = vec![
         encode_frame(Codec::Zstd(1), true, DType::F32, &raw).unwrap(),
+        encode_frame(Codec::ZstdExp(1), true, DType::F32, &raw).unwrap(),
+        encode_frame(Codec::ZstdExp(1), true, DType::Bf16, &raw).unwrap(),
         encode_frame(Codec::None, false, DType::F32, &raw).unwrap(),
         ShardHeader::new(3, [7; 16]).encode().to_vec(),
     ];

@@ -14,7 +14,7 @@ from conftest import MODELS, TASKS, expected_slices, fixture_grads
 def test_factored_and_full_stores_give_the_same_arrays(collected, model):
     full = gradshard.open(collected[(model, "full")])
     fact = gradshard.open(collected[(model, "factored")])
-    assert fact.format_version == 2
+    assert fact.format_version == 3
     assert full.tasks == fact.tasks and full.geometry == fact.geometry
     assert sorted(full.tensors) == sorted(fact.tensors)
     g = full.geometry

@@ -14,7 +14,7 @@ pub const MANIFEST_FILE: &str = "manifest.json";
 /// Compression settings of a store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CodecSpec {
-    /// "zstd" or "none".
+    /// "zstd-exp" (format v3), "zstd" or "none".
     pub name: CodecName,
     /// zstd level (ignored for "none").
     pub level: i32,
@@ -25,21 +25,38 @@ pub struct CodecSpec {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CodecName {
+    /// zstd over the exponent byte plane only, mantissa planes raw (frame codec 2,
+    /// format v3; needs the byte shuffle).
+    #[serde(rename = "zstd-exp")]
+    ZstdExp,
+    /// zstd over the whole payload (frame codec 1).
     Zstd,
     None,
 }
 
+impl CodecName {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CodecName::ZstdExp => "zstd-exp",
+            CodecName::Zstd => "zstd",
+            CodecName::None => "none",
+        }
+    }
+}
+
 impl CodecSpec {
-    /// zstd level 1 with byte-shuffle: docs/design.md §6 measured 1.46× on bf16 gradients and
-    /// no gain above level 1; `scripts/bench_write.sh` re-measures it on this build.
+    /// zstd level 1 on the exponent plane of the byte-shuffled values: docs/design.md §6
+    /// measured no gain above level 1 on gradients, and docs/format.md ("Codecs") why the
+    /// mantissa planes are stored raw; `scripts/bench_write.sh` re-measures it.
     pub const DEFAULT: CodecSpec = CodecSpec {
-        name: CodecName::Zstd,
+        name: CodecName::ZstdExp,
         level: 1,
         shuffle: true,
     };
 
     pub fn codec(&self) -> Codec {
         match self.name {
+            CodecName::ZstdExp => Codec::ZstdExp(self.level),
             CodecName::Zstd => Codec::Zstd(self.level),
             CodecName::None => Codec::None,
         }
@@ -143,6 +160,16 @@ impl Manifest {
             path: path.clone(),
             detail: e.to_string(),
         })?;
+        if m.spec.codec.name == CodecName::ZstdExp && (version < 3 || !m.spec.codec.shuffle) {
+            return Err(Error::Manifest {
+                path: path.clone(),
+                detail: format!(
+                    "codec zstd-exp needs format_version 3 or later and shuffle true \
+                     (found version {version}, shuffle {})",
+                    m.spec.codec.shuffle
+                ),
+            });
+        }
         m.store_id_bytes().map_err(|_| Error::Manifest {
             path: path.clone(),
             detail: format!("store_id `{}` is not 32 hex digits", m.store_id),

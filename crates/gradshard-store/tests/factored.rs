@@ -4,7 +4,8 @@
 
 use gradshard_core::{Block, DType, Geometry, OtherTensor, SampleId, TaskName};
 use gradshard_store::{
-    verify, CodecSpec, Representation, SampleMeta, Store, StoreSpec, StoreWriter, WriterOptions,
+    verify, CodecName, CodecSpec, Representation, SampleMeta, Store, StoreSpec, StoreWriter,
+    WriterOptions,
 };
 use rand::{Rng, SeedableRng};
 use serde_json::json;
@@ -22,6 +23,10 @@ fn geometries() -> Vec<Geometry> {
 }
 
 fn spec(g: &Geometry, dtype: DType) -> StoreSpec {
+    spec_with(g, dtype, CodecSpec::DEFAULT)
+}
+
+fn spec_with(g: &Geometry, dtype: DType, codec: CodecSpec) -> StoreSpec {
     let mut up = OtherTensor::new("mlp.up".into(), [24, 32], 0);
     up.factor_group = Some("mlp.input".into());
     up.rows_per_group = 10;
@@ -31,7 +36,7 @@ fn spec(g: &Geometry, dtype: DType) -> StoreSpec {
     StoreSpec {
         geometry: g.clone(),
         dtype,
-        codec: CodecSpec::DEFAULT,
+        codec,
         blocks: Block::ALL.to_vec(),
         other_tensors: vec![gate, up, conv],
     }
@@ -141,17 +146,34 @@ fn assert_close(got: &[f32], want: &[f64], what: &str) {
 #[test]
 fn factored_and_full_samples_read_back_as_their_slices_in_every_layout() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(11);
-    for g in geometries() {
-        for dtype in [DType::F32, DType::Bf16] {
+    // Every codec (zstd-exp, whole-payload zstd, none) in turn over the layouts.
+    let codecs = [
+        CodecSpec::DEFAULT,
+        CodecSpec {
+            name: CodecName::Zstd,
+            ..CodecSpec::DEFAULT
+        },
+        CodecSpec {
+            name: CodecName::None,
+            level: 0,
+            shuffle: false,
+        },
+    ];
+    for (gi, g) in geometries().into_iter().enumerate() {
+        for (di, dtype) in [DType::F32, DType::Bf16].into_iter().enumerate() {
+            let codec = codecs[(2 * gi + di) % codecs.len()];
             let dir = tempfile::tempdir().unwrap();
-            let mut w = StoreWriter::open_or_create(dir.path(), &spec(&g, dtype), opts()).unwrap();
+            let mut w =
+                StoreWriter::open_or_create(dir.path(), &spec_with(&g, dtype, codec), opts())
+                    .unwrap();
             let mix = [true, false, true, true];
             let truth = write_samples(&mut w, &mut rng, &mix);
             w.finish().unwrap();
             let rep = verify(dir.path(), &|_, _| {}).unwrap();
             assert!(rep.ok(), "{} {dtype}: {:?}", g.model_type, rep.problems);
             let store = Store::open(dir.path()).unwrap();
-            assert_eq!(store.manifest().format_version, 2);
+            assert_eq!(store.manifest().format_version, 3);
+            assert_eq!(store.manifest().spec.codec, codec);
             let recs = store.samples("t").unwrap().to_vec();
             for (i, r) in recs.iter().enumerate() {
                 assert_eq!(store.is_factored(r).unwrap(), mix[i]);

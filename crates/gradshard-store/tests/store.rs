@@ -158,6 +158,15 @@ fn ingest_fixture(
     dtype: DType,
     store: &Path,
 ) -> gradshard_store::ingest::IngestReport {
+    ingest_fixture_with(model, dtype, CodecSpec::DEFAULT, store)
+}
+
+fn ingest_fixture_with(
+    model: &str,
+    dtype: DType,
+    codec: CodecSpec,
+    store: &Path,
+) -> gradshard_store::ingest::IngestReport {
     let root = fixtures().join(model);
     ingest(
         &IngestOptions {
@@ -168,7 +177,7 @@ fn ingest_fixture(
             ],
             store: store.to_path_buf(),
             dtype,
-            codec: CodecSpec::DEFAULT,
+            codec,
             writer: small_opts(),
         },
         &mut |_, _| {},
@@ -194,9 +203,18 @@ fn read_st(path: &Path) -> Vec<(String, Vec<usize>, Vec<f32>)> {
 
 #[test]
 fn fixtures_ingest_bit_exact_in_f32() {
-    for model in ["llama-gqa", "gpt2"] {
+    // llama-gqa with the default codec (zstd-exp), gpt2 with whole-payload zstd.
+    let zstd = CodecSpec {
+        name: gradshard_store::CodecName::Zstd,
+        ..CodecSpec::DEFAULT
+    };
+    for (model, codec) in [("llama-gqa", CodecSpec::DEFAULT), ("gpt2", zstd)] {
         let dir = tempfile::tempdir().unwrap();
-        let rep = ingest_fixture(model, DType::F32, dir.path());
+        let rep = ingest_fixture_with(model, DType::F32, codec, dir.path());
+        assert_eq!(
+            Store::open(dir.path()).unwrap().manifest().spec.codec,
+            codec
+        );
         assert_eq!(rep.write.samples_committed, 16);
         let store = Store::open(dir.path()).unwrap();
         for t in ["math", "general"] {
@@ -398,7 +416,7 @@ fn rejects_unknown_version() {
     let m = dir.path().join("manifest.json");
     let text = std::fs::read_to_string(&m)
         .unwrap()
-        .replace("\"format_version\": 2", "\"format_version\": 7");
+        .replace("\"format_version\": 3", "\"format_version\": 7");
     std::fs::write(&m, text).unwrap();
     let e = Store::open(dir.path()).err().unwrap().to_string();
     assert!(
