@@ -278,52 +278,22 @@ impl Backend for CpuBackend {
             width,
             |i, k0, dst| {
                 let row = &a[i * width + k0..i * width + k0 + dst.len()];
-                let rd = &rden[k0..k0 + dst.len()];
-                let it = a_inv_t[i];
-                match variant {
-                    Variant::Unsigned => {
-                        for ((d, &g), &r) in dst.iter_mut().zip(row).zip(rd) {
-                            let g = g as f64;
-                            *d = g * g * it * r;
-                        }
-                    }
-                    Variant::Signed => {
-                        for ((d, &g), &r) in dst.iter_mut().zip(row).zip(rd) {
-                            *d = g as f64 * r;
-                        }
-                    }
-                    Variant::Symmetric => {
-                        for ((d, &g), &r) in dst.iter_mut().zip(row).zip(rd) {
-                            let g = g as f64;
-                            *d = (g * g * it).sqrt() * r;
-                        }
-                    }
-                }
+                fill_x(variant, row, a_inv_t[i], &rden[k0..k0 + dst.len()], dst);
             },
             |j, k0, dst| {
                 let row = &b[j * width + k0..j * width + k0 + dst.len()];
-                let it = b_inv_t[j];
-                match variant {
-                    Variant::Unsigned => {
-                        for (d, &g) in dst.iter_mut().zip(row) {
-                            *d = (g as f64).abs();
-                        }
-                    }
-                    Variant::Signed => {
-                        for (d, &g) in dst.iter_mut().zip(row) {
-                            *d = g as f64;
-                        }
-                    }
-                    Variant::Symmetric => {
-                        for (d, &g) in dst.iter_mut().zip(row) {
-                            let g = g as f64;
-                            *d = (g * g * it).sqrt();
-                        }
-                    }
-                }
+                fill_y(variant, row, b_inv_t[j], dst);
             },
             out,
         )
+    }
+
+    fn supports_fused(&self) -> bool {
+        true
+    }
+
+    fn fused_slice(&self, args: &FusedSlice<'_>) -> Result<FusedOut> {
+        crate::fused_cpu::fused_slice(args)
     }
 
     fn gram_accumulate(&self, x: &[f32], y: &[f32], width: usize, out: &mut [f64]) -> Result<()> {
@@ -353,15 +323,63 @@ impl Backend for CpuBackend {
     }
 }
 
+/// Row `dst` of X (f64) from a raw tile row, `rd[k] = 1/den[k]`: the definitions of
+/// docs/design.md §4 ([`transform_value_f64`], with the division by `den` as a product).
+#[inline(always)]
+pub(crate) fn fill_x(variant: Variant, row: &[f32], it: f64, rd: &[f64], dst: &mut [f64]) {
+    match variant {
+        Variant::Unsigned => {
+            for ((d, &g), &r) in dst.iter_mut().zip(row).zip(rd) {
+                let g = g as f64;
+                *d = g * g * it * r;
+            }
+        }
+        Variant::Signed => {
+            for ((d, &g), &r) in dst.iter_mut().zip(row).zip(rd) {
+                *d = g as f64 * r;
+            }
+        }
+        Variant::Symmetric => {
+            for ((d, &g), &r) in dst.iter_mut().zip(row).zip(rd) {
+                let g = g as f64;
+                *d = (g * g * it).sqrt() * r;
+            }
+        }
+    }
+}
+
+/// Row `dst` of Y (f64) from a raw tile row (docs/design.md §4).
+#[inline(always)]
+pub(crate) fn fill_y(variant: Variant, row: &[f32], it: f64, dst: &mut [f64]) {
+    match variant {
+        Variant::Unsigned => {
+            for (d, &g) in dst.iter_mut().zip(row) {
+                *d = (g as f64).abs();
+            }
+        }
+        Variant::Signed => {
+            for (d, &g) in dst.iter_mut().zip(row) {
+                *d = g as f64;
+            }
+        }
+        Variant::Symmetric => {
+            for (d, &g) in dst.iter_mut().zip(row) {
+                let g = g as f64;
+                *d = (g * g * it).sqrt();
+            }
+        }
+    }
+}
+
 /// Columns of X and Y formed per `gemm` call in [`CpuBackend::blocked_gemm`]: 16 rows
 /// of both sides are 128 KiB of f64, which stays in L2 between forming and multiplying.
 const CACHE_BLOCK: usize = 512;
 
 /// Most column groups (partial products) of one [`CpuBackend::blocked_gemm`] call.
-const MAX_GROUPS: usize = 16;
+pub(crate) const MAX_GROUPS: usize = 16;
 
 /// Bytes of f64 partial products one [`CpuBackend::blocked_gemm`] call may hold.
-const PARTIALS_BYTES: usize = 32 << 20;
+pub(crate) const PARTIALS_BYTES: usize = 32 << 20;
 
 impl CpuBackend {
     /// `out += X·Yᵀ` in f64, where row i of X over columns `k0..k0+kb` is produced by

@@ -12,6 +12,7 @@ mod engine;
 mod error;
 pub mod fisher;
 pub mod fixture;
+mod fused_cpu;
 pub mod options;
 mod post;
 mod result;
