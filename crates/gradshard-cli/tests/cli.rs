@@ -209,6 +209,79 @@ fn verify_exits_2_on_a_damaged_store() {
     assert!(out.contains("PROBLEM") && out.contains("sample 0"), "{out}");
 }
 
+/// `--codec`: the choice lands in the manifest, zstd-exp without the shuffle is refused
+/// before anything is written, and every codec stores the same values (scores equal).
+#[test]
+fn codec_flag_is_recorded_checked_and_changes_no_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = fixtures().join("llama-gqa");
+    let ingest = |store: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "ingest".to_string(),
+            "--model".into(),
+            root.join("model").display().to_string(),
+            "--task".into(),
+            format!("math={}", root.join("grads/math").display()),
+            "--task".into(),
+            format!("general={}", root.join("grads/general").display()),
+            "--store".into(),
+            store.display().to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        run(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let bad = dir.path().join("bad");
+    let o = ingest(&bad, &["--codec", "zstd-exp", "--no-shuffle"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("--codec zstd-exp") && err.contains("shuffle"),
+        "{err}"
+    );
+    assert!(!bad.exists(), "a refused command created the store");
+    let mut heatmaps = Vec::new();
+    for (name, extra) in [
+        ("zstd-exp", &[][..]),
+        ("zstd", &["--codec", "zstd"][..]),
+        ("none", &["--zstd-level", "0"][..]),
+    ] {
+        let store = dir.path().join(name);
+        let o = ingest(&store, extra);
+        assert!(
+            o.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let m: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(store.join("manifest.json")).unwrap())
+                .unwrap();
+        assert_eq!(m["codec"]["name"], name);
+        assert_eq!(m["format_version"], 3);
+        let out = dir.path().join(format!("o-{name}"));
+        ok(&[
+            "score",
+            "--store",
+            store.to_str().unwrap(),
+            "--task-a",
+            "math",
+            "--task-b",
+            "general",
+            "--n-boot",
+            "0",
+            "--n-perm",
+            "0",
+            "--no-pictures",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        heatmaps.push(std::fs::read(out.join("heatmap.parquet")).unwrap());
+    }
+    assert!(
+        heatmaps.windows(2).all(|w| w[0] == w[1]),
+        "codecs changed the scores"
+    );
+}
+
 #[test]
 fn ingest_then_inspect_reports_tasks_and_ratio() {
     let dir = tempfile::tempdir().unwrap();
