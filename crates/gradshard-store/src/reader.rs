@@ -502,11 +502,17 @@ impl Store {
         };
         let dtype = self.manifest.spec.dtype;
         with_frame_bufs(|bufs| {
-            bufs.stored.clear();
-            bufs.stored.resize(entry.frame_len as usize, 0);
-            file.read_exact_at(&mut bufs.stored, entry.offset)
+            // Grown (zero-filled) only when a frame is longer than any before: pread
+            // overwrites the bytes it reads, so refilling them with zeros per frame was
+            // pure memset (2 % of a score pass).
+            let len = entry.frame_len as usize;
+            if bufs.stored.len() < len {
+                bufs.stored.resize(len, 0);
+            }
+            let stored = &mut bufs.stored[..len];
+            file.read_exact_at(stored, entry.offset)
                 .at(&shard_path(&self.dir, r.shard))?;
-            let (h, payload) = verify_frame(&bufs.stored, Some(entry.checksum)).map_err(corrupt)?;
+            let (h, payload) = verify_frame(stored, Some(entry.checksum)).map_err(corrupt)?;
             let rows = h.rows as usize;
             let want = match kind {
                 FrameKind::Full => width * dtype.size(),
