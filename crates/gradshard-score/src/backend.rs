@@ -210,19 +210,9 @@ impl Backend for CpuBackend {
         // cannot overflow it: g² ≤ 1.2e77 and 1/T ≤ 1), so the tile is scanned for the
         // first one only when some sum is not finite.
         const CB: usize = 4096;
-        let inv_n = 1.0 / rows as f64;
-        out.par_chunks_mut(CB).enumerate().for_each(|(cb, acc)| {
-            let c0 = cb * CB;
-            acc.iter_mut().for_each(|a| *a = 0.0);
-            for (r, &it) in inv_t.iter().enumerate() {
-                let row = &tile[r * width + c0..r * width + c0 + acc.len()];
-                for (a, &g) in acc.iter_mut().zip(row) {
-                    let g = g as f64;
-                    *a += g * g * it;
-                }
-            }
-            acc.iter_mut().for_each(|a| *a *= inv_n);
-        });
+        out.par_chunks_mut(CB)
+            .enumerate()
+            .for_each(|(cb, acc)| fisher_columns(tile, inv_t, width, cb * CB, acc));
         if out.iter().all(|v| v.is_finite()) {
             return Ok(None);
         }
@@ -321,6 +311,29 @@ impl Backend for CpuBackend {
             out,
         )
     }
+}
+
+/// Columns `k0..k0 + out.len()` of a tile's column Fisher (`width` columns, one row per
+/// `inv_t` entry): `out[k] = (1/rows) Σ_r tile[r, k0+k]² · inv_t[r]`, rows summed in
+/// order. The per-step and fused paths both use it, so their Fishers agree bit for bit.
+#[inline(always)]
+pub(crate) fn fisher_columns(
+    tile: &[f32],
+    inv_t: &[f64],
+    width: usize,
+    k0: usize,
+    out: &mut [f64],
+) {
+    out.iter_mut().for_each(|a| *a = 0.0);
+    for (r, &it) in inv_t.iter().enumerate() {
+        let row = &tile[r * width + k0..r * width + k0 + out.len()];
+        for (a, &g) in out.iter_mut().zip(row) {
+            let g = g as f64;
+            *a += g * g * it;
+        }
+    }
+    let inv_n = 1.0 / inv_t.len() as f64;
+    out.iter_mut().for_each(|a| *a *= inv_n);
 }
 
 /// Row `dst` of X (f64) from a raw tile row, `rd[k] = 1/den[k]`: the definitions of

@@ -886,15 +886,7 @@ impl Engine<'_> {
 
     /// `den[k] = max(I_pool[k], eps) + lam` (docs/design.md §4).
     fn den_value(&self, fa: &[f64], fb: &[f64], k: usize, lam: f64) -> f64 {
-        self.pool_value(fa, fb, k).max(self.opts.eps) + lam
-    }
-
-    fn pool_value(&self, fa: &[f64], fb: &[f64], k: usize) -> f64 {
-        match self.opts.fisher_pool {
-            FisherPool::A => fa[k],
-            FisherPool::B => fb[k],
-            FisherPool::Pooled => 0.5 * (fa[k] + fb[k]),
-        }
+        self.opts.fisher_pool.den(fa[k], fb[k], self.opts.eps, lam)
     }
 
     fn slice(&mut self, s: &Slice) -> Result<()> {
@@ -1072,7 +1064,7 @@ impl Engine<'_> {
     fn lam_star(&self, fa: &[f64], fb: &[f64]) -> f64 {
         if self.opts.lam_rel > 0.0 {
             let pool: Vec<f64> = (0..self.s_len)
-                .map(|k| self.pool_value(fa, fb, k))
+                .map(|k| self.opts.fisher_pool.of(fa[k], fb[k]))
                 .collect();
             self.opts.lam.max(self.opts.lam_rel * lower_median(&pool))
         } else {

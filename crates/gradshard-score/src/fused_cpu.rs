@@ -16,9 +16,10 @@
 
 use rayon::prelude::*;
 
-use crate::backend::{check_len, fill_x, fill_y, FusedOut, FusedSlice, MAX_GROUPS, PARTIALS_BYTES};
+use crate::backend::{
+    check_len, fill_x, fill_y, fisher_columns, FusedOut, FusedSlice, MAX_GROUPS, PARTIALS_BYTES,
+};
 use crate::error::Result;
-use crate::options::FisherPool;
 
 /// Columns per block: X and Y of 16 + 16 scored rows are 2 × 16 KiB of f64 (L1/L2).
 const KB: usize = 128;
@@ -119,15 +120,10 @@ fn group_body<const AVX: bool>(g: &FusedSlice<'_>, c0: usize, c1: usize, sc: &mu
     while k0 < c1 {
         let kb = KB.min(c1 - k0);
         let o = k0 - c0;
-        column_fisher(g.a, g.a_inv_t, w, k0, &mut part.fa[o..o + kb]);
-        column_fisher(g.b, g.b_inv_t, w, k0, &mut part.fb[o..o + kb]);
+        fisher_columns(g.a, g.a_inv_t, w, k0, &mut part.fa[o..o + kb]);
+        fisher_columns(g.b, g.b_inv_t, w, k0, &mut part.fb[o..o + kb]);
         for (k, r) in sc.rden[..kb].iter_mut().enumerate() {
-            let pool = match g.pool {
-                FisherPool::A => part.fa[o + k],
-                FisherPool::B => part.fb[o + k],
-                FisherPool::Pooled => 0.5 * (part.fa[o + k] + part.fb[o + k]),
-            };
-            *r = 1.0 / (pool.max(g.eps) + g.lam);
+            *r = 1.0 / g.pool.den(part.fa[o + k], part.fb[o + k], g.eps, g.lam);
         }
         for ((&p, &it), d) in g
             .a_sel
@@ -166,27 +162,10 @@ fn group_body<const AVX: bool>(g: &FusedSlice<'_>, c0: usize, c1: usize, sc: &mu
     part
 }
 
-/// Columns `k0..k0 + out.len()` of a tile's Fisher, exactly as
-/// [`crate::Backend::column_fisher`] sums them (rows in order, then `× 1/rows`).
-#[inline(always)]
-fn column_fisher(tile: &[f32], inv_t: &[f64], w: usize, k0: usize, out: &mut [f64]) {
-    out.iter_mut().for_each(|a| *a = 0.0);
-    for (r, &it) in inv_t.iter().enumerate() {
-        let row = &tile[r * w + k0..r * w + k0 + out.len()];
-        for (a, &g) in out.iter_mut().zip(row) {
-            let g = g as f64;
-            *a += g * g * it;
-        }
-    }
-    let inv_n = 1.0 / inv_t.len() as f64;
-    out.iter_mut().for_each(|a| *a *= inv_n);
-}
-
 /// `m[i·nb + j] += Σ_k x[i·kb + k] · y[j·kb + k]` for row-major `x` (`na × kb`) and
-/// `y` (`nb × kb`): [`dots_avx2`] where the CPU has AVX2 and FMA, else [`dots_body`].
-/// The 4 × 2 tiles of [`dots_body`] with the eight accumulators held in AVX registers
-/// (the same four-lane partial sums, added up in the same order); edge tiles go to
-/// [`dots_body`]'s scalar code.
+/// `y` (`nb × kb`): the 4 × 2 tiles of [`dots_body`] with the eight accumulators held in
+/// AVX registers (the same four-lane partial sums, added up in the same order); edge
+/// tiles go to [`dots_body`]'s scalar code.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dots_avx2(x: &[f64], y: &[f64], na: usize, nb: usize, kb: usize, m: &mut [f64]) {
@@ -327,7 +306,7 @@ fn dots_body<const FMA: bool>(
 mod tests {
     use super::*;
     use crate::backend::{Backend, CpuBackend};
-    use crate::options::Variant;
+    use crate::options::{FisherPool, Variant};
 
     fn tile(rows: usize, w: usize, seed: u64) -> Vec<f32> {
         let mut x = seed | 1;
@@ -387,16 +366,7 @@ mod tests {
                     // The Fishers are the same sums in the same order: bit for bit.
                     assert_eq!((out.fa)().unwrap(), fa);
                     assert_eq!((out.fb)().unwrap(), fb);
-                    let den: Vec<f64> = (0..w)
-                        .map(|k| {
-                            let p = match pool {
-                                FisherPool::A => fa[k],
-                                FisherPool::B => fb[k],
-                                FisherPool::Pooled => 0.5 * (fa[k] + fb[k]),
-                            };
-                            p.max(eps) + lam
-                        })
-                        .collect();
+                    let den: Vec<f64> = (0..w).map(|k| pool.den(fa[k], fb[k], eps, lam)).collect();
                     let pick = |t: &[f32], sel: &[usize]| -> Vec<f32> {
                         sel.iter()
                             .flat_map(|&r| t[r * w..(r + 1) * w].to_vec())

@@ -54,6 +54,24 @@ pub enum FisherPool {
     Pooled,
 }
 
+impl FisherPool {
+    /// The pooled Fisher value of one column from the two tasks' values.
+    #[inline(always)]
+    pub fn of(self, a: f64, b: f64) -> f64 {
+        match self {
+            FisherPool::A => a,
+            FisherPool::B => b,
+            FisherPool::Pooled => 0.5 * (a + b),
+        }
+    }
+
+    /// `den = max(pool(a, b), eps) + lam` (docs/design.md §4).
+    #[inline(always)]
+    pub fn den(self, a: f64, b: f64, eps: f64, lam: f64) -> f64 {
+        self.of(a, b).max(eps) + lam
+    }
+}
+
 /// Aggregate of `X_i[k]·Y_j[k]` over the slice.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -161,8 +161,12 @@ impl Post<'_> {
             || rank(&fa, pool_kind == FisherPool::A),
             || rank(&fb, pool_kind == FisherPool::B),
         );
-        let pooled: Option<Vec<f64>> = (pool_kind == FisherPool::Pooled)
-            .then(|| fa.iter().zip(&fb).map(|(a, b)| 0.5 * (a + b)).collect());
+        let pooled: Option<Vec<f64>> = (pool_kind == FisherPool::Pooled).then(|| {
+            fa.iter()
+                .zip(&fb)
+                .map(|(a, b)| pool_kind.of(*a, *b))
+                .collect()
+        });
         let (pool, median): (&[f64], f64) = match pool_kind {
             FisherPool::A => (&fa, sa.last().expect("median rank").value()),
             FisherPool::B => (&fb, sb.last().expect("median rank").value()),
