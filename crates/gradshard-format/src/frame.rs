@@ -3,7 +3,7 @@
 use gradshard_core::DType;
 
 use crate::error::{Error, Result};
-use crate::shuffle::{shuffle, unshuffle};
+use crate::shuffle::{shuffle, unshuffle_planes};
 use crate::{checksum, u32_at, u64_at};
 
 /// Bytes of the frame header.
@@ -209,6 +209,12 @@ pub struct Encoder {
 
 impl Encoder {
     pub fn new(codec: Codec, shuffle: bool) -> Result<Encoder> {
+        if matches!(codec, Codec::ZstdExp(_)) && !shuffle {
+            return Err(Error::Invalid {
+                what: "codec",
+                detail: "zstd-exp (zstd on the exponent plane) needs the byte shuffle".into(),
+            });
+        }
         let zerr = |e: std::io::Error| Error::Zstd(e.to_string());
         let zstd = match codec {
             Codec::Zstd(level) => Some(zstd::bulk::Compressor::new(level).map_err(zerr)?),
@@ -227,12 +233,6 @@ impl Encoder {
             }
             Codec::None => None,
         };
-        if matches!(codec, Codec::ZstdExp(_)) && !shuffle {
-            return Err(Error::Invalid {
-                what: "codec",
-                detail: "zstd-exp (zstd on the exponent plane) needs the byte shuffle".into(),
-            });
-        }
         Ok(Encoder {
             codec,
             shuffle,
@@ -506,24 +506,11 @@ pub fn decode_payload(
     buf: &mut Vec<u8>,
     out: &mut Vec<u8>,
 ) -> Result<()> {
-    if h.codec == CODEC_ZSTD_EXP {
-        let (low, top) = planes(h, payload, buf)?;
-        let size = h.dtype.size();
-        let n = top.len();
-        out.clear();
-        out.resize(n * size, 0);
-        for (i, e) in out.chunks_exact_mut(size).enumerate() {
-            for (b, v) in e[..size - 1].iter_mut().enumerate() {
-                *v = low[b * n + i];
-            }
-            e[size - 1] = top[i];
-        }
-        return Ok(());
-    }
-    let decoded = decompressed(h, payload, buf)?;
     if h.shuffled {
-        unshuffle(decoded, h.dtype.size(), out);
+        let (low, top) = planes(h, payload, buf)?;
+        unshuffle_planes(low, top, h.dtype.size(), out);
     } else {
+        let decoded = decompressed(h, payload, buf)?;
         out.clear();
         out.extend_from_slice(decoded);
     }

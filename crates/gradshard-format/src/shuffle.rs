@@ -30,22 +30,30 @@ pub fn shuffle(src: &[u8], elem: usize, dst: &mut Vec<u8>) {
 /// Inverse of [`shuffle`].
 pub fn unshuffle(src: &[u8], elem: usize, dst: &mut Vec<u8>) {
     debug_assert_eq!(src.len() % elem, 0);
-    let n = src.len() / elem;
+    let (low, top) = src.split_at(src.len() - src.len() / elem);
+    unshuffle_planes(low, top, elem, dst);
+}
+
+/// [`unshuffle`] of planes held in two pieces: `low` (planes `0..elem-1`, concatenated)
+/// and `top` (the last plane), as frame codec 2 stores them.
+pub fn unshuffle_planes(low: &[u8], top: &[u8], elem: usize, dst: &mut Vec<u8>) {
+    let n = top.len();
+    debug_assert_eq!(low.len(), (elem - 1) * n);
     dst.clear();
-    dst.resize(src.len(), 0);
+    dst.resize(n * elem, 0);
     match elem {
         2 => {
-            let (lo, hi) = src.split_at(n);
             for (i, c) in dst.chunks_exact_mut(2).enumerate() {
-                c[0] = lo[i];
-                c[1] = hi[i];
+                c[0] = low[i];
+                c[1] = top[i];
             }
         }
         _ => {
             for (i, c) in dst.chunks_exact_mut(elem).enumerate() {
-                for (b, v) in c.iter_mut().enumerate() {
-                    *v = src[b * n + i];
+                for (b, v) in c[..elem - 1].iter_mut().enumerate() {
+                    *v = low[b * n + i];
                 }
+                c[elem - 1] = top[i];
             }
         }
     }
