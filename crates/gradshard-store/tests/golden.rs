@@ -37,16 +37,17 @@ fn read_st(path: &Path) -> Vec<(String, Vec<f32>)> {
         .collect()
 }
 
-#[test]
-fn golden_v1_store_reads_bit_exactly() {
-    let store = Store::open(&golden()).unwrap();
-    assert_eq!(store.manifest().format_version, 1);
+/// Every tensor of every sample of a golden store (3 per task, stored as factors or not
+/// as `factored` says) against the fixture gradient it came from: `check(what, got,
+/// want)`. Then the store must verify.
+fn check_golden(dir: &Path, factored: bool, check: impl Fn(&str, &[f32], &[f32])) {
+    let store = Store::open(dir).unwrap();
     let mut compared = 0;
     for task in ["math", "general"] {
         let recs = store.samples(task).unwrap().to_vec();
         assert_eq!(recs.len(), 3, "{task}");
         for r in &recs {
-            assert!(!store.is_factored(r).unwrap());
+            assert_eq!(store.is_factored(r).unwrap(), factored);
             let SampleId::Int(id) = r.id else {
                 panic!("integer ids")
             };
@@ -54,56 +55,85 @@ fn golden_v1_store_reads_bit_exactly() {
             for (name, want) in read_st(&file) {
                 let (_, got) = store.read_tensor(task, &r.id, &name).unwrap();
                 assert_eq!(got.len(), want.len(), "{task} {id} {name}");
-                for (k, (a, b)) in got.iter().zip(&want).enumerate() {
-                    assert_eq!(
-                        a.to_bits(),
-                        b.to_bits(),
-                        "{task} sample {id} `{name}` [{k}]"
-                    );
-                }
+                check(&format!("{task} sample {id} `{name}`"), &got, &want);
                 compared += 1;
             }
         }
     }
     assert!(compared >= 6 * 7, "{compared} tensors compared");
-    let rep = verify(&golden(), &|_, _| {}).unwrap();
+    let rep = verify(dir, &|_, _| {}).unwrap();
     assert!(rep.ok(), "{:?}", rep.problems);
 }
 
-#[test]
-fn a_writer_appends_to_a_v1_store_as_v1_and_refuses_factored_samples() {
+/// A copy of a golden store (never written in place) in a temporary directory.
+fn copy_store(src: &Path) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let copy = dir.path().join("store");
-    std::fs::create_dir_all(copy.join("shards")).unwrap();
-    for e in walk(&golden()) {
-        let rel = e.strip_prefix(golden()).unwrap();
-        std::fs::copy(&e, copy.join(rel)).unwrap();
+    for e in walk(src) {
+        let dst = copy.join(e.strip_prefix(src).unwrap());
+        std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
+        std::fs::copy(&e, dst).unwrap();
     }
-    let spec = Store::open(&copy).unwrap().manifest().spec.clone();
-    let mut w = StoreWriter::open_or_create(&copy, &spec, WriterOptions::default()).unwrap();
-    let meta = |id| SampleMeta {
+    (dir, copy)
+}
+
+fn meta(id: i64) -> SampleMeta {
+    SampleMeta {
         task: TaskName::new("math").unwrap(),
         id: SampleId::Int(id),
         tokens: 4,
         loss_sum: 1.0,
-    };
-    let e = w
-        .begin_sample_as(meta(100), Representation::Factored)
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("format version 1"), "{e}");
-    let mut h = w.begin_sample(meta(101)).unwrap();
+    }
+}
+
+/// Appends sample `math/id` as full frames of 0.5 through `w`, finishes the writer and
+/// returns the bytes of the shard the sample went to, checking that the shard is new
+/// (not one of `golden`'s).
+fn append_full_sample(golden: &Path, store: &Path, mut w: StoreWriter, id: i64) -> Vec<u8> {
+    let mut h = w.begin_sample(meta(id)).unwrap();
     for f in 0..w.order().n_frames() {
         let n = w.order().frame_numel(f).unwrap();
         w.put_frame(&mut h, f, vec![0.5; n]).unwrap();
     }
     w.end_sample(h).unwrap();
     w.finish().unwrap();
+    let r = Store::open(store)
+        .unwrap()
+        .sample("math", &SampleId::Int(id))
+        .unwrap()
+        .clone();
+    let shard = gradshard_store::shard_path(store, r.shard);
+    let rel = shard.strip_prefix(store).unwrap();
+    assert!(!golden.join(rel).exists(), "the sample went to a new shard");
+    std::fs::read(&shard).unwrap()
+}
+
+#[test]
+fn golden_v1_store_reads_bit_exactly() {
+    let store = Store::open(&golden()).unwrap();
+    assert_eq!(store.manifest().format_version, 1);
+    check_golden(&golden(), false, |what, got, want| {
+        for (k, (a, b)) in got.iter().zip(want).enumerate() {
+            assert_eq!(a.to_bits(), b.to_bits(), "{what} [{k}]");
+        }
+    });
+}
+
+#[test]
+fn a_writer_appends_to_a_v1_store_as_v1_and_refuses_factored_samples() {
+    let (_dir, copy) = copy_store(&golden());
+    let spec = Store::open(&copy).unwrap().manifest().spec.clone();
+    let mut w = StoreWriter::open_or_create(&copy, &spec, WriterOptions::default()).unwrap();
+    let e = w
+        .begin_sample_as(meta(100), Representation::Factored)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("format version 1"), "{e}");
+    let bytes = append_full_sample(&golden(), &copy, w, 101);
     let store = Store::open(&copy).unwrap();
     assert_eq!(store.manifest().format_version, 1);
-    let r = store.sample("math", &SampleId::Int(101)).unwrap().clone();
-    let bytes = std::fs::read(gradshard_store::shard_path(&copy, r.shard)).unwrap();
     assert_eq!(&bytes[8..10], &[1, 0], "new shard written as version 1");
+    let r = store.sample("math", &SampleId::Int(101)).unwrap().clone();
     assert_eq!(store.read_frame(&r, 0).unwrap()[0], 0.5);
     assert!(verify(&copy, &|_, _| {}).unwrap().ok());
 }
@@ -117,74 +147,30 @@ fn golden_v2_factored_store_reads_within_fixture_tolerance() {
     let store = Store::open(&golden_v2()).unwrap();
     assert_eq!(store.manifest().format_version, 2);
     assert_eq!(store.manifest().spec.codec.name, CodecName::Zstd);
-    let mut compared = 0;
-    for task in ["math", "general"] {
-        let recs = store.samples(task).unwrap().to_vec();
-        assert_eq!(recs.len(), 3, "{task}");
-        for r in &recs {
-            assert!(store.is_factored(r).unwrap());
-            let SampleId::Int(id) = r.id else {
-                panic!("integer ids")
-            };
-            let file = fixtures().join(format!("llama-gqa/grads/{task}/{id}.safetensors"));
-            for (name, want) in read_st(&file) {
-                let (_, got) = store.read_tensor(task, &r.id, &name).unwrap();
-                assert_eq!(got.len(), want.len(), "{task} {id} {name}");
-                let (mut d2, mut w2) = (0f64, 0f64);
-                for (a, b) in got.iter().zip(&want) {
-                    d2 += (*a as f64 - *b as f64).powi(2);
-                    w2 += (*b as f64).powi(2);
-                }
-                let rel = (d2 / w2.max(f64::MIN_POSITIVE)).sqrt();
-                assert!(rel <= 1e-4, "{task} sample {id} `{name}`: {rel:e}");
-                compared += 1;
-            }
+    check_golden(&golden_v2(), true, |what, got, want| {
+        let (mut d2, mut w2) = (0f64, 0f64);
+        for (a, b) in got.iter().zip(want) {
+            d2 += (*a as f64 - *b as f64).powi(2);
+            w2 += (*b as f64).powi(2);
         }
-    }
-    assert!(compared >= 6 * 7, "{compared} tensors compared");
-    let rep = verify(&golden_v2(), &|_, _| {}).unwrap();
-    assert!(rep.ok(), "{:?}", rep.problems);
+        let rel = (d2 / w2.max(f64::MIN_POSITIVE)).sqrt();
+        assert!(rel <= 1e-4, "{what}: {rel:e}");
+    });
 }
 
 #[test]
 fn a_writer_appends_to_a_v2_store_as_v2_with_its_codec() {
-    let dir = tempfile::tempdir().unwrap();
-    let copy = dir.path().join("store");
-    for e in walk(&golden_v2()) {
-        let rel = e.strip_prefix(golden_v2()).unwrap();
-        std::fs::create_dir_all(copy.join(rel).parent().unwrap()).unwrap();
-        std::fs::copy(&e, copy.join(rel)).unwrap();
-    }
+    let (_dir, copy) = copy_store(&golden_v2());
     let spec = Store::open(&copy).unwrap().manifest().spec.clone();
-    let mut w = StoreWriter::open_or_create(&copy, &spec, WriterOptions::default()).unwrap();
-    let mut h = w
-        .begin_sample(SampleMeta {
-            task: TaskName::new("math").unwrap(),
-            id: SampleId::Int(101),
-            tokens: 4,
-            loss_sum: 1.0,
-        })
-        .unwrap();
-    for f in 0..w.order().n_frames() {
-        let n = w.order().frame_numel(f).unwrap();
-        w.put_frame(&mut h, f, vec![0.5; n]).unwrap();
-    }
-    w.end_sample(h).unwrap();
-    w.finish().unwrap();
+    let w = StoreWriter::open_or_create(&copy, &spec, WriterOptions::default()).unwrap();
+    let bytes = append_full_sample(&golden_v2(), &copy, w, 101);
     let store = Store::open(&copy).unwrap();
     assert_eq!(store.manifest().format_version, 2);
     assert_eq!(store.manifest().spec.codec.name, CodecName::Zstd);
-    let r = store.sample("math", &SampleId::Int(101)).unwrap().clone();
-    let shard = gradshard_store::shard_path(&copy, r.shard);
-    let rel = shard.strip_prefix(&copy).unwrap();
-    assert!(
-        !golden_v2().join(rel).exists(),
-        "the sample went to a new shard"
-    );
-    let bytes = std::fs::read(&shard).unwrap();
     assert_eq!(&bytes[8..10], &[2, 0], "new shard written as version 2");
     // The first frame of the new shard (right after its 64-byte header) is codec 1.
     assert_eq!(bytes[64], 1, "frames keep the store's codec");
+    let r = store.sample("math", &SampleId::Int(101)).unwrap().clone();
     assert_eq!(store.read_frame(&r, 0).unwrap()[0], 0.5);
     assert!(verify(&copy, &|_, _| {}).unwrap().ok());
 }
