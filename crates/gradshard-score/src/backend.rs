@@ -32,6 +32,38 @@ pub struct FusedSlice<'a> {
     pub lam: f64,
 }
 
+impl FusedSlice<'_> {
+    /// The arguments' consistency, as `backend`'s error: tile lengths against their
+    /// rows and width, one 1/T per scored row, scored rows inside their tiles.
+    pub fn check(&self, backend: &'static str) -> Result<()> {
+        let w = self.width;
+        let (ra, rb) = (self.a_inv_t.len(), self.b_inv_t.len());
+        check_len(backend, "fused_slice a", self.a.len(), ra * w)?;
+        check_len(backend, "fused_slice b", self.b.len(), rb * w)?;
+        check_len(
+            backend,
+            "fused_slice a_sel",
+            self.a_sel_inv_t.len(),
+            self.a_sel.len(),
+        )?;
+        check_len(
+            backend,
+            "fused_slice b_sel",
+            self.b_sel_inv_t.len(),
+            self.b_sel.len(),
+        )?;
+        for (sel, rows, what) in [(self.a_sel, ra, "a_sel"), (self.b_sel, rb, "b_sel")] {
+            if let Some(&p) = sel.iter().find(|&&p| p >= rows) {
+                return Err(Error::Backend {
+                    backend,
+                    message: format!("fused_slice {what}: row {p} of a tile of {rows} rows"),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
 /// What [`Backend::fused_slice`] returns: M (`a_sel.len() × b_sel.len()`, summed over
 /// columns), whether both Fishers are finite, and the Fishers still on the device.
 pub struct FusedOut {

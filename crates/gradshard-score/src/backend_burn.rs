@@ -480,10 +480,7 @@ impl<B: BurnB> BurnBackend<B> {
         let w = g.width;
         let (ra, rb) = (g.a_inv_t.len(), g.b_inv_t.len());
         let (nx, ny) = (g.a_sel.len(), g.b_sel.len());
-        check_len("burn", "fused_slice a", g.a.len(), ra * w)?;
-        check_len("burn", "fused_slice b", g.b.len(), rb * w)?;
-        check_len("burn", "fused_slice a_sel", g.a_sel_inv_t.len(), nx)?;
-        check_len("burn", "fused_slice b_sel", g.b_sel_inv_t.len(), ny)?;
+        g.check("burn")?;
         if ra == 0 || rb == 0 || nx == 0 || ny == 0 || w == 0 {
             return Err(gpu_err("fused_slice: empty tile"));
         }

@@ -17,7 +17,7 @@
 use rayon::prelude::*;
 
 use crate::backend::{
-    check_len, fill_x, fill_y, fisher_columns, FusedOut, FusedSlice, MAX_GROUPS, PARTIALS_BYTES,
+    fill_x, fill_y, fisher_columns, FusedOut, FusedSlice, MAX_GROUPS, PARTIALS_BYTES,
 };
 use crate::error::Result;
 
@@ -32,21 +32,9 @@ struct Part {
 }
 
 pub(crate) fn fused_slice(g: &FusedSlice<'_>) -> Result<FusedOut> {
+    g.check("cpu")?;
     let w = g.width;
-    let (ra, rb) = (g.a_inv_t.len(), g.b_inv_t.len());
     let (na, nb) = (g.a_sel.len(), g.b_sel.len());
-    check_len("cpu", "fused tile a", g.a.len(), ra * w)?;
-    check_len("cpu", "fused tile b", g.b.len(), rb * w)?;
-    check_len("cpu", "fused a_sel_inv_t", g.a_sel_inv_t.len(), na)?;
-    check_len("cpu", "fused b_sel_inv_t", g.b_sel_inv_t.len(), nb)?;
-    for (sel, rows, what) in [(g.a_sel, ra, "a_sel"), (g.b_sel, rb, "b_sel")] {
-        if let Some(&p) = sel.iter().find(|&&p| p >= rows) {
-            return Err(crate::error::Error::Backend {
-                backend: "cpu",
-                message: format!("fused {what}: row {p} of a tile of {rows} rows"),
-            });
-        }
-    }
     let blocks = w.div_ceil(KB).max(1);
     let groups = blocks
         .min(MAX_GROUPS)
