@@ -4,7 +4,7 @@
 //! The engine needs, per slice of `d·D` values (524 288 at 7B), one median and two
 //! thresholds per task and sparsity. Sorting, or `select_nth_unstable` through an
 //! index array with a tie-breaking comparator, cost ~35% of the CPU scorer's time on
-//! a 7B-shaped store (perf, 2-core VM). Here one pass builds a 2¹⁶-bin histogram of
+//! a 7B-shaped store (perf, 2-core VM). Here one pass builds a histogram (2⁸ to 2¹⁶ bins, by length) of
 //! an order-preserving integer key (all ranks of a vector share it), and only the
 //! values of the bin holding a wanted rank are copied and selected. Results are
 //! bit-identical to sorting under [`f64::total_cmp`]; the tests compare with the
@@ -12,8 +12,11 @@
 
 use rayon::prelude::*;
 
-/// Bits of the key that pick a histogram bin.
-const BIN_BITS: u32 = 16;
+/// Most bits of the key that pick a histogram bin (2¹⁶ bins for vectors of 2¹⁸ values
+/// and more).
+const MAX_BIN_BITS: u32 = 16;
+/// Fewest bits (256 bins).
+const MIN_BIN_BITS: u32 = 8;
 /// Values per parallel histogram chunk.
 const CHUNK: usize = 1 << 17;
 
@@ -29,27 +32,39 @@ pub fn key(x: f64) -> u64 {
 }
 
 #[inline]
-fn bin(k: u64) -> usize {
-    (k >> (64 - BIN_BITS)) as usize
+fn bin(k: u64, bits: u32) -> usize {
+    (k >> (64 - bits)) as usize
+}
+
+/// Histogram bits for `n` values: about four values per bin, within
+/// [`MIN_BIN_BITS`]..=[`MAX_BIN_BITS`]. Zeroing and summing the histogram costs
+/// 2^bits steps whatever `n` is: with 2¹⁶ bins a 32 768-value slice (d 64 × D 512)
+/// spent more time on its 768 KiB of histogram and prefix sums than on its values.
+fn bin_bits(n: usize) -> u32 {
+    let log2 = usize::BITS - n.max(1).leading_zeros();
+    log2.saturating_sub(2).clamp(MIN_BIN_BITS, MAX_BIN_BITS)
 }
 
 /// A vector's histogram of key bins, from which any rank is found in one more pass
 /// over a single bin.
 pub struct Ranker<'a> {
     v: &'a [f64],
-    /// `cum[b]` = number of values in bins `< b` (length `2^BIN_BITS + 1`).
+    /// Key bits per bin ([`bin_bits`] of the length).
+    bits: u32,
+    /// `cum[b]` = number of values in bins `< b` (length `2^bits + 1`).
     cum: Vec<u64>,
 }
 
 impl<'a> Ranker<'a> {
     pub fn new(v: &'a [f64]) -> Ranker<'a> {
-        let nb = 1usize << BIN_BITS;
+        let bits = bin_bits(v.len());
+        let nb = 1usize << bits;
         let hist = v
             .par_chunks(CHUNK)
             .map(|c| {
                 let mut h = vec![0u32; nb];
                 for &x in c {
-                    h[bin(key(x))] += 1;
+                    h[bin(key(x), bits)] += 1;
                 }
                 h
             })
@@ -65,7 +80,7 @@ impl<'a> Ranker<'a> {
             run += h as u64;
             cum.push(run);
         }
-        Ranker { v, cum }
+        Ranker { v, bits, cum }
     }
 
     /// Order statistics at ascending ranks `ranks` (0-based, each `< len`): one
@@ -93,7 +108,8 @@ impl<'a> Ranker<'a> {
             }
             return out;
         }
-        let mut slot = vec![0u8; 1 << BIN_BITS];
+        let bits = self.bits;
+        let mut slot = vec![0u8; 1 << bits];
         for (i, &b) in wanted.iter().enumerate() {
             slot[b] = i as u8 + 1;
         }
@@ -104,7 +120,7 @@ impl<'a> Ranker<'a> {
                 let mut m = vec![Vec::new(); nw];
                 for &x in c {
                     let k = key(x);
-                    let i = slot[bin(k)];
+                    let i = slot[bin(k, bits)];
                     if i > 0 {
                         m[i as usize - 1].push(k);
                     }
@@ -278,6 +294,15 @@ mod tests {
                 assert_eq!(key(a).cmp(&key(b)), a.total_cmp(&b), "{a} vs {b}");
             }
         }
+    }
+
+    #[test]
+    fn histogram_bits_follow_the_length() {
+        assert_eq!(bin_bits(0), MIN_BIN_BITS);
+        assert_eq!(bin_bits(1000), MIN_BIN_BITS);
+        assert_eq!(bin_bits(32_768), 14);
+        assert_eq!(bin_bits(524_288), MAX_BIN_BITS);
+        assert_eq!(bin_bits(usize::MAX), MAX_BIN_BITS);
     }
 
     #[test]
