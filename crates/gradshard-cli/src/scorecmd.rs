@@ -355,6 +355,7 @@ pub fn score(a: ScoreArgs) -> Result<ExitCode> {
         compute_s,
         wait_s,
         overlapped,
+        slices_at_once,
         post_s,
         post_wait_s,
         post_threaded,
@@ -364,7 +365,13 @@ pub fn score(a: ScoreArgs) -> Result<ExitCode> {
             "timing ({}): tile read {read_s:.3} s, tile compute {compute_s:.3} s ({:.1}% of read), waiting for reads {wait_s:.3} s, {}",
             compute.backend().name(),
             100.0 * compute_s / read_s.max(1e-12),
-            if overlapped { "read overlapped with compute" } else { "sequential" }
+            if slices_at_once > 1 {
+                format!("{slices_at_once} slices at a time, one per thread (seconds summed over threads)")
+            } else if overlapped {
+                "read overlapped with compute".to_string()
+            } else {
+                "sequential".to_string()
+            }
         );
         // The reader thread's hand-over to a device (the CPU backend has none).
         if compute.report().is_some() {
@@ -393,10 +400,10 @@ pub fn score(a: ScoreArgs) -> Result<ExitCode> {
         .enumerate()
         .map(|(i, (name, at))| {
             let next = phases.get(i + 1).map_or(end, |p| p.1);
-            format!("{name} {:.2} s", (next - *at).as_secs_f64())
+            format!("{name} {:.3} s", (next - *at).as_secs_f64())
         })
         .collect();
-    println!("wall {wall:.2} s = {}", parts.join(" + "));
+    println!("wall {wall:.3} s = {}", parts.join(" + "));
     print_summary(&result, &a.task_a, &a.task_b);
     println!("wrote {}:", written.dir.display());
     for f in &written.files {

@@ -571,9 +571,47 @@ pub fn decode_payload_f32(
     Ok(())
 }
 
+/// Decodes the payload of a bf16 frame checked by [`verify_frame`] into the two byte
+/// planes of its values: `out[..n]` the low bytes, `out[n..]` the high bytes (sign,
+/// exponent, top mantissa bit) of the n values, `out.len() == 2n`. For a shuffled frame
+/// (the default) the planes are what the frame stores, so this is zstd and two copies
+/// with no per-value work; [`widen_bf16`] turns any range of them into f32.
+pub fn decode_payload_bf16_planes(
+    h: &FrameHeader,
+    payload: &[u8],
+    buf: &mut Vec<u8>,
+    out: &mut [u8],
+) -> Result<()> {
+    let n = h.raw_len as usize / 2;
+    if h.dtype != DType::Bf16 || out.len() != 2 * n {
+        return Err(Error::Invalid {
+            what: "frame",
+            detail: format!(
+                "holds {} bytes of {}; bf16 byte planes of {} bytes were asked for",
+                h.raw_len,
+                h.dtype,
+                out.len()
+            ),
+        });
+    }
+    let (lo, hi) = out.split_at_mut(n);
+    if h.shuffled {
+        let (low, top) = planes(h, payload, buf)?;
+        lo.copy_from_slice(low);
+        hi.copy_from_slice(top);
+    } else {
+        let src = decompressed(h, payload, buf)?;
+        for ((l, t), c) in lo.iter_mut().zip(hi.iter_mut()).zip(src.chunks_exact(2)) {
+            *l = c[0];
+            *t = c[1];
+        }
+    }
+    Ok(())
+}
+
 /// `out[i]` = the bf16 value with low byte `low[i]` and high byte `top[i]`, as f32
 /// (exact); 8 values per AVX2 instruction where the CPU has it.
-fn widen_bf16(low: &[u8], top: &[u8], out: &mut [f32]) {
+pub fn widen_bf16(low: &[u8], top: &[u8], out: &mut [f32]) {
     #[inline(always)]
     fn body(low: &[u8], top: &[u8], out: &mut [f32]) {
         for ((o, &l), &h) in out.iter_mut().zip(low).zip(top) {
@@ -744,6 +782,56 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn bf16_planes_are_the_value_bytes_in_every_mode() {
+        let vals: Vec<f32> = (0..777)
+            .map(|i| ((i as f32) * 0.37).sin() * 1e-3 - (i % 5) as f32)
+            .collect();
+        let mut raw = Vec::new();
+        DType::Bf16.encode_into(&vals, &mut raw);
+        let n = vals.len();
+        // Low bytes of every value, then high bytes: the little-endian pairs split.
+        let want: Vec<u8> = raw
+            .iter()
+            .step_by(2)
+            .chain(raw.iter().skip(1).step_by(2))
+            .copied()
+            .collect();
+        let mut f32s = Vec::new();
+        DType::Bf16.decode_into(&raw, &mut f32s);
+        for codec in [Codec::None, Codec::Zstd(1), Codec::ZstdExp(1)] {
+            for sh in [false, true] {
+                if matches!(codec, Codec::ZstdExp(_)) && !sh {
+                    continue;
+                }
+                let f = encode_frame(codec, sh, DType::Bf16, &raw).unwrap();
+                let (h, payload) = verify_frame(&f, None).unwrap();
+                let mut buf = Vec::new();
+                let mut out = vec![0xAAu8; 2 * n];
+                decode_payload_bf16_planes(&h, payload, &mut buf, &mut out).unwrap();
+                assert_eq!(out, want, "{codec:?} shuffled={sh}");
+                // Widened, the planes are the f32 decode bit for bit.
+                let mut wide = vec![f32::NAN; n];
+                widen_bf16(&out[..n], &out[n..], &mut wide);
+                assert!(wide
+                    .iter()
+                    .zip(&f32s)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()));
+                // A destination of the wrong length is refused.
+                let mut short = vec![0u8; 2 * n - 2];
+                assert!(decode_payload_bf16_planes(&h, payload, &mut buf, &mut short).is_err());
+            }
+        }
+        // An f32 frame has no bf16 planes.
+        let mut raw32 = Vec::new();
+        DType::F32.encode_into(&vals, &mut raw32);
+        let f = encode_frame(Codec::Zstd(1), true, DType::F32, &raw32).unwrap();
+        let (h, payload) = verify_frame(&f, None).unwrap();
+        let err = decode_payload_bf16_planes(&h, payload, &mut Vec::new(), &mut vec![0u8; 2 * n])
+            .unwrap_err();
+        assert!(err.to_string().contains("f32"), "{err}");
     }
 
     #[test]

@@ -11,9 +11,9 @@ mod shuffle;
 
 pub use error::{Error, Result};
 pub use frame::{
-    decode_frame, decode_payload, decode_payload_f32, encode_frame, parse_frame_header,
-    verify_frame, Codec, Encoder, FrameHeader, FrameKind, FRAME_HEADER_LEN, MAX_FACTOR_ROWS,
-    MAX_FRAME_BYTES,
+    decode_frame, decode_payload, decode_payload_bf16_planes, decode_payload_f32, encode_frame,
+    parse_frame_header, verify_frame, widen_bf16, Codec, Encoder, FrameHeader, FrameKind,
+    FRAME_HEADER_LEN, MAX_FACTOR_ROWS, MAX_FRAME_BYTES,
 };
 pub use log::{
     decode_log, decode_log_record, encode_log_record, LogRecord, LogScan, LOG_HEADER,

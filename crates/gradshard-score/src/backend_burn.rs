@@ -484,8 +484,8 @@ impl<B: BurnB> BurnBackend<B> {
         if ra == 0 || rb == 0 || nx == 0 || ny == 0 || w == 0 {
             return Err(gpu_err("fused_slice: empty tile"));
         }
-        let ta = self.slice_tile(g.a, ra, w);
-        let tb = self.slice_tile(g.b, rb, w);
+        let ta = self.slice_tile(g.a.f32("burn")?, ra, w);
+        let tb = self.slice_tile(g.b.f32("burn")?, rb, w);
         let fa = self.fisher_of(ta.clone(), g.a_inv_t);
         let fb = self.fisher_of(tb.clone(), g.b_inv_t);
         let pool = match g.pool {

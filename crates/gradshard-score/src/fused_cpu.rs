@@ -17,12 +17,17 @@
 use rayon::prelude::*;
 
 use crate::backend::{
-    fill_x, fill_y, fisher_columns, FusedOut, FusedSlice, MAX_GROUPS, PARTIALS_BYTES,
+    fill_x, fill_y, fisher_columns, FusedOut, FusedSlice, Tile, MAX_GROUPS, PARTIALS_BYTES,
 };
 use crate::error::Result;
+use crate::options::FisherPool;
 
 /// Columns per block: X and Y of 16 + 16 scored rows are 2 × 16 KiB of f64 (L1/L2).
 const KB: usize = 128;
+
+/// Columns of a byte-plane tile widened to f32 at a time: 32 rows of both tasks are
+/// 256 KiB of f32, which stays in L2 for the Fisher and the blocks that read it.
+const PANEL: usize = 16 * KB;
 
 /// What one column group produces: its columns of both Fishers and its part of M.
 struct Part {
@@ -41,19 +46,14 @@ pub(crate) fn fused_slice(g: &FusedSlice<'_>) -> Result<FusedOut> {
         .min((PARTIALS_BYTES / (na * nb * 8).max(1)).max(1));
     let parts: Vec<Part> = (0..groups)
         .into_par_iter()
-        .map_init(Scratch::default, |scratch: &mut Scratch, gi| {
-            let c0 = (gi * blocks / groups * KB).min(w);
-            let c1 = ((gi + 1) * blocks / groups * KB).min(w);
-            #[cfg(target_arch = "x86_64")]
-            {
-                if std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-                {
-                    // SAFETY: the CPU has AVX2 and FMA (checked just above).
-                    return unsafe { group_avx2(g, c0, c1, scratch) };
-                }
-            }
-            group_body::<false>(g, c0, c1, scratch)
+        .map(|gi| {
+            // The worker thread's scratch, kept between calls: a fresh 2 × 256 KiB of
+            // widened panels per call went to mmap and back, a page fault per 4 KiB.
+            // Nothing in a group calls into rayon, so the borrow is never re-entered.
+            SCRATCH.with(|cell| match cell.try_borrow_mut() {
+                Ok(mut scratch) => run_group(g, gi, groups, blocks, &mut scratch),
+                Err(_) => run_group(g, gi, groups, blocks, &mut Scratch::default()),
+            })
         })
         .collect();
     let mut fa = Vec::with_capacity(w);
@@ -75,44 +75,175 @@ pub(crate) fn fused_slice(g: &FusedSlice<'_>) -> Result<FusedOut> {
     })
 }
 
-/// Per-thread blocks of X, Y and 1/den.
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+}
+
+/// Column group `gi` of `groups` (whole [`KB`] blocks of `blocks`) of the slice.
+fn run_group(
+    g: &FusedSlice<'_>,
+    gi: usize,
+    groups: usize,
+    blocks: usize,
+    scratch: &mut Scratch,
+) -> Part {
+    let w = g.width;
+    let (na, nb) = (g.a_sel.len(), g.b_sel.len());
+    let c0 = (gi * blocks / groups * KB).min(w);
+    let c1 = ((gi + 1) * blocks / groups * KB).min(w);
+    let mut part = Part {
+        fa: vec![0.0; c1 - c0],
+        fb: vec![0.0; c1 - c0],
+        m: vec![0.0; na * nb],
+    };
+    match (g.a, g.b) {
+        (Tile::F32(a), Tile::F32(b)) => {
+            group(g, Cols { a, b, w, c0 }, c1 - c0, scratch, &mut part, 0)
+        }
+        (a, b) => {
+            // Panels of the group's columns widened to f32 (exact), then the
+            // same arithmetic on them as on an f32 tile.
+            let (ra, rb) = (g.a_inv_t.len(), g.b_inv_t.len());
+            let mut p0 = c0;
+            while p0 < c1 {
+                let pw = PANEL.min(c1 - p0);
+                let mut wa = std::mem::take(&mut scratch.wa);
+                let mut wb = std::mem::take(&mut scratch.wb);
+                widen_panel(a, ra, w, p0, pw, &mut wa);
+                widen_panel(b, rb, w, p0, pw, &mut wb);
+                let cols = Cols {
+                    a: &wa,
+                    b: &wb,
+                    w: pw,
+                    c0: 0,
+                };
+                group(g, cols, pw, scratch, &mut part, p0 - c0);
+                (scratch.wa, scratch.wb) = (wa, wb);
+                p0 += pw;
+            }
+        }
+    }
+    part
+}
+
+/// `out[k] = 1 / den_k` with `den_k = pool.den(fa[k], fb[k], eps, lam)`, one loop per
+/// pool so that the divisions vectorise (a scalar division per column was ~5 % of a
+/// slice's compute).
+#[inline(always)]
+fn reciprocal_dens(pool: FisherPool, fa: &[f64], fb: &[f64], eps: f64, lam: f64, out: &mut [f64]) {
+    #[inline(always)]
+    fn each(fa: &[f64], fb: &[f64], out: &mut [f64], den: impl Fn(f64, f64) -> f64) {
+        for ((o, &a), &b) in out.iter_mut().zip(fa).zip(fb) {
+            *o = 1.0 / den(a, b);
+        }
+    }
+    match pool {
+        FisherPool::A => each(fa, fb, out, |a, b| FisherPool::A.den(a, b, eps, lam)),
+        FisherPool::B => each(fa, fb, out, |a, b| FisherPool::B.den(a, b, eps, lam)),
+        FisherPool::Pooled => each(fa, fb, out, |a, b| FisherPool::Pooled.den(a, b, eps, lam)),
+    }
+}
+
+/// Columns `p0..p0 + pw` of every row of a tile as f32, row-major `rows × pw`, in `out`.
+fn widen_panel(t: Tile<'_>, rows: usize, w: usize, p0: usize, pw: usize, out: &mut Vec<f32>) {
+    out.resize(rows * pw, 0.0);
+    match t {
+        Tile::F32(v) => {
+            for (r, o) in out.chunks_exact_mut(pw).enumerate() {
+                o.copy_from_slice(&v[r * w + p0..r * w + p0 + pw]);
+            }
+        }
+        Tile::Bf16Planes(p) => {
+            for (r, o) in out.chunks_exact_mut(pw).enumerate() {
+                let row = &p[2 * r * w..2 * (r + 1) * w];
+                gradshard_format::widen_bf16(&row[p0..p0 + pw], &row[w + p0..w + p0 + pw], o);
+            }
+        }
+    }
+}
+
+/// The f32 rows a group reads: columns `c0..` of rows `w` values long.
+#[derive(Clone, Copy)]
+struct Cols<'a> {
+    a: &'a [f32],
+    b: &'a [f32],
+    w: usize,
+    c0: usize,
+}
+
+/// Per-thread blocks of X, Y and 1/den, and widened panels of byte-plane tiles.
 #[derive(Default)]
 struct Scratch {
     xb: Vec<f64>,
     yb: Vec<f64>,
     rden: Vec<f64>,
+    wa: Vec<f32>,
+    wb: Vec<f32>,
+}
+
+/// `n` columns from `t.c0` of the slice into `part` from offset `o`, on the AVX2 + FMA
+/// build of [`group_body`] where the CPU has it.
+fn group(g: &FusedSlice<'_>, t: Cols<'_>, n: usize, sc: &mut Scratch, part: &mut Part, o: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU has AVX2 and FMA (checked just above).
+            return unsafe { group_avx2(g, t, n, sc, part, o) };
+        }
+    }
+    group_body::<false>(g, t, n, sc, part, o)
 }
 
 /// [`group_body`] compiled for AVX2 and FMA: the Fisher, X and Y loops vectorise four
 /// f64 wide (the values stay the same: Rust never contracts `a * b + c` into an FMA).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn group_avx2(g: &FusedSlice<'_>, c0: usize, c1: usize, sc: &mut Scratch) -> Part {
-    group_body::<true>(g, c0, c1, sc)
+unsafe fn group_avx2(
+    g: &FusedSlice<'_>,
+    t: Cols<'_>,
+    n: usize,
+    sc: &mut Scratch,
+    part: &mut Part,
+    o: usize,
+) {
+    group_body::<true>(g, t, n, sc, part, o)
 }
 
-/// Columns `c0..c1` of the slice, a block of [`KB`] columns at a time.
+/// Columns `t.c0..t.c0 + n` of the slice, a block of [`KB`] columns at a time; their
+/// Fishers go to `part.fa[o..o + n]` / `part.fb[..]` and their products into `part.m`.
 #[inline(always)]
-fn group_body<const AVX: bool>(g: &FusedSlice<'_>, c0: usize, c1: usize, sc: &mut Scratch) -> Part {
-    let w = g.width;
+fn group_body<const AVX: bool>(
+    g: &FusedSlice<'_>,
+    t: Cols<'_>,
+    n: usize,
+    sc: &mut Scratch,
+    part: &mut Part,
+    o: usize,
+) {
     let (na, nb) = (g.a_sel.len(), g.b_sel.len());
-    let mut part = Part {
-        fa: vec![0.0; c1 - c0],
-        fb: vec![0.0; c1 - c0],
-        m: vec![0.0; na * nb],
-    };
+    let w = t.w;
     sc.xb.resize(na * KB, 0.0);
     sc.yb.resize(nb * KB, 0.0);
     sc.rden.resize(KB, 0.0);
-    let mut k0 = c0;
-    while k0 < c1 {
-        let kb = KB.min(c1 - k0);
-        let o = k0 - c0;
-        fisher_columns(g.a, g.a_inv_t, w, k0, &mut part.fa[o..o + kb]);
-        fisher_columns(g.b, g.b_inv_t, w, k0, &mut part.fb[o..o + kb]);
-        for (k, r) in sc.rden[..kb].iter_mut().enumerate() {
-            *r = 1.0 / g.pool.den(part.fa[o + k], part.fb[o + k], g.eps, g.lam);
-        }
+    // Both Fishers of all n columns first, a row at a time: each row's columns are one
+    // sequential run that the hardware prefetcher streams, where 128-column blocks
+    // hopped between 32 rows far apart and stalled on memory. The rows then stay in
+    // L2 for the blocks below. Same sums in the same row order as per block.
+    fisher_columns(t.a, g.a_inv_t, w, t.c0, &mut part.fa[o..o + n]);
+    fisher_columns(t.b, g.b_inv_t, w, t.c0, &mut part.fb[o..o + n]);
+    let mut k = 0;
+    while k < n {
+        let kb = KB.min(n - k);
+        let (k0, f) = (t.c0 + k, o + k);
+        reciprocal_dens(
+            g.pool,
+            &part.fa[f..f + kb],
+            &part.fb[f..f + kb],
+            g.eps,
+            g.lam,
+            &mut sc.rden[..kb],
+        );
         for ((&p, &it), d) in g
             .a_sel
             .iter()
@@ -121,7 +252,7 @@ fn group_body<const AVX: bool>(g: &FusedSlice<'_>, c0: usize, c1: usize, sc: &mu
         {
             fill_x(
                 g.variant,
-                &g.a[p * w + k0..p * w + k0 + kb],
+                &t.a[p * w + k0..p * w + k0 + kb],
                 it,
                 &sc.rden[..kb],
                 d,
@@ -133,21 +264,19 @@ fn group_body<const AVX: bool>(g: &FusedSlice<'_>, c0: usize, c1: usize, sc: &mu
             .zip(g.b_sel_inv_t)
             .zip(sc.yb.chunks_exact_mut(kb))
         {
-            fill_y(g.variant, &g.b[p * w + k0..p * w + k0 + kb], it, d);
+            fill_y(g.variant, &t.b[p * w + k0..p * w + k0 + kb], it, d);
         }
         let (x, y) = (&sc.xb[..na * kb], &sc.yb[..nb * kb]);
+        k += kb;
         #[cfg(target_arch = "x86_64")]
         if AVX {
             // SAFETY: only instantiated with AVX = true inside `group_avx2`, whose
             // caller checked AVX2 and FMA.
             unsafe { dots_avx2(x, y, na, nb, kb, &mut part.m) };
-            k0 += kb;
             continue;
         }
         dots_body::<false>(x, y, na, nb, kb, &mut part.m);
-        k0 += kb;
     }
-    part
 }
 
 /// `m[i·nb + j] += Σ_k x[i·kb + k] · y[j·kb + k]` for row-major `x` (`na × kb`) and
@@ -331,11 +460,11 @@ mod tests {
                 for pool in [FisherPool::A, FisherPool::B, FisherPool::Pooled] {
                     let (eps, lam) = (1e-9, 1e-7);
                     let out = fused_slice(&FusedSlice {
-                        a: &a,
+                        a: Tile::F32(&a),
                         a_inv_t: &a_inv_t,
                         a_sel: &a_sel,
                         a_sel_inv_t: &a_sel_inv_t,
-                        b: &b,
+                        b: Tile::F32(&b),
                         b_inv_t: &b_inv_t,
                         b_sel: &b_sel,
                         b_sel_inv_t: &b_sel_inv_t,
@@ -385,6 +514,78 @@ mod tests {
         }
     }
 
+    /// bf16 byte planes of a tile whose values are bf16 numbers.
+    fn planes(t: &[f32], w: usize) -> Vec<u8> {
+        let mut out = vec![0u8; 2 * t.len()];
+        for (r, row) in t.chunks_exact(w).enumerate() {
+            for (k, v) in row.iter().enumerate() {
+                let bits = v.to_bits() >> 16;
+                out[2 * r * w + k] = bits as u8;
+                out[2 * r * w + w + k] = (bits >> 8) as u8;
+            }
+        }
+        out
+    }
+
+    /// Byte-plane tiles (widened a panel at a time; several panels per column group at
+    /// this width) give the f32 tiles' results bit for bit.
+    #[test]
+    fn byte_plane_tiles_equal_f32_tiles_bit_for_bit() {
+        let (ra, rb, w) = (3usize, 4usize, 40_000usize);
+        assert!(w / MAX_GROUPS > PANEL, "more than one panel per group");
+        let bf = |t: Vec<f32>| -> Vec<f32> {
+            t.into_iter()
+                .map(|v| f32::from_bits(v.to_bits() & 0xffff_0000))
+                .collect()
+        };
+        let (a, b) = (bf(tile(ra, w, 13)), bf(tile(rb, w, 17)));
+        let (pa, pb) = (planes(&a, w), planes(&b, w));
+        let a_inv_t = [0.5, 0.25, 0.125];
+        let b_inv_t = [1.0, 0.5, 0.2, 0.1];
+        for variant in [Variant::Unsigned, Variant::Signed] {
+            let run = |ta: Tile<'_>, tb: Tile<'_>| {
+                fused_slice(&FusedSlice {
+                    a: ta,
+                    a_inv_t: &a_inv_t,
+                    a_sel: &[0, 2],
+                    a_sel_inv_t: &[0.5, 0.125],
+                    b: tb,
+                    b_inv_t: &b_inv_t,
+                    b_sel: &[1, 2, 3],
+                    b_sel_inv_t: &[0.5, 0.2, 0.1],
+                    width: w,
+                    variant,
+                    pool: FisherPool::Pooled,
+                    eps: 1e-12,
+                    lam: 1e-9,
+                })
+                .unwrap()
+            };
+            let f = run(Tile::F32(&a), Tile::F32(&b));
+            let p = run(Tile::Bf16Planes(&pa), Tile::Bf16Planes(&pb));
+            assert_eq!(f.m, p.m, "{variant:?}");
+            assert_eq!((f.fa)().unwrap(), (p.fa)().unwrap());
+            assert_eq!((f.fb)().unwrap(), (p.fb)().unwrap());
+        }
+        // Odd-length planes are refused.
+        let err = fused_slice(&FusedSlice {
+            a: Tile::Bf16Planes(&pa[..pa.len() - 1]),
+            a_inv_t: &a_inv_t,
+            a_sel: &[0],
+            a_sel_inv_t: &[0.5],
+            b: Tile::Bf16Planes(&pb),
+            b_inv_t: &b_inv_t,
+            b_sel: &[0],
+            b_sel_inv_t: &[1.0],
+            width: w,
+            variant: Variant::Unsigned,
+            pool: FisherPool::A,
+            eps: 1e-12,
+            lam: 0.0,
+        });
+        assert!(err.is_err());
+    }
+
     #[test]
     fn a_non_finite_value_makes_the_fisher_not_finite() {
         let w = 200;
@@ -392,11 +593,11 @@ mod tests {
         a[w + 150] = f32::NAN;
         let b = tile(2, w, 11);
         let out = fused_slice(&FusedSlice {
-            a: &a,
+            a: Tile::F32(&a),
             a_inv_t: &[1.0, 0.5, 0.25],
             a_sel: &[0, 2],
             a_sel_inv_t: &[1.0, 0.25],
-            b: &b,
+            b: Tile::F32(&b),
             b_inv_t: &[1.0, 1.0],
             b_sel: &[0, 1],
             b_sel_inv_t: &[1.0, 1.0],

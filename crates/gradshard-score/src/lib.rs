@@ -21,7 +21,9 @@ mod source;
 pub mod stats;
 mod store_source;
 
-pub use backend::{transform_value, Backend, CpuBackend, Download, FusedOut, FusedSlice, Role};
+pub use backend::{
+    transform_value, Backend, CpuBackend, Download, FusedOut, FusedSlice, Role, Tile,
+};
 #[cfg(feature = "cuda")]
 pub use backend_burn::CudaBackend;
 pub use backend_burn::{BurnBackend, GpuPrecision, GpuStats, NdArrayBackend};

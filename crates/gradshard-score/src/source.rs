@@ -42,6 +42,32 @@ pub trait TileSource: Sync {
         out: &mut [f32],
     ) -> Result<()>;
 
+    /// Whether [`read_tile_bf16_planes`](Self::read_tile_bf16_planes) serves every
+    /// slice (a store of bf16 full slices).
+    fn bf16_planes(&self) -> bool {
+        false
+    }
+
+    /// A whole-slice tile (`cols` = all of `0..d·D`) as bf16 byte planes: row i of `out`
+    /// (`2·d·D` bytes) holds the low bytes of sample `samples[i]`'s values, then their
+    /// high bytes. Only when [`bf16_planes`](Self::bf16_planes) says so.
+    #[allow(clippy::too_many_arguments)]
+    fn read_tile_bf16_planes(
+        &self,
+        task: &TaskName,
+        samples: &[usize],
+        layer: usize,
+        block: Block,
+        head: usize,
+        out: &mut [u8],
+    ) -> Result<()> {
+        let _ = (samples, layer, block, head, out);
+        Err(crate::Error::Backend {
+            backend: "engine",
+            message: format!("task `{task}`: the tile source has no bf16 byte planes"),
+        })
+    }
+
     /// Whether any sample is stored as factors (then a device backend may take
     /// [`read_factor_tile`](Self::read_factor_tile) instead of the slice).
     fn has_factors(&self) -> bool {

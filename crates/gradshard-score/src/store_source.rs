@@ -63,6 +63,32 @@ impl TileSource for StoreSource<'_> {
         Ok(())
     }
 
+    fn bf16_planes(&self) -> bool {
+        self.store.bf16_planes()
+    }
+
+    fn read_tile_bf16_planes(
+        &self,
+        task: &TaskName,
+        samples: &[usize],
+        layer: usize,
+        block: Block,
+        head: usize,
+        out: &mut [u8],
+    ) -> Result<()> {
+        self.store
+            .read_tile_bf16_planes(task.as_str(), samples, layer, block, head, out)
+            .map_err(|e| {
+                Error::source(
+                    format!(
+                        "store {}: task `{task}` layer {layer} block {block} head {head}",
+                        self.store.dir().display()
+                    ),
+                    e,
+                )
+            })
+    }
+
     fn has_factors(&self) -> bool {
         self.store.any_factored()
     }

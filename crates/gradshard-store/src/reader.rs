@@ -11,9 +11,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use gradshard_core::{Block, SampleId, TaskName};
+use gradshard_core::{Block, DType, SampleId, TaskName};
 use gradshard_format::{
-    decode_log, decode_payload_f32, verify_frame, FrameKind, LogRecord, TableEntry,
+    decode_log, decode_payload_bf16_planes, decode_payload_f32, verify_frame, FrameKind, LogRecord,
+    TableEntry,
 };
 use gradshard_index::{FrameOrder, Index, PlannedRead, ReadPlan};
 use memmap2::Mmap;
@@ -60,6 +61,8 @@ fn with_frame_bufs<T>(f: impl FnOnce(&mut FrameBufs) -> T) -> T {
 enum Dest<'o> {
     Vec(&'o mut Vec<f32>),
     Slice(&'o mut [f32]),
+    /// bf16 values as their two byte planes (`Store::read_tile_bf16_planes`).
+    Planes(&'o mut [u8]),
 }
 
 /// I/O counters, for tests and benchmarks ("reading one slice performs one frame read").
@@ -539,6 +542,10 @@ impl Store {
                     v
                 }
                 Dest::Slice(s) => s,
+                Dest::Planes(p) => {
+                    decode_payload_bf16_planes(&h, payload, &mut bufs.raw, p).map_err(corrupt)?;
+                    return Ok(rows);
+                }
             };
             decode_payload_f32(&h, payload, &mut bufs.raw, dst).map_err(corrupt)?;
             Ok(rows)
@@ -763,6 +770,63 @@ impl Store {
         out.par_chunks_mut(numel)
             .zip(reads.par_iter())
             .try_for_each(|(row, p)| self.read_planned(chosen[p.slot], p, row))
+    }
+
+    /// [`read_tile`](Self::read_tile) of a bf16 store with each value kept as the two
+    /// bytes the frames store: row i of `out` (`2 · d·D` bytes) holds the low bytes of
+    /// sample `positions[i]`'s slice, then their high bytes (see
+    /// `gradshard_format::widen_bf16`). Half the bytes of the f32 tile and no per-value
+    /// work for shuffled frames. An error for an f32 store and for samples stored as
+    /// factors (whose slices are f32 products); [`bf16_planes`](Self::bf16_planes) says
+    /// whether every slice can be read this way.
+    pub fn read_tile_bf16_planes(
+        &self,
+        task: &str,
+        positions: &[usize],
+        layer: usize,
+        block: Block,
+        head: usize,
+        out: &mut [u8],
+    ) -> Result<()> {
+        if self.manifest.spec.dtype != DType::Bf16 {
+            return Err(Error::Invalid(format!(
+                "bf16 byte planes asked of a store of {}",
+                self.manifest.spec.dtype
+            )));
+        }
+        let frame = self.attn_frame(layer, block, head)?;
+        let chosen = self.chosen(task, positions)?;
+        let numel = self.order.geometry().slice_numel();
+        if out.len() != chosen.len() * 2 * numel {
+            return Err(Error::Invalid(format!(
+                "tile buffer holds {} bytes, {} samples × {numel} bf16 values needed",
+                out.len(),
+                chosen.len()
+            )));
+        }
+        let plan = self.plan(&chosen, &[frame])?;
+        let mut reads = plan.reads;
+        reads.sort_by_key(|p| p.slot);
+        out.par_chunks_mut(2 * numel)
+            .zip(reads.par_iter())
+            .try_for_each(|(row, p)| {
+                let r = chosen[p.slot];
+                if p.shared.is_some() {
+                    return Err(Error::Invalid(format!(
+                        "task `{}` sample {} is stored as factors: its slices are f32 products, not bf16 frames",
+                        r.task, r.id
+                    )));
+                }
+                let what = || format!("{} (frame {})", self.order.describe(p.frame), p.frame);
+                self.decode_entry(r, &what, p.entry, FrameKind::Full, numel, Dest::Planes(row))
+                    .map(|_| ())
+            })
+    }
+
+    /// Whether [`read_tile_bf16_planes`](Self::read_tile_bf16_planes) serves every
+    /// slice: a bf16 store with no factored sample.
+    pub fn bf16_planes(&self) -> bool {
+        self.manifest.spec.dtype == DType::Bf16 && !self.any_factored()
     }
 
     /// The samples at `positions` of a task (records, checked).

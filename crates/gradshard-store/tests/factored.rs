@@ -370,3 +370,81 @@ fn random_single_byte_flips_in_factor_frames_are_all_detected() {
     }
     assert!(verify(dir.path(), &|_, _| {}).unwrap().ok());
 }
+
+#[test]
+fn bf16_byte_plane_tiles_are_read_tile_before_widening_in_every_codec() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(23);
+    let g = geometries().remove(0);
+    let (d, dd) = (g.head_dim, g.hidden);
+    let n = d * dd;
+    for codec in [
+        CodecSpec::DEFAULT,
+        CodecSpec {
+            name: CodecName::Zstd,
+            ..CodecSpec::DEFAULT
+        },
+        CodecSpec {
+            name: CodecName::Zstd,
+            level: 1,
+            shuffle: false,
+        },
+        CodecSpec {
+            name: CodecName::None,
+            level: 0,
+            shuffle: false,
+        },
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w =
+            StoreWriter::open_or_create(dir.path(), &spec_with(&g, DType::Bf16, codec), opts())
+                .unwrap();
+        write_samples(&mut w, &mut rng, &[false, false, false]);
+        w.finish().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert!(store.bf16_planes(), "{codec:?}");
+        // Rows in a chosen order, one twice.
+        let pos = [2usize, 0, 2];
+        for (layer, block, head) in [(0, Block::Q, 3), (1, Block::V, 1), (1, Block::O, 0)] {
+            let mut tile = vec![0f32; pos.len() * n];
+            store
+                .read_tile("t", &pos, layer, block, head, &mut tile)
+                .unwrap();
+            let mut planes = vec![0u8; pos.len() * 2 * n];
+            store
+                .read_tile_bf16_planes("t", &pos, layer, block, head, &mut planes)
+                .unwrap();
+            for (i, row) in planes.chunks_exact(2 * n).enumerate() {
+                let mut wide = vec![f32::NAN; n];
+                gradshard_format::widen_bf16(&row[..n], &row[n..], &mut wide);
+                let want = &tile[i * n..(i + 1) * n];
+                assert!(
+                    wide.iter()
+                        .zip(want)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{codec:?} layer {layer} {block} head {head} row {i}"
+                );
+            }
+            let mut short = vec![0u8; pos.len() * 2 * n - 1];
+            assert!(store
+                .read_tile_bf16_planes("t", &pos, layer, block, head, &mut short)
+                .is_err());
+        }
+    }
+    // A store with a factored sample, and an f32 store, have no byte-plane tiles.
+    for (dtype, mix, why) in [
+        (DType::Bf16, [false, true], "factors"),
+        (DType::F32, [false, false], "f32"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = StoreWriter::open_or_create(dir.path(), &spec(&g, dtype), opts()).unwrap();
+        write_samples(&mut w, &mut rng, &mix);
+        w.finish().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert!(!store.bf16_planes());
+        let mut planes = vec![0u8; 2 * 2 * n];
+        let err = store
+            .read_tile_bf16_planes("t", &[0, 1], 0, Block::Q, 0, &mut planes)
+            .unwrap_err();
+        assert!(err.to_string().contains(why), "{err}");
+    }
+}
