@@ -393,55 +393,74 @@ pub fn verify_frame(bytes: &[u8], expected_checksum: Option<u64>) -> Result<(Fra
     Ok((h, payload))
 }
 
-/// zstd-decompresses `src` into `buf` (cleared and reused), which must come to exactly
-/// `raw_len` bytes. The zstd frame states its content size; it must be `raw_len` before
-/// `raw_len` is allocated (a crafted header could otherwise ask for 1 GiB behind a few
-/// bytes of payload).
-fn unzstd<'a>(src: &[u8], raw_len: usize, buf: &'a mut Vec<u8>) -> Result<&'a [u8]> {
+/// Checks that the zstd frame `src` states `raw_len` as its content size, before any
+/// buffer of that size exists (a crafted header could otherwise ask for 1 GiB behind a
+/// few bytes of payload).
+fn check_zstd_size(src: &[u8], raw_len: usize) -> Result<()> {
     match zstd::zstd_safe::get_frame_content_size(src) {
-        Ok(Some(n)) if n == raw_len as u64 => {}
-        Ok(found) => {
-            return Err(Error::Invalid {
-                what: "frame payload",
-                detail: format!(
-                    "zstd frame states {} bytes, header says {raw_len}",
-                    found.map_or("no content size".into(), |n| n.to_string())
-                ),
-            })
-        }
-        Err(_) => {
-            return Err(Error::Invalid {
-                what: "frame payload",
-                detail: "not a zstd frame".into(),
-            })
-        }
+        Ok(Some(n)) if n == raw_len as u64 => Ok(()),
+        Ok(found) => Err(Error::Invalid {
+            what: "frame payload",
+            detail: format!(
+                "zstd frame states {} bytes, header says {raw_len}",
+                found.map_or("no content size".into(), |n| n.to_string())
+            ),
+        }),
+        Err(_) => Err(Error::Invalid {
+            what: "frame payload",
+            detail: "not a zstd frame".into(),
+        }),
     }
-    buf.clear();
-    buf.reserve(raw_len);
-    // One decompression context per thread: a factored sample is many small frames,
-    // and creating a context per frame cost more than decoding some of them.
+}
+
+/// Runs `f` with this thread's zstd decompression context: a factored sample is many
+/// small frames, and creating a context per frame cost more than decoding some of them.
+fn with_dctx(
+    f: impl FnOnce(&mut zstd::bulk::Decompressor<'static>) -> std::io::Result<usize>,
+) -> Result<usize> {
     thread_local! {
         static DCTX: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
             const { std::cell::RefCell::new(None) };
     }
-    let n = DCTX
-        .with(|c| {
-            let mut c = c.borrow_mut();
-            if c.is_none() {
-                *c = Some(zstd::bulk::Decompressor::new()?);
-            }
-            c.as_mut()
-                .expect("set above")
-                .decompress_to_buffer(src, &mut *buf)
-        })
-        .map_err(|e| Error::Zstd(e.to_string()))?;
+    DCTX.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.is_none() {
+            *c = Some(zstd::bulk::Decompressor::new()?);
+        }
+        f(c.as_mut().expect("set above"))
+    })
+    .map_err(|e| Error::Zstd(e.to_string()))
+}
+
+/// The error of a zstd frame that decompressed to another size than its header says.
+fn zstd_size_error(n: usize, raw_len: usize) -> Error {
+    Error::Invalid {
+        what: "frame payload",
+        detail: format!("decompressed to {n} bytes, header says {raw_len}"),
+    }
+}
+
+/// zstd-decompresses `src` into `buf` (cleared and reused), which must come to exactly
+/// `raw_len` bytes (checked before `raw_len` is allocated, see [`check_zstd_size`]).
+fn unzstd<'a>(src: &[u8], raw_len: usize, buf: &'a mut Vec<u8>) -> Result<&'a [u8]> {
+    check_zstd_size(src, raw_len)?;
+    buf.clear();
+    buf.reserve(raw_len);
+    let n = with_dctx(|d| d.decompress_to_buffer(src, &mut *buf))?;
     if n != raw_len || buf.len() != raw_len {
-        return Err(Error::Invalid {
-            what: "frame payload",
-            detail: format!("decompressed to {n} bytes, header says {raw_len}"),
-        });
+        return Err(zstd_size_error(n, raw_len));
     }
     Ok(&buf[..])
+}
+
+/// zstd-decompresses `src` straight into `dst`, which it must fill exactly.
+fn unzstd_into(src: &[u8], dst: &mut [u8]) -> Result<()> {
+    check_zstd_size(src, dst.len())?;
+    let n = with_dctx(|d| d.decompress_to_buffer(src, dst))?;
+    if n != dst.len() {
+        return Err(zstd_size_error(n, dst.len()));
+    }
+    Ok(())
 }
 
 /// The byte planes of a verified, shuffled frame with its codec undone: the lower
@@ -458,6 +477,16 @@ fn planes<'a>(
     if h.codec != CODEC_ZSTD_EXP {
         return Ok(decompressed(h, payload, buf)?.split_at(raw_len - n));
     }
+    let (z, low) = exp_parts(h, payload)?;
+    let top = unzstd(z, n, buf)?;
+    Ok((low, top))
+}
+
+/// A codec-2 payload's two parts: the zstd frame of the most significant plane and the
+/// lower planes stored raw (lengths checked against the header).
+fn exp_parts<'a>(h: &FrameHeader, payload: &'a [u8]) -> Result<(&'a [u8], &'a [u8])> {
+    let raw_len = h.raw_len as usize;
+    let n = raw_len / h.dtype.size();
     let bad = |detail: String| Error::Invalid {
         what: "frame payload",
         detail,
@@ -477,9 +506,7 @@ fn planes<'a>(
             raw_len - n
         )));
     }
-    let (z, low) = rest.split_at(zlen);
-    let top = unzstd(z, n, buf)?;
-    Ok((low, top))
+    Ok(rest.split_at(zlen))
 }
 
 /// The payload of a verified frame of codec 0 or 1 with its codec undone (its filter
@@ -594,12 +621,29 @@ pub fn decode_payload_bf16_planes(
             ),
         });
     }
-    let (lo, hi) = out.split_at_mut(n);
     if h.shuffled {
-        let (low, top) = planes(h, payload, buf)?;
-        lo.copy_from_slice(low);
-        hi.copy_from_slice(top);
+        // The planes are decompressed (or copied) straight into `out`.
+        match h.codec {
+            CODEC_ZSTD_EXP => {
+                let (z, low) = exp_parts(h, payload)?;
+                let (lo, hi) = out.split_at_mut(n);
+                lo.copy_from_slice(low);
+                unzstd_into(z, hi)?;
+            }
+            1 => unzstd_into(payload, out)?,
+            _ => {
+                let src = decompressed(h, payload, buf)?;
+                if src.len() != out.len() {
+                    return Err(Error::Invalid {
+                        what: "frame payload",
+                        detail: format!("{} bytes, header says {}", src.len(), out.len()),
+                    });
+                }
+                out.copy_from_slice(src);
+            }
+        }
     } else {
+        let (lo, hi) = out.split_at_mut(n);
         let src = decompressed(h, payload, buf)?;
         for ((l, t), c) in lo.iter_mut().zip(hi.iter_mut()).zip(src.chunks_exact(2)) {
             *l = c[0];

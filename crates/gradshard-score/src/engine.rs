@@ -489,13 +489,20 @@ fn score_impl(
                 .saturating_mul(1 + overlap as usize),
         )
     };
-    let post_bytes = (POST_DEPTH + 1) * PostJob::bytes(s_len, na, nb) + Post::scratch_bytes(s_len);
+    // The concurrent pass hands over a window of slices at once: a queue shorter than
+    // two windows kept the engine (and so every worker) waiting for the statistics.
+    let post_depth = if concurrent {
+        POST_DEPTH.max(2 * at_once)
+    } else {
+        POST_DEPTH
+    };
+    let post_bytes = (post_depth + 1) * PostJob::bytes(s_len, na, nb) + Post::scratch_bytes(s_len);
     let threaded =
         post_thread && slices.len() > 1 && in_use.saturating_add(post_bytes) <= opts.memory_budget;
 
     let (post, compute_s, wait_s, post_wait_s) = std::thread::scope(|sc| -> Result<_> {
         let handle = if threaded {
-            let (tx, rx) = std::sync::mpsc::sync_channel::<PostJob>(POST_DEPTH);
+            let (tx, rx) = std::sync::mpsc::sync_channel::<PostJob>(post_depth);
             let mut p = post;
             eng.sink = Sink::Thread { tx, wait_s: 0.0 };
             Some(sc.spawn(move || -> Result<Post<'_>> {

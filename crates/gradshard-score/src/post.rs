@@ -4,7 +4,8 @@
 //! phases 2-4 (group sums, element masks, overlap, cosine), and kept pair matrices.
 //!
 //! None of it feeds the next slice, so when the memory budget allows the engine
-//! hands each slice to a second thread (a bounded queue of [`POST_DEPTH`] slices)
+//! hands each slice to a second thread (a bounded queue of [`POST_DEPTH`] slices, or
+//! two windows of the concurrent pass)
 //! and goes on with the next tile: the statistics leave the critical path of
 //! read → Fisher → X, Y → M. Slices are processed in order either way, so the
 //! result is identical inline or threaded.
@@ -22,7 +23,8 @@ use crate::result::{Cell, PairMatrix, SliceDiagnostics};
 use crate::select::{keep_rank, lower_median, OrderStat, Ranker, Threshold};
 use crate::stats;
 
-/// Finished slices that may wait for the statistics thread.
+/// Finished slices that may wait for the statistics thread (at least; the concurrent
+/// pass queues two of its windows).
 pub(crate) const POST_DEPTH: usize = 2;
 
 /// A task Fisher on the host, or still on the device (downloaded here, on the

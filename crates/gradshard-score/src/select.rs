@@ -36,13 +36,13 @@ fn bin(k: u64, bits: u32) -> usize {
     (k >> (64 - bits)) as usize
 }
 
-/// Histogram bits for `n` values: about four values per bin, within
+/// Histogram bits for `n` values: about sixteen values per bin, within
 /// [`MIN_BIN_BITS`]..=[`MAX_BIN_BITS`]. Zeroing and summing the histogram costs
 /// 2^bits steps whatever `n` is: with 2¹⁶ bins a 32 768-value slice (d 64 × D 512)
 /// spent more time on its 768 KiB of histogram and prefix sums than on its values.
 fn bin_bits(n: usize) -> u32 {
     let log2 = usize::BITS - n.max(1).leading_zeros();
-    log2.saturating_sub(2).clamp(MIN_BIN_BITS, MAX_BIN_BITS)
+    log2.saturating_sub(4).clamp(MIN_BIN_BITS, MAX_BIN_BITS)
 }
 
 /// A vector's histogram of key bins, from which any rank is found in one more pass
@@ -62,11 +62,25 @@ impl<'a> Ranker<'a> {
         let hist = v
             .par_chunks(CHUNK)
             .map(|c| {
-                let mut h = vec![0u32; nb];
-                for &x in c {
-                    h[bin(key(x), bits)] += 1;
+                // Four interleaved histograms: neighbouring Fisher values often share a
+                // bin, and one histogram made every increment wait for the previous
+                // one's store (the loop ran at ~5 cycles per value).
+                let mut h4 = vec![0u32; 4 * nb];
+                let mut quads = c.chunks_exact(4);
+                for q in &mut quads {
+                    for (l, &x) in q.iter().enumerate() {
+                        h4[l * nb + bin(key(x), bits)] += 1;
+                    }
                 }
-                h
+                for &x in quads.remainder() {
+                    h4[bin(key(x), bits)] += 1;
+                }
+                let (h, rest) = h4.split_at_mut(nb);
+                for part in rest.chunks_exact(nb) {
+                    h.iter_mut().zip(part).for_each(|(a, b)| *a += b);
+                }
+                h4.truncate(nb);
+                h4
             })
             .reduce_with(|mut a, b| {
                 a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
@@ -300,7 +314,7 @@ mod tests {
     fn histogram_bits_follow_the_length() {
         assert_eq!(bin_bits(0), MIN_BIN_BITS);
         assert_eq!(bin_bits(1000), MIN_BIN_BITS);
-        assert_eq!(bin_bits(32_768), 14);
+        assert_eq!(bin_bits(32_768), 12);
         assert_eq!(bin_bits(524_288), MAX_BIN_BITS);
         assert_eq!(bin_bits(usize::MAX), MAX_BIN_BITS);
     }
