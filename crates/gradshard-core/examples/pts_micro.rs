@@ -48,15 +48,8 @@ fn main() {
     for _ in 0..10 {
         let t = std::time::Instant::now();
         for h in 0..heads {
-            for i in 0..samples {
-                pt_s(
-                    &per[i][h],
-                    &s[i],
-                    n,
-                    d,
-                    c,
-                    &mut tile[i * d * c..(i + 1) * d * c],
-                );
+            for ((ps, si), out) in per.iter().zip(&s).zip(tile.chunks_exact_mut(d * c)) {
+                pt_s(&ps[h], si, n, d, c, out);
             }
         }
         b1 = b1.min(t.elapsed().as_secs_f64());
