@@ -383,7 +383,9 @@ pub fn score(a: ScoreArgs) -> Result<ExitCode> {
         }
         println!(
             "after-slice statistics: {post_s:.3} s {}",
-            if post_threaded {
+            if slices_at_once > 1 {
+                "on the slice threads, filed in order on a second thread".to_string()
+            } else if post_threaded {
                 format!("on a second thread (queue full for {post_wait_s:.3} s)")
             } else {
                 "inline (the memory budget has no room for a queue)".to_string()

@@ -28,7 +28,7 @@ use crate::backend::{Backend, CpuBackend, Role};
 use crate::error::{Error, Result};
 use crate::fisher::{self, PhaseAcc};
 use crate::options::{Aggregate, FisherPool, ScoreOptions};
-use crate::post::{FisherVec, Post, PostJob, Sink, POST_DEPTH};
+use crate::post::{FisherVec, Post, PostCtx, PostItem, PostJob, Sink, SliceStats, POST_DEPTH};
 use crate::result::{ReadStats, ScoreResult, TopPair};
 use crate::source::TileSource;
 use crate::stats;
@@ -68,8 +68,9 @@ pub enum ScoreProgress {
     /// `prefetch` (a device backend's host → device copies; 0 on the CPU).
     ///
     /// `slices_at_once > 1`: a host backend read and scored that many slices at a time,
-    /// one per worker thread (see `run_pass_concurrent`); `read_s` and `compute_s` are
-    /// then summed over the workers, and `wait_s` is 0.
+    /// one per worker thread (see `run_pass_concurrent`); `read_s`, `compute_s` and
+    /// `post_s` are then summed over the workers (which compute each slice's statistics;
+    /// the second thread only files them in order), and `wait_s` is 0.
     Timing {
         read_s: f64,
         prefetch_s: f64,
@@ -429,24 +430,26 @@ fn score_impl(
         sink: Sink::Done,
         read_s: 0.0,
         prefetch_s: 0.0,
+        stats_s: 0.0,
         preloaded: None,
         host_valid: true,
         planar: false,
         planes_a: Vec::new(),
         planes_b: Vec::new(),
     };
+    let n_fisher = match opts.fisher_pool {
+        FisherPool::A => eng.pa.all.len(),
+        FisherPool::B => eng.pb.all.len(),
+        FisherPool::Pooled => eng.pa.all.len() + eng.pb.all.len(),
+    };
     let post = Post {
         opts,
         backend,
         na,
         nb,
-        n_fisher: match opts.fisher_pool {
-            FisherPool::A => eng.pa.all.len(),
-            FisherPool::B => eng.pb.all.len(),
-            FisherPool::Pooled => eng.pa.all.len() + eng.pb.all.len(),
-        },
+        n_fisher,
         chunks: nchunks,
-        pairs_for,
+        pairs_for: pairs_for.clone(),
         cells: Vec::new(),
         diagnostics: Vec::new(),
         pairs: Vec::new(),
@@ -502,7 +505,7 @@ fn score_impl(
 
     let (post, compute_s, wait_s, post_wait_s) = std::thread::scope(|sc| -> Result<_> {
         let handle = if threaded {
-            let (tx, rx) = std::sync::mpsc::sync_channel::<PostJob>(post_depth);
+            let (tx, rx) = std::sync::mpsc::sync_channel::<PostItem>(post_depth);
             let mut p = post;
             eng.sink = Sink::Thread { tx, wait_s: 0.0 };
             Some(sc.spawn(move || -> Result<Post<'_>> {
@@ -529,7 +532,16 @@ fn score_impl(
             None
         };
         let pass = if concurrent {
-            run_pass_concurrent(&mut eng, &slices, at_once, progress)
+            let ctx = PostCtx {
+                opts,
+                backend,
+                na,
+                nb,
+                n_fisher,
+                chunks: nchunks,
+                pairs_for: &pairs_for,
+            };
+            run_pass_concurrent(&mut eng, &slices, at_once, &ctx, progress)
         } else {
             run_pass(&mut eng, &slices, overlap, progress)
         };
@@ -562,7 +574,7 @@ fn score_impl(
         wait_s,
         overlapped: overlap || concurrent,
         slices_at_once: at_once,
-        post_s: post.secs,
+        post_s: post.secs + eng.stats_s,
         post_wait_s,
         post_threaded: threaded,
     });
@@ -780,6 +792,7 @@ fn run_pass_concurrent(
     eng: &mut Engine<'_>,
     slices: &[Slice],
     at_once: usize,
+    ctx: &PostCtx<'_>,
     progress: &mut dyn FnMut(ScoreProgress),
 ) -> Result<(f64, f64)> {
     use rayon::prelude::*;
@@ -806,12 +819,13 @@ fn run_pass_concurrent(
         let scored: Vec<Result<Scored>> = win
             .par_iter()
             .zip(bufs.into_par_iter())
-            .map(|(s, ab)| read_and_score(source, backend, opts, [pa, pb], s, s_len, ab))
+            .map(|(s, ab)| read_and_score(source, backend, opts, [pa, pb], s, s_len, ab, ctx))
             .collect();
         for (s, r) in win.iter().zip(scored) {
             let sc = r?;
             let t = std::time::Instant::now();
             eng.read_s += sc.read_s;
+            eng.stats_s += sc.stats_s;
             eng.planar = false;
             match (sc.a, sc.b) {
                 (HostTile::F32(a), HostTile::F32(b)) => {
@@ -827,7 +841,7 @@ fn run_pass_concurrent(
                 eng.reads.tile_reads += 1;
                 eng.reads.frame_reads += rows as u64;
             }
-            eng.finish_fused(s, sc.out)?;
+            eng.finish_fused(s, sc.out, sc.stats)?;
             compute_s += sc.compute_s + t.elapsed().as_secs_f64();
             done += 1;
             progress(ScoreProgress::Slice {
@@ -860,8 +874,13 @@ struct Scored {
     a: HostTile,
     b: HostTile,
     out: FusedOut,
+    /// The slice's statistics, computed while its Fishers were in this worker's caches
+    /// (`None` when a non-finite Fisher or M leaves the error to the engine thread).
+    stats: Option<SliceStats>,
     read_s: f64,
+    /// Seconds of the fused path, and of the statistics.
     compute_s: f64,
+    stats_s: f64,
 }
 
 /// A worker's tile buffer: f32 values, or a bf16 store's byte planes.
@@ -879,8 +898,9 @@ impl HostTile {
     }
 }
 
-/// Reads both tasks' whole tiles of slice `s` into the given buffers and scores them on
-/// the backend's fused path.
+/// Reads both tasks' whole tiles of slice `s` into the given buffers, scores them on
+/// the backend's fused path and computes the slice's statistics.
+#[allow(clippy::too_many_arguments)]
 fn read_and_score(
     source: &dyn TileSource,
     backend: &dyn Backend,
@@ -889,6 +909,7 @@ fn read_and_score(
     s: &Slice,
     s_len: usize,
     (mut a, mut b): (HostTile, HostTile),
+    ctx: &PostCtx<'_>,
 ) -> Result<Scored> {
     let t0 = std::time::Instant::now();
     for (plan, buf) in [(pa, &mut a), (pb, &mut b)] {
@@ -914,14 +935,38 @@ fn read_and_score(
         }
     }
     let t1 = std::time::Instant::now();
-    let out = backend.fused_slice(&fused_args(opts, [pa, pb], a.tile(), b.tile(), s_len))?;
+    let mut out = backend.fused_slice(&fused_args(opts, [pa, pb], a.tile(), b.tile(), s_len))?;
+    let t2 = std::time::Instant::now();
+    let mut stats = None;
+    if out.fisher_finite {
+        // M as `Engine::finish_m` leaves it (the engine scales its own copy the same
+        // way and raises the error of a non-finite one).
+        let mut m = out.m.clone();
+        scale_m(opts.aggregate, s_len, &mut m);
+        if m.iter().all(|v| v.is_finite()) {
+            let (fa, fb) = ((out.fa)()?, (out.fb)()?);
+            stats = Some(ctx.stats(s, &fa, &fb, &m, opts.lam)?);
+            out.fa = Box::new(move || Ok(fa));
+            out.fb = Box::new(move || Ok(fb));
+        }
+    }
     Ok(Scored {
         a,
         b,
         out,
+        stats,
         read_s: (t1 - t0).as_secs_f64(),
-        compute_s: t1.elapsed().as_secs_f64(),
+        compute_s: (t2 - t1).as_secs_f64(),
+        stats_s: t2.elapsed().as_secs_f64(),
     })
+}
+
+/// `Aggregate::Mean` divides each pair's sum by the slice's size.
+fn scale_m(aggregate: Aggregate, s_len: usize, m: &mut [f64]) {
+    if aggregate == Aggregate::Mean {
+        let inv = 1.0 / s_len as f64;
+        m.iter_mut().for_each(|v| *v *= inv);
+    }
 }
 
 /// The arguments of [`Backend::fused_slice`] for whole-slice tiles `a` and `b`.
@@ -968,6 +1013,8 @@ struct Engine<'a> {
     read_s: f64,
     /// Seconds in `Backend::prefetch` on the reader thread.
     prefetch_s: f64,
+    /// Seconds the concurrent pass's workers spent on slice statistics.
+    stats_s: f64,
     /// Whole-slice tiles of both tasks already read by the reader thread, and whether
     /// the host buffers hold their values (false: formed on the device from factors).
     preloaded: Option<(Vec<f32>, Vec<f32>, bool)>,
@@ -1186,7 +1233,7 @@ impl Engine<'_> {
         // Streaming top-k, keeping X_i / Y_j rows of admitted pairs for the permutation
         // test (needs the tiles, so it stays here); the rest needs only I and M.
         self.update_top(s, &m, &den)?;
-        self.sink.send(PostJob {
+        self.sink.send(PostItem::Job(PostJob {
             s: Slice {
                 block: s.block,
                 layer: s.layer,
@@ -1196,7 +1243,7 @@ impl Engine<'_> {
             fb: FisherVec::Ready(fb),
             m,
             lam,
-        })
+        }))
     }
 
     /// A whole slice on a backend's fused path: tiles → M with one blocking transfer;
@@ -1211,14 +1258,14 @@ impl Engine<'_> {
             Tile::F32(&self.buf_b),
             self.s_len,
         ))?;
-        self.finish_fused(s, out)
+        self.finish_fused(s, out, None)
     }
 
     /// The rest of a fused slice once `out` is known and the buffers hold the slice's
     /// tiles (or key device tiles when `host_valid` is false): names a non-finite
     /// value, checks and scales M, offers the pairs to the top-k (attaching the rows of
     /// admitted pairs) and queues the slice's statistics.
-    fn finish_fused(&mut self, s: &Slice, out: FusedOut) -> Result<()> {
+    fn finish_fused(&mut self, s: &Slice, out: FusedOut, stats: Option<SliceStats>) -> Result<()> {
         let (s_len, opts) = (self.s_len, self.opts);
         let (na, nb) = (self.pa.sel_pos.len(), self.pb.sel_pos.len());
         if !out.fisher_finite {
@@ -1271,7 +1318,10 @@ impl Engine<'_> {
             self.attach_rows(s, &den)?;
             (fa, fb) = (FisherVec::Ready(va), FisherVec::Ready(vb));
         }
-        self.sink.send(PostJob {
+        if let Some(st) = stats {
+            return self.sink.send(PostItem::Stats(Box::new(st)));
+        }
+        self.sink.send(PostItem::Job(PostJob {
             s: Slice {
                 block: s.block,
                 layer: s.layer,
@@ -1281,15 +1331,12 @@ impl Engine<'_> {
             fb,
             m,
             lam: opts.lam,
-        })
+        }))
     }
 
     /// Applies `Aggregate::Mean` to a slice's M and checks it is finite.
     fn finish_m(&self, s: &Slice, m: &mut [f64]) -> Result<()> {
-        if self.opts.aggregate == Aggregate::Mean {
-            let inv = 1.0 / self.s_len as f64;
-            m.iter_mut().for_each(|v| *v *= inv);
-        }
+        scale_m(self.opts.aggregate, self.s_len, m);
         if m.iter().any(|v| !v.is_finite()) {
             return Err(Error::NonFiniteScore {
                 layer: s.layer,

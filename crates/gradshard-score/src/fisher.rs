@@ -3,7 +3,8 @@
 //!
 //! Attention groups are head slices (layer, block, stored head): every group has
 //! the same number of elements `d·D`. The engine feeds each slice's task Fishers
-//! (over all stored samples) to [`PhaseAcc::add_slice`] during its single pass.
+//! (over all stored samples) to [`SlicePhase::new`] during its single pass, filed by
+//! [`PhaseAcc::add`].
 //!
 //! Masks keep the `round((1 - s)·n)` units of largest Fisher (ties: lower index
 //! first). Group masks rank all scored groups of a task; element masks rank the
@@ -61,6 +62,54 @@ impl Counts {
                 0.0
             },
             fisher_cosine: cosine,
+        }
+    }
+}
+
+/// One slice's part of phases 2-4, from its Fishers of task A and task B (each over all
+/// its stored samples) and each task's element keep-mask threshold per sparsity
+/// (`None`: the mask keeps nothing; see [`crate::select`]; masks are counted, never
+/// stored). Computed on any thread, filed in slice order by [`PhaseAcc::add`].
+pub(crate) struct SlicePhase {
+    slice: (Block, usize, usize),
+    numel: u64,
+    dot: f64,
+    norm_a: f64,
+    norm_b: f64,
+    sum_a: f64,
+    sum_b: f64,
+    /// |mask_A ∩ mask_B| per sparsity.
+    inter: Vec<u64>,
+}
+
+impl SlicePhase {
+    pub(crate) fn new(
+        slice: (Block, usize, usize),
+        sparsities: &[f64],
+        fa: &[f64],
+        fb: &[f64],
+        ta: &[Option<Threshold>],
+        tb: &[Option<Threshold>],
+    ) -> SlicePhase {
+        let (mut dot, mut na, mut nb, mut sum_a, mut sum_b) = (0.0, 0.0, 0.0, 0.0, 0.0);
+        for (a, b) in fa.iter().zip(fb) {
+            dot += a * b;
+            na += a * a;
+            nb += b * b;
+            sum_a += a;
+            sum_b += b;
+        }
+        SlicePhase {
+            slice,
+            numel: fa.len() as u64,
+            dot,
+            norm_a: na,
+            norm_b: nb,
+            sum_a,
+            sum_b,
+            inter: (0..sparsities.len())
+                .map(|si| select::intersection(fa, ta[si], fb, tb[si]))
+                .collect(),
         }
     }
 }
@@ -124,56 +173,30 @@ impl PhaseAcc {
         }
     }
 
-    /// One slice's Fishers of task A and task B (each over all its stored samples),
-    /// with each task's element keep-mask threshold per sparsity (`None`: the mask
-    /// keeps nothing; see [`crate::select`]). Masks are counted, never stored.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn add_slice(
-        &mut self,
-        block: Block,
-        layer: usize,
-        head: usize,
-        fa: &[f64],
-        fb: &[f64],
-        ta: &[Option<Threshold>],
-        tb: &[Option<Threshold>],
-    ) {
-        let (mut dot, mut na, mut nb, mut sum_a, mut sum_b) = (0.0, 0.0, 0.0, 0.0, 0.0);
-        for (a, b) in fa.iter().zip(fb) {
-            dot += a * b;
-            na += a * a;
-            nb += b * b;
-            sum_a += a;
-            sum_b += b;
-        }
-        self.dot += dot;
-        self.norm_a += na;
-        self.norm_b += nb;
-        let cos = cosine(dot, na, nb);
+    /// Files one slice's part (slices in their order: the sums keep their bits).
+    pub(crate) fn add(&mut self, p: SlicePhase) {
+        let (block, layer, head) = p.slice;
+        self.dot += p.dot;
+        self.norm_a += p.norm_a;
+        self.norm_b += p.norm_b;
+        let cos = cosine(p.dot, p.norm_a, p.norm_b);
         self.groups.push(GroupStat {
             block,
             layer,
             head,
-            numel: fa.len() as u64,
-            sum_a,
-            sum_b,
+            numel: p.numel,
+            sum_a: p.sum_a,
+            sum_b: p.sum_b,
         });
-        let n = fa.len();
-        let counts: Vec<Counts> = self
-            .sparsities
-            .iter()
-            .enumerate()
-            .map(|(si, &s)| {
-                let keep = kept_count(n, s) as u64;
-                Counts {
-                    numel: n as u64,
-                    kept_a: keep,
-                    kept_b: keep,
-                    inter: select::intersection(fa, ta[si], fb, tb[si]),
-                }
-            })
-            .collect();
-        for (si, (c, &s)) in counts.into_iter().zip(&self.sparsities).enumerate() {
+        let n = p.numel as usize;
+        for (si, (&inter, &s)) in p.inter.iter().zip(&self.sparsities).enumerate() {
+            let keep = kept_count(n, s) as u64;
+            let c = Counts {
+                numel: n as u64,
+                kept_a: keep,
+                kept_b: keep,
+                inter,
+            };
             let t = &mut self.totals[si];
             t.numel += c.numel;
             t.kept_a += c.kept_a;
@@ -351,14 +374,22 @@ mod tests {
 
     #[test]
     fn overlap_counts() {
-        let mut acc = PhaseAcc::new(&[0.5]);
+        let sp = [0.5];
+        let mut acc = PhaseAcc::new(&sp);
         let add = |acc: &mut PhaseAcc, head, fa: &[f64], fb: &[f64]| {
             let th = |v: &[f64]| {
                 let keep = kept_count(v.len(), 0.5);
                 let at = select::Ranker::new(v).at_ranks(&[select::keep_rank(v.len(), keep)]);
                 vec![Some(Threshold::new(keep, at[0]))]
             };
-            acc.add_slice(Block::Q, 0, head, fa, fb, &th(fa), &th(fb));
+            acc.add(SlicePhase::new(
+                (Block::Q, 0, head),
+                &sp,
+                fa,
+                fb,
+                &th(fa),
+                &th(fb),
+            ));
         };
         add(&mut acc, 0, &[1.0, 2.0, 3.0, 4.0], &[4.0, 3.0, 2.0, 1.0]);
         add(&mut acc, 1, &[1.0, 1.0, 1.0, 1.0], &[2.0, 2.0, 2.0, 2.0]);

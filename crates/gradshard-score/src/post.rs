@@ -17,7 +17,7 @@ use gradshard_core::Block;
 use crate::backend::{Backend, Download};
 use crate::engine::Slice;
 use crate::error::{Error, Result};
-use crate::fisher::{kept_count, PhaseAcc};
+use crate::fisher::{kept_count, PhaseAcc, SlicePhase};
 use crate::options::{FisherPool, ScoreOptions};
 use crate::result::{Cell, PairMatrix, SliceDiagnostics};
 use crate::select::{keep_rank, lower_median, OrderStat, Ranker, Threshold};
@@ -78,22 +78,39 @@ pub(crate) struct Post<'a> {
     pub secs: f64,
 }
 
-impl Post<'_> {
-    /// Bytes [`Post::run`] allocates beyond its job (a pooled Fisher, key gathers).
-    pub fn scratch_bytes(s_len: usize) -> usize {
-        2 * s_len * 8
-    }
+/// What a slice's statistics need besides the slice itself: shared by every thread
+/// that computes them (the statistics thread, or the concurrent pass's workers).
+#[derive(Clone, Copy)]
+pub(crate) struct PostCtx<'a> {
+    pub opts: &'a ScoreOptions,
+    pub backend: &'a dyn Backend,
+    pub na: usize,
+    pub nb: usize,
+    pub n_fisher: usize,
+    pub chunks: usize,
+    pub pairs_for: &'a HashSet<(Block, usize, usize)>,
+}
 
-    pub fn run(&mut self, job: PostJob) -> Result<()> {
-        let t0 = std::time::Instant::now();
-        let r = self.run_inner(job);
-        self.secs += t0.elapsed().as_secs_f64();
-        r
-    }
+/// One slice's statistics, computed from its Fishers and M alone (on any thread) and
+/// filed in slice order by [`Post::file`].
+pub(crate) struct SliceStats {
+    cell: Cell,
+    diagnostics: SliceDiagnostics,
+    phase: Option<SlicePhase>,
+    pair: Option<PairMatrix>,
+}
 
-    fn run_inner(&mut self, job: PostJob) -> Result<()> {
-        let PostJob { s, fa, fb, m, lam } = job;
-        let (fa, fb) = (fa.get()?, fb.get()?);
+impl PostCtx<'_> {
+    /// The heatmap cell and its bootstrap interval, the Fisher diagnostics, phases 2-4
+    /// and the kept pair matrix of slice `s` (M already scaled; `lam` the ridge used).
+    pub fn stats(
+        &self,
+        s: &Slice,
+        fa: &[f64],
+        fb: &[f64],
+        m: &[f64],
+        lam: f64,
+    ) -> Result<SliceStats> {
         let opts = self.opts;
         let (na, nb) = (self.na, self.nb);
         let s_len = fa.len();
@@ -112,12 +129,12 @@ impl Post<'_> {
                 ],
             );
             let (lo, hi) =
-                stats::bootstrap_ci(self.backend, &m, na, nb, opts.n_boot, opts.ci_level, rng)?;
+                stats::bootstrap_ci(self.backend, m, na, nb, opts.n_boot, opts.ci_level, rng)?;
             (Some(lo), Some(hi))
         } else {
             (None, None)
         };
-        self.cells.push(Cell {
+        let cell = Cell {
             block: s.block,
             layer: s.layer,
             head: s.head,
@@ -125,7 +142,7 @@ impl Post<'_> {
             ci_low,
             ci_high,
             n_pairs,
-        });
+        };
 
         // Order statistics: the lower median of the denominator Fisher and, for the
         // element masks, each task's threshold per sparsity — one ranking per vector.
@@ -160,18 +177,18 @@ impl Post<'_> {
         };
         let pool_kind = opts.fisher_pool;
         let (sa, sb) = rayon::join(
-            || rank(&fa, pool_kind == FisherPool::A),
-            || rank(&fb, pool_kind == FisherPool::B),
+            || rank(fa, pool_kind == FisherPool::A),
+            || rank(fb, pool_kind == FisherPool::B),
         );
         let pooled: Option<Vec<f64>> = (pool_kind == FisherPool::Pooled).then(|| {
             fa.iter()
-                .zip(&fb)
+                .zip(fb)
                 .map(|(a, b)| pool_kind.of(*a, *b))
                 .collect()
         });
         let (pool, median): (&[f64], f64) = match pool_kind {
-            FisherPool::A => (&fa, sa.last().expect("median rank").value()),
-            FisherPool::B => (&fb, sb.last().expect("median rank").value()),
+            FisherPool::A => (fa, sa.last().expect("median rank").value()),
+            FisherPool::B => (fb, sb.last().expect("median rank").value()),
             FisherPool::Pooled => {
                 let p = pooled.as_deref().expect("set for Pooled");
                 (p, lower_median(p))
@@ -183,7 +200,7 @@ impl Post<'_> {
             mx = mx.max(v);
             below += (v < opts.eps) as usize;
         }
-        self.diagnostics.push(SliceDiagnostics {
+        let diagnostics = SliceDiagnostics {
             block: s.block,
             layer: s.layer,
             head: s.head,
@@ -196,9 +213,9 @@ impl Post<'_> {
             n_b: nb,
             n_fisher: self.n_fisher,
             chunks: self.chunks,
-        });
+        };
 
-        if opts.group_fisher {
+        let phase = opts.group_fisher.then(|| {
             let thresholds = |stats: &[OrderStat]| -> Vec<Option<Threshold>> {
                 let mut it = stats.iter();
                 keeps
@@ -206,28 +223,93 @@ impl Post<'_> {
                     .map(|&k| (k > 0).then(|| Threshold::new(k, *it.next().expect("ranked"))))
                     .collect()
             };
-            self.phase.add_slice(
-                s.block,
-                s.layer,
-                s.head,
-                &fa,
-                &fb,
+            SlicePhase::new(
+                (s.block, s.layer, s.head),
+                &opts.sparsities,
+                fa,
+                fb,
                 &thresholds(&sa),
                 &thresholds(&sb),
-            );
-        }
-        if self.pairs_for.contains(&(s.block, s.layer, s.head)) {
-            self.pairs.push(PairMatrix {
+            )
+        });
+        let pair = self
+            .pairs_for
+            .contains(&(s.block, s.layer, s.head))
+            .then(|| PairMatrix {
                 block: s.block,
                 layer: s.layer,
                 head: s.head,
                 n_a: na,
                 n_b: nb,
-                values: m,
+                values: m.to_vec(),
             });
+        Ok(SliceStats {
+            cell,
+            diagnostics,
+            phase,
+            pair,
+        })
+    }
+}
+
+impl Post<'_> {
+    /// Bytes [`Post::run`] allocates beyond its job (a pooled Fisher, key gathers).
+    pub fn scratch_bytes(s_len: usize) -> usize {
+        2 * s_len * 8
+    }
+
+    pub fn ctx(&self) -> PostCtx<'_> {
+        PostCtx {
+            opts: self.opts,
+            backend: self.backend,
+            na: self.na,
+            nb: self.nb,
+            n_fisher: self.n_fisher,
+            chunks: self.chunks,
+            pairs_for: &self.pairs_for,
         }
+    }
+
+    pub fn run(&mut self, item: PostItem) -> Result<()> {
+        let t0 = std::time::Instant::now();
+        let r = match item {
+            PostItem::Job(job) => self.run_job(job),
+            PostItem::Stats(st) => {
+                self.file(*st);
+                Ok(())
+            }
+        };
+        self.secs += t0.elapsed().as_secs_f64();
+        r
+    }
+
+    fn run_job(&mut self, job: PostJob) -> Result<()> {
+        let PostJob { s, fa, fb, m, lam } = job;
+        let (fa, fb) = (fa.get()?, fb.get()?);
+        let st = self.ctx().stats(&s, &fa, &fb, &m, lam)?;
+        self.file(st);
         Ok(())
     }
+
+    /// Files one slice's statistics (slices in their order).
+    pub fn file(&mut self, st: SliceStats) {
+        self.cells.push(st.cell);
+        self.diagnostics.push(st.diagnostics);
+        if let Some(p) = st.phase {
+            self.phase.add(p);
+        }
+        if let Some(p) = st.pair {
+            self.pairs.push(p);
+        }
+    }
+}
+
+/// What the statistics thread is handed: a finished slice, or (from the concurrent
+/// pass, whose workers compute them while the slice's Fishers are in their caches) a
+/// slice's statistics ready to be filed.
+pub(crate) enum PostItem {
+    Job(PostJob),
+    Stats(Box<SliceStats>),
 }
 
 /// Where the engine sends finished slices.
@@ -237,7 +319,7 @@ pub(crate) enum Sink<'a> {
     /// Statistics computed on a second thread; `wait_s` = seconds the engine was
     /// blocked because the queue was full.
     Thread {
-        tx: std::sync::mpsc::SyncSender<PostJob>,
+        tx: std::sync::mpsc::SyncSender<PostItem>,
         wait_s: f64,
     },
     /// Taken back after the pass.
@@ -245,7 +327,7 @@ pub(crate) enum Sink<'a> {
 }
 
 impl Sink<'_> {
-    pub fn send(&mut self, job: PostJob) -> Result<()> {
+    pub fn send(&mut self, job: PostItem) -> Result<()> {
         match self {
             Sink::Inline(p) => p.run(job),
             Sink::Thread { tx, wait_s } => {
