@@ -442,14 +442,17 @@ fn score_impl(
         FisherPool::B => eng.pb.all.len(),
         FisherPool::Pooled => eng.pa.all.len() + eng.pb.all.len(),
     };
-    let post = Post {
+    let ctx = PostCtx {
         opts,
         backend,
         na,
         nb,
         n_fisher,
         chunks: nchunks,
-        pairs_for: pairs_for.clone(),
+        pairs_for: &pairs_for,
+    };
+    let post = Post {
+        ctx,
         cells: Vec::new(),
         diagnostics: Vec::new(),
         pairs: Vec::new(),
@@ -532,15 +535,6 @@ fn score_impl(
             None
         };
         let pass = if concurrent {
-            let ctx = PostCtx {
-                opts,
-                backend,
-                na,
-                nb,
-                n_fisher,
-                chunks: nchunks,
-                pairs_for: &pairs_for,
-            };
             run_pass_concurrent(&mut eng, &slices, at_once, &ctx, progress)
         } else {
             run_pass(&mut eng, &slices, overlap, progress)
@@ -717,8 +711,9 @@ fn run_pass(
                     let (r, t1) = if factors {
                         read_factor_tiles(source, backend, [(&ra, &mut a), (&rb, &mut b)], s, s_len)
                     } else {
-                        let r = read_whole_tile(source, &ra, s, s_len, &mut a)
-                            .and_then(|()| read_whole_tile(source, &rb, s, s_len, &mut b));
+                        let r = read_whole_tile(source, (&ra.0, &ra.1), s, s_len, &mut a).and_then(
+                            |()| read_whole_tile(source, (&rb.0, &rb.1), s, s_len, &mut b),
+                        );
                         let t1 = std::time::Instant::now();
                         // A device backend starts the host → device copies here.
                         let r = r
@@ -915,18 +910,7 @@ fn read_and_score(
     for (plan, buf) in [(pa, &mut a), (pb, &mut b)] {
         let rows = plan.rows.len();
         match buf {
-            HostTile::F32(v) => {
-                v.resize(rows * s_len, 0.0);
-                source.read_tile(
-                    &plan.name,
-                    &plan.rows,
-                    s.layer,
-                    s.block,
-                    s.head,
-                    0..s_len,
-                    v,
-                )?;
-            }
+            HostTile::F32(v) => read_whole_tile(source, (&plan.name, &plan.rows), s, s_len, v)?,
             HostTile::Planes(p) => {
                 p.resize(rows * 2 * s_len, 0);
                 source
@@ -1083,7 +1067,7 @@ fn read_factor_tiles(
 /// Reads all columns of slice `s` for the rows of one task into `buf`.
 fn read_whole_tile(
     source: &dyn TileSource,
-    (name, rows): &(TaskName, Vec<usize>),
+    (name, rows): (&TaskName, &[usize]),
     s: &Slice,
     s_len: usize,
     buf: &mut Vec<f32>,
@@ -1273,16 +1257,7 @@ impl Engine<'_> {
             // values has none, and goes on).
             if !self.host_valid {
                 for (plan, buf) in [(&self.pa, &mut self.buf_a), (&self.pb, &mut self.buf_b)] {
-                    buf.resize(plan.rows.len() * s_len, 0.0);
-                    self.source.read_tile(
-                        &plan.name,
-                        &plan.rows,
-                        s.layer,
-                        s.block,
-                        s.head,
-                        0..s_len,
-                        buf,
-                    )?;
+                    read_whole_tile(self.source, (&plan.name, &plan.rows), s, s_len, buf)?;
                 }
                 self.host_valid = true;
             }

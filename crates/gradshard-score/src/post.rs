@@ -62,14 +62,7 @@ impl PostJob {
 
 /// Accumulates the after-slice statistics of a run.
 pub(crate) struct Post<'a> {
-    pub opts: &'a ScoreOptions,
-    pub backend: &'a dyn Backend,
-    pub na: usize,
-    pub nb: usize,
-    /// Stored samples in the denominator Fisher.
-    pub n_fisher: usize,
-    pub chunks: usize,
-    pub pairs_for: HashSet<(Block, usize, usize)>,
+    pub ctx: PostCtx<'a>,
     pub cells: Vec<Cell>,
     pub diagnostics: Vec<SliceDiagnostics>,
     pub pairs: Vec<PairMatrix>,
@@ -86,6 +79,7 @@ pub(crate) struct PostCtx<'a> {
     pub backend: &'a dyn Backend,
     pub na: usize,
     pub nb: usize,
+    /// Stored samples in the denominator Fisher.
     pub n_fisher: usize,
     pub chunks: usize,
     pub pairs_for: &'a HashSet<(Block, usize, usize)>,
@@ -258,18 +252,6 @@ impl Post<'_> {
         2 * s_len * 8
     }
 
-    pub fn ctx(&self) -> PostCtx<'_> {
-        PostCtx {
-            opts: self.opts,
-            backend: self.backend,
-            na: self.na,
-            nb: self.nb,
-            n_fisher: self.n_fisher,
-            chunks: self.chunks,
-            pairs_for: &self.pairs_for,
-        }
-    }
-
     pub fn run(&mut self, item: PostItem) -> Result<()> {
         let t0 = std::time::Instant::now();
         let r = match item {
@@ -286,7 +268,7 @@ impl Post<'_> {
     fn run_job(&mut self, job: PostJob) -> Result<()> {
         let PostJob { s, fa, fb, m, lam } = job;
         let (fa, fb) = (fa.get()?, fb.get()?);
-        let st = self.ctx().stats(&s, &fa, &fb, &m, lam)?;
+        let st = self.ctx.stats(&s, &fa, &fb, &m, lam)?;
         self.file(st);
         Ok(())
     }

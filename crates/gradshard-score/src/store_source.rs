@@ -11,6 +11,16 @@ pub struct StoreSource<'a> {
     pub store: &'a Store,
 }
 
+impl StoreSource<'_> {
+    /// What an error reading one slice of a task names.
+    fn slice_ctx(&self, task: &TaskName, layer: usize, block: Block, head: usize) -> String {
+        format!(
+            "store {}: task `{task}` layer {layer} block {block} head {head}",
+            self.store.dir().display()
+        )
+    }
+}
+
 impl TileSource for StoreSource<'_> {
     fn geometry(&self) -> &Geometry {
         self.store.order().geometry()
@@ -38,12 +48,7 @@ impl TileSource for StoreSource<'_> {
         cols: Range<usize>,
         out: &mut [f32],
     ) -> Result<()> {
-        let ctx = || {
-            format!(
-                "store {}: task `{task}` layer {layer} block {block} head {head}",
-                self.store.dir().display()
-            )
-        };
+        let ctx = || self.slice_ctx(task, layer, block, head);
         let numel = self.geometry().slice_numel();
         if cols == (0..numel) {
             return self
@@ -78,15 +83,7 @@ impl TileSource for StoreSource<'_> {
     ) -> Result<()> {
         self.store
             .read_tile_bf16_planes(task.as_str(), samples, layer, block, head, out)
-            .map_err(|e| {
-                Error::source(
-                    format!(
-                        "store {}: task `{task}` layer {layer} block {block} head {head}",
-                        self.store.dir().display()
-                    ),
-                    e,
-                )
-            })
+            .map_err(|e| Error::source(self.slice_ctx(task, layer, block, head), e))
     }
 
     fn has_factors(&self) -> bool {
@@ -104,15 +101,7 @@ impl TileSource for StoreSource<'_> {
         self.store
             .read_factor_tile(task.as_str(), samples, layer, block, head)
             .map(Some)
-            .map_err(|e| {
-                Error::source(
-                    format!(
-                        "store {}: task `{task}` layer {layer} block {block} head {head}",
-                        self.store.dir().display()
-                    ),
-                    e,
-                )
-            })
+            .map_err(|e| Error::source(self.slice_ctx(task, layer, block, head), e))
     }
 
     fn other_tensors(&self) -> Vec<OtherTensor> {

@@ -753,12 +753,34 @@ impl Store {
         head: usize,
         out: &mut [f32],
     ) -> Result<()> {
+        self.tile_rows(
+            task,
+            positions,
+            (layer, block, head),
+            out,
+            1,
+            |r, p, row| self.read_planned(r, p, row),
+        )
+    }
+
+    /// The frame of slice `(layer, block, head)` of each sample at `positions`, one
+    /// `per_value · d·D`-element row of `out` each, filled by `read` in parallel (each
+    /// frame decodes straight into its row).
+    fn tile_rows<T: Send>(
+        &self,
+        task: &str,
+        positions: &[usize],
+        (layer, block, head): (usize, Block, usize),
+        out: &mut [T],
+        per_value: usize,
+        read: impl Fn(&LogRecord, &PlannedRead, &mut [T]) -> Result<()> + Sync,
+    ) -> Result<()> {
         let frame = self.attn_frame(layer, block, head)?;
         let chosen = self.chosen(task, positions)?;
         let numel = self.order.geometry().slice_numel();
-        if out.len() != chosen.len() * numel {
+        if out.len() != chosen.len() * per_value * numel {
             return Err(Error::Invalid(format!(
-                "tile buffer holds {} values, {} samples × {numel} needed",
+                "tile buffer holds {} elements, {} samples × {numel} values × {per_value} needed",
                 out.len(),
                 chosen.len()
             )));
@@ -766,10 +788,9 @@ impl Store {
         let plan = self.plan(&chosen, &[frame])?;
         let mut reads = plan.reads;
         reads.sort_by_key(|p| p.slot);
-        // Each frame decodes straight into its row of the tile.
-        out.par_chunks_mut(numel)
+        out.par_chunks_mut(per_value * numel)
             .zip(reads.par_iter())
-            .try_for_each(|(row, p)| self.read_planned(chosen[p.slot], p, row))
+            .try_for_each(|(row, p)| read(chosen[p.slot], p, row))
     }
 
     /// [`read_tile`](Self::read_tile) of a bf16 store with each value kept as the two
@@ -794,33 +815,18 @@ impl Store {
                 self.manifest.spec.dtype
             )));
         }
-        let frame = self.attn_frame(layer, block, head)?;
-        let chosen = self.chosen(task, positions)?;
         let numel = self.order.geometry().slice_numel();
-        if out.len() != chosen.len() * 2 * numel {
-            return Err(Error::Invalid(format!(
-                "tile buffer holds {} bytes, {} samples × {numel} bf16 values needed",
-                out.len(),
-                chosen.len()
-            )));
-        }
-        let plan = self.plan(&chosen, &[frame])?;
-        let mut reads = plan.reads;
-        reads.sort_by_key(|p| p.slot);
-        out.par_chunks_mut(2 * numel)
-            .zip(reads.par_iter())
-            .try_for_each(|(row, p)| {
-                let r = chosen[p.slot];
-                if p.shared.is_some() {
-                    return Err(Error::Invalid(format!(
-                        "task `{}` sample {} is stored as factors: its slices are f32 products, not bf16 frames",
-                        r.task, r.id
-                    )));
-                }
-                let what = || format!("{} (frame {})", self.order.describe(p.frame), p.frame);
-                self.decode_entry(r, &what, p.entry, FrameKind::Full, numel, Dest::Planes(row))
-                    .map(|_| ())
-            })
+        self.tile_rows(task, positions, (layer, block, head), out, 2, |r, p, row| {
+            if p.shared.is_some() {
+                return Err(Error::Invalid(format!(
+                    "task `{}` sample {} is stored as factors: its slices are f32 products, not bf16 frames",
+                    r.task, r.id
+                )));
+            }
+            let what = || format!("{} (frame {})", self.order.describe(p.frame), p.frame);
+            self.decode_entry(r, &what, p.entry, FrameKind::Full, numel, Dest::Planes(row))
+                .map(|_| ())
+        })
     }
 
     /// Whether [`read_tile_bf16_planes`](Self::read_tile_bf16_planes) serves every
