@@ -601,8 +601,9 @@ pub fn decode_payload_f32(
 /// Decodes the payload of a bf16 frame checked by [`verify_frame`] into the two byte
 /// planes of its values: `out[..n]` the low bytes, `out[n..]` the high bytes (sign,
 /// exponent, top mantissa bit) of the n values, `out.len() == 2n`. For a shuffled frame
-/// (the default) the planes are what the frame stores, so this is zstd and two copies
-/// with no per-value work; [`widen_bf16`] turns any range of them into f32.
+/// (the default) the planes are what the frame stores: zstd decompresses straight into
+/// `out` (codec 2 adds one copy of its raw low plane), with no per-value work;
+/// [`widen_bf16`] turns any range of them into f32.
 pub fn decode_payload_bf16_planes(
     h: &FrameHeader,
     payload: &[u8],

@@ -512,23 +512,10 @@ fn score_impl(
             let mut p = post;
             eng.sink = Sink::Thread { tx, wait_s: 0.0 };
             Some(sc.spawn(move || -> Result<Post<'_>> {
-                let run = move || -> Result<Post<'_>> {
-                    for job in rx {
-                        p.run(job)?;
-                    }
-                    Ok(p)
-                };
-                if !concurrent {
-                    return run();
+                for job in rx {
+                    p.run(job)?;
                 }
-                // The slice workers hold every thread of the global pool: the
-                // statistics' own parallel loops would queue there behind whole slices
-                // (measured: 0.43 s of waits in a 0.47 s pass). They run on a pool of
-                // their own, this thread's only.
-                match rayon::ThreadPoolBuilder::new().num_threads(1).build() {
-                    Ok(pool) => pool.install(run),
-                    Err(_) => run(),
-                }
+                Ok(p)
             }))
         } else {
             eng.sink = Sink::Inline(Box::new(post));
@@ -821,10 +808,10 @@ fn run_pass_concurrent(
             let t = std::time::Instant::now();
             eng.read_s += sc.read_s;
             eng.stats_s += sc.stats_s;
-            eng.planar = false;
             match (sc.a, sc.b) {
                 (HostTile::F32(a), HostTile::F32(b)) => {
-                    (eng.buf_a, eng.buf_b, eng.host_valid) = (a, b, true);
+                    (eng.buf_a, eng.buf_b) = (a, b);
+                    (eng.planar, eng.host_valid) = (false, true);
                 }
                 (HostTile::Planes(a), HostTile::Planes(b)) => {
                     (eng.planes_a, eng.planes_b) = (a, b);
@@ -857,7 +844,6 @@ fn run_pass_concurrent(
                     HostTile::F32(std::mem::take(&mut eng.buf_b)),
                 )
             });
-            eng.planar = false;
         }
     }
     Ok((compute_s, 0.0))
@@ -920,19 +906,15 @@ fn read_and_score(
     }
     let t1 = std::time::Instant::now();
     let mut out = backend.fused_slice(&fused_args(opts, [pa, pb], a.tile(), b.tile(), s_len))?;
+    scale_m(opts.aggregate, s_len, &mut out.m);
     let t2 = std::time::Instant::now();
     let mut stats = None;
-    if out.fisher_finite {
-        // M as `Engine::finish_m` leaves it (the engine scales its own copy the same
-        // way and raises the error of a non-finite one).
-        let mut m = out.m.clone();
-        scale_m(opts.aggregate, s_len, &mut m);
-        if m.iter().all(|v| v.is_finite()) {
-            let (fa, fb) = ((out.fa)()?, (out.fb)()?);
-            stats = Some(ctx.stats(s, &fa, &fb, &m, opts.lam)?);
-            out.fa = Box::new(move || Ok(fa));
-            out.fb = Box::new(move || Ok(fb));
-        }
+    // A non-finite Fisher or M is left to the engine thread, which names it.
+    if out.fisher_finite && out.m.iter().all(|v| v.is_finite()) {
+        let (fa, fb) = ((out.fa)()?, (out.fb)()?);
+        stats = Some(ctx.stats(s, &fa, &fb, &out.m, opts.lam)?);
+        out.fa = Box::new(move || Ok(fa));
+        out.fb = Box::new(move || Ok(fb));
     }
     Ok(Scored {
         a,
@@ -1235,19 +1217,20 @@ impl Engine<'_> {
     /// newly admitted top pairs, this thread) needs them.
     fn slice_fused(&mut self, s: &Slice) -> Result<()> {
         self.fetch_chunk(s, 0, self.s_len, false)?;
-        let out = self.backend.fused_slice(&fused_args(
+        let mut out = self.backend.fused_slice(&fused_args(
             self.opts,
             [&self.pa, &self.pb],
             Tile::F32(&self.buf_a),
             Tile::F32(&self.buf_b),
             self.s_len,
         ))?;
+        scale_m(self.opts.aggregate, self.s_len, &mut out.m);
         self.finish_fused(s, out, None)
     }
 
-    /// The rest of a fused slice once `out` is known and the buffers hold the slice's
-    /// tiles (or key device tiles when `host_valid` is false): names a non-finite
-    /// value, checks and scales M, offers the pairs to the top-k (attaching the rows of
+    /// The rest of a fused slice once `out` is known (its M already scaled by
+    /// [`scale_m`]) and the buffers hold the slice's tiles (or key device tiles when
+    /// `host_valid` is false): names a non-finite value, checks M, offers the pairs to the top-k (attaching the rows of
     /// admitted pairs) and queues the slice's statistics.
     fn finish_fused(&mut self, s: &Slice, out: FusedOut, stats: Option<SliceStats>) -> Result<()> {
         let (s_len, opts) = (self.s_len, self.opts);
@@ -1276,10 +1259,10 @@ impl Engine<'_> {
                 }
             }
         }
-        let mut m = out.m;
+        let m = out.m;
         check_len("engine", "fused M", m.len(), na * nb)?;
         let (mut fa, mut fb) = (FisherVec::OnDevice(out.fa), FisherVec::OnDevice(out.fb));
-        self.finish_m(s, &mut m)?;
+        self.check_m(s, &m)?;
         // The buffers keep the scored rows only, as on the per-step path.
         if self.host_valid {
             compact_rows(&mut self.buf_a, &self.pa.sel_pos, s_len);
@@ -1312,6 +1295,11 @@ impl Engine<'_> {
     /// Applies `Aggregate::Mean` to a slice's M and checks it is finite.
     fn finish_m(&self, s: &Slice, m: &mut [f64]) -> Result<()> {
         scale_m(self.opts.aggregate, self.s_len, m);
+        self.check_m(s, m)
+    }
+
+    /// A slice's (scaled) M must be finite.
+    fn check_m(&self, s: &Slice, m: &[f64]) -> Result<()> {
         if m.iter().any(|v| !v.is_finite()) {
             return Err(Error::NonFiniteScore {
                 layer: s.layer,
@@ -1417,27 +1405,21 @@ impl Engine<'_> {
         which: &BTreeSet<usize>,
         den: &[f64],
     ) -> Result<RowMap> {
-        let (buf, plan, role) = if task_a {
-            (&self.buf_a, &self.pa, Role::X)
+        let (buf, planes, plan, role) = if task_a {
+            (&self.buf_a, &self.planes_a, &self.pa, Role::X)
         } else {
-            (&self.buf_b, &self.pb, Role::Y)
+            (&self.buf_b, &self.planes_b, &self.pb, Role::Y)
+        };
+        // Byte planes hold every stored row; the f32 buffers only the scored rows.
+        let (tile, stored) = if self.planar {
+            (Tile::Bf16Planes(planes), true)
+        } else {
+            (Tile::F32(buf), false)
         };
         let s_len = self.s_len;
-        let mut rows = Vec::with_capacity(which.len() * s_len);
-        if self.planar {
-            let planes = if task_a {
-                &self.planes_a
-            } else {
-                &self.planes_b
-            };
-            rows.resize(which.len() * s_len, 0.0);
-            for (&q, out) in which.iter().zip(rows.chunks_exact_mut(s_len)) {
-                Tile::Bf16Planes(planes).row_f32(plan.sel_pos[q], s_len, out);
-            }
-        } else {
-            for &q in which {
-                rows.extend_from_slice(&buf[q * s_len..(q + 1) * s_len]);
-            }
+        let mut rows = vec![0f32; which.len() * s_len];
+        for (&q, out) in which.iter().zip(rows.chunks_exact_mut(s_len)) {
+            tile.row_f32(if stored { plan.sel_pos[q] } else { q }, s_len, out);
         }
         let inv_t: Vec<f64> = which.iter().map(|&q| plan.sel_inv_t[q]).collect();
         self.backend

@@ -4,15 +4,15 @@
 //! The engine needs, per slice of `d·D` values (524 288 at 7B), one median and two
 //! thresholds per task and sparsity. Sorting, or `select_nth_unstable` through an
 //! index array with a tie-breaking comparator, cost ~35% of the CPU scorer's time on
-//! a 7B-shaped store (perf, 2-core VM). Here one pass builds a histogram (2⁸ to 2¹⁶ bins, by length) of
-//! an order-preserving integer key (all ranks of a vector share it), and only the
-//! values of the bin holding a wanted rank are copied and selected. Results are
-//! bit-identical to sorting under [`f64::total_cmp`]; the tests compare with the
-//! sort-based definitions on random data with ties.
+//! a 7B-shaped store (perf, 2-core VM). Here one pass builds a histogram (2⁸ to 2¹⁶
+//! bins, by length) of an order-preserving integer key (all ranks of a vector share
+//! it), and only the values of the bin holding a wanted rank are copied and selected.
+//! Results are bit-identical to sorting under [`f64::total_cmp`]; the tests compare
+//! with the sort-based definitions on random data with ties.
 
 use rayon::prelude::*;
 
-/// Most bits of the key that pick a histogram bin (2¹⁶ bins for vectors of 2¹⁸ values
+/// Most bits of the key that pick a histogram bin (2¹⁶ bins for vectors of 2¹⁹ values
 /// and more).
 const MAX_BIN_BITS: u32 = 16;
 /// Fewest bits (256 bins).

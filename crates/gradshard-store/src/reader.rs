@@ -797,9 +797,9 @@ impl Store {
     /// bytes the frames store: row i of `out` (`2 · d·D` bytes) holds the low bytes of
     /// sample `positions[i]`'s slice, then their high bytes (see
     /// `gradshard_format::widen_bf16`). Half the bytes of the f32 tile and no per-value
-    /// work for shuffled frames. An error for an f32 store and for samples stored as
-    /// factors (whose slices are f32 products); [`bf16_planes`](Self::bf16_planes) says
-    /// whether every slice can be read this way.
+    /// work for shuffled frames (zstd decompresses straight into the row). An error for
+    /// an f32 store and for samples stored as factors (whose slices are f32 products);
+    /// [`bf16_planes`](Self::bf16_planes) says whether every slice can be read this way.
     pub fn read_tile_bf16_planes(
         &self,
         task: &str,
