@@ -76,16 +76,36 @@ fn gemm_f64(
     k: usize,
     dst: &mut [f64],
     lhs: &[f64],
+    l_strides: (isize, isize),
+    rhs: &[f64],
+    r_strides: (isize, isize),
+) {
+    assert_eq!(dst.len(), m * n);
+    gemm_f64_rows(m, n, k, dst, n, lhs, l_strides, rhs, r_strides);
+}
+
+/// [`gemm_f64`] into the first `n` columns of `m` rows of a row-major `dst` whose rows
+/// are `dst_rs` apart (a block of a larger matrix).
+#[allow(clippy::too_many_arguments)]
+fn gemm_f64_rows(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f64],
+    dst_rs: usize,
+    lhs: &[f64],
     (l_cs, l_rs): (isize, isize),
     rhs: &[f64],
     (r_cs, r_rs): (isize, isize),
 ) {
-    assert_eq!(dst.len(), m * n);
     if m == 0 || n == 0 {
         return;
     }
+    assert!(n <= dst_rs && dst.len() >= (m - 1) * dst_rs + n);
     if k == 0 {
-        dst.fill(0.0);
+        for row in dst.chunks_mut(dst_rs).take(m) {
+            row[..n].fill(0.0);
+        }
         return;
     }
     // Parallel inside gemm only when called from outside the rayon pool: callers that
@@ -98,7 +118,8 @@ fn gemm_f64(
         gemm::Parallelism::None
     };
     // SAFETY: the callers pass lhs/rhs holding m·k / k·n values laid out by the given
-    // strides (checked by their asserts) and dst holds m·n (asserted); read_dst = false
+    // strides (checked by their asserts) and dst holds m rows of n values dst_rs apart
+    // (asserted); read_dst = false
     // with alpha = 0, beta = 1 overwrites dst with lhs·rhs.
     unsafe {
         gemm::gemm(
@@ -107,7 +128,7 @@ fn gemm_f64(
             k,
             dst.as_mut_ptr(),
             1,
-            n as isize,
+            dst_rs as isize,
             false,
             lhs.as_ptr(),
             l_cs,
@@ -130,17 +151,30 @@ pub fn gram(m: &[f32], n: usize, w: usize) -> Vec<f64> {
     assert_eq!(m.len(), n * w, "matrix is not n × w");
     let m64: Vec<f64> = m.iter().map(|v| *v as f64).collect();
     let mut g = vec![0f64; n * n];
-    // lhs M [n × w]: (cs 1, rs w); rhs Mᵀ [w × n]: element (k, j) at j·w + k.
-    gemm_f64(
-        n,
-        n,
-        w,
-        &mut g,
-        &m64,
-        (1, w as isize),
-        &m64,
-        (w as isize, 1),
-    );
+    // The lower block triangle only, one block row at a time (rows a0..a1 against rows
+    // 0..a1): with four blocks 10/16 of the products of the whole square. lhs = rows
+    // a0..a1 of M (cs 1, rs w); rhs = Mᵀ [w × a1]: element (k, j) at j·w + k.
+    let blocks = if n >= 64 { 4 } else { 1 };
+    for bi in 0..blocks {
+        let (a0, a1) = (n * bi / blocks, n * (bi + 1) / blocks);
+        gemm_f64_rows(
+            a1 - a0,
+            a1,
+            w,
+            &mut g[a0 * n..],
+            n,
+            &m64[a0 * w..],
+            (1, w as isize),
+            &m64,
+            (w as isize, 1),
+        );
+    }
+    // The upper triangle is the lower one mirrored, so the matrix is exactly symmetric.
+    for a in 0..n {
+        for b in a + 1..n {
+            g[a * n + b] = g[b * n + a];
+        }
+    }
     g
 }
 
@@ -202,6 +236,27 @@ mod tests {
                     (*a as f64 - b).abs() <= 1e-5 * (1.0 + b.abs()),
                     "{a} vs {b}"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn gram_by_lower_blocks_is_the_whole_product_and_symmetric() {
+        for (n, w) in [(64, 3), (70, 5), (129, 17)] {
+            let m = mat(n, w, 7);
+            let g = gram(&m, n, w);
+            for a in 0..n {
+                for b in 0..n {
+                    let want: f64 = (0..w)
+                        .map(|k| m[a * w + k] as f64 * m[b * w + k] as f64)
+                        .sum();
+                    let got = g[a * n + b];
+                    assert!(
+                        (got - want).abs() <= 1e-12 * want.abs().max(1.0),
+                        "{n} {a} {b}"
+                    );
+                    assert_eq!(got.to_bits(), g[b * n + a].to_bits());
+                }
             }
         }
     }
