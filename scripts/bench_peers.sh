@@ -6,7 +6,8 @@
 #   scripts/bench_peers.sh [DIR] [SAMPLES_PER_TASK] [SEQ]   (default target/bench-peers, 16, 128)
 #
 # Environment: GRADSHARD_BIN (default target/release/gradshard, built if absent),
-# PEERS_VENV (default target/peers-venv), THREADS (default 2), BATCH (default 8).
+# PEERS_VENV (default target/peers-venv), THREADS (default 2), BATCH (default 8),
+# ROUNDS (default 3).
 #
 # Never run in CI: the virtualenv takes several GB. When $PEERS_VENV lacks torch and
 # transformers it is created and filled from PyPI. The CPU-only torch index
@@ -14,15 +15,18 @@
 # is unreachable (as on the machine this was written on) PyPI's torch is installed, which
 # is the CUDA build: it pulls the CUDA runtime wheels (~5 GB in all) even for a CPU.
 #
-# Rows (each measured twice, the better kept; PyTorch gets one untimed warm-up sample,
-# gradshard's timings include its first sample):
+# Rows, measured in ROUNDS rounds (default 3): each round runs every gradshard row once,
+# then every PyTorch row once, so that both tools see the same drift of this VM's speed
+# (it moves by ±25 % within minutes); the best of the rounds counts for each side, and
+# the range over the rounds is printed under the table. PyTorch gets one untimed warm-up
+# sample per round, gradshard's timings include its first sample:
 #   - collect: `gradshard collect --model-only --params attn --dtype f32 --batch 1|8
 #     --representation full|factored`, samples / (model + frames/stats seconds), i.e.
 #     without loading, as PyTorch is timed; against torch.autograd.grad in a loop (full,
 #     batch 1), forward/backward hooks with activations x backprops (full, batch 8) and
 #     the same hooks keeping the per-sample factors (factored, batch 1 and 8);
 #   - score: the "slice pass" of `gradshard score` (unsigned, task-A Fisher, no
-#     bootstrap or permutations, page cache warm: the second of two runs counts) on a
+#     bootstrap or permutations, page cache warm: one untimed run first) on a
 #     bf16 store collected as full slices and one collected as factors, against the same
 #     per-slice computation vectorised in f32 by PyTorch from RAM (Fisher, X, Y, X·Yᵀ;
 #     from per-sample slices, and from per-sample factors with one bmm per slice).
@@ -38,6 +42,7 @@ N=${2:-16}
 SEQ=${3:-128}
 THREADS=${THREADS:-2}
 BATCH=${BATCH:-8}
+ROUNDS=${ROUNDS:-3}
 BIN=${GRADSHARD_BIN:-target/release/gradshard}
 VENV=${PEERS_VENV:-target/peers-venv}
 mkdir -p "$DIR"
@@ -85,66 +90,89 @@ load() { echo "   (load average $(cut -d' ' -f1-3 /proc/loadavg))"; }
 load
 echo "gradshard $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$ROOT" diff --quiet 2>/dev/null || echo '+dirty')"
 
-# samples/s of one model-only collect row (better of two runs).
+# samples/s of one model-only collect run.
 collect_rate() {
-  local batch=$1 rep=$2 best=0 r
-  for _ in 1 2; do
-    rm -rf "$DIR/mo"
-    "$BIN" collect --model "$MODEL" "${TASKS[@]}" --store "$DIR/mo" --model-only \
-      --params attn --dtype f32 --batch "$batch" --representation "$rep" --quiet \
-      --report-json "$DIR/mo.json" >/dev/null
-    r=$("$PY" -c 'import json,sys; j=json.load(open(sys.argv[1])); print(j["stored"] / (j["model_seconds"] + j["prepare_seconds"]))' "$DIR/mo.json")
-    best=$("$PY" -c "print(max($best, $r))")
-  done
-  echo "$best"
+  local batch=$1 rep=$2
+  rm -rf "$DIR/mo"
+  "$BIN" collect --model "$MODEL" "${TASKS[@]}" --store "$DIR/mo" --model-only \
+    --params attn --dtype f32 --batch "$batch" --representation "$rep" --quiet \
+    --report-json "$DIR/mo.json" >/dev/null
+  "$PY" -c 'import json,sys; j=json.load(open(sys.argv[1])); print(j["stored"] / (j["model_seconds"] + j["prepare_seconds"]))' "$DIR/mo.json"
 }
 
-echo "== gradshard collect --model-only (twice each)"
-declare -A GS
-for row in "1 full loop_full" "1 factored loop_factored" "$BATCH full batched_full" "$BATCH factored batched_factored"; do
-  set -- $row
-  GS[$3]=$(collect_rate "$1" "$2")
-  printf '  %-17s %8.2f samples/s\n' "$3" "${GS[$3]}"
-done
+# Seconds of the slice pass of one score run.
+score_pass() {
+  "$BIN" score --store "$DIR/s-$1" --task-a a --task-b b --n-boot 0 --n-perm 0 \
+    --no-pictures --overwrite --out "$DIR/o-$1" 2>"$DIR/score.err" | sed -n 's/.*slice pass \([0-9.]*\) s.*/\1/p'
+}
 
-load
-echo "== gradshard score (bf16 stores, page cache warm)"
+echo "== bf16 stores for score, and gradshard grads (parity reference: task a)"
 for rep in full factored; do
   # Always collected afresh: a store from an older binary may have another codec.
   rm -rf "$DIR/s-$rep"
   "$BIN" collect --model "$MODEL" "${TASKS[@]}" --store "$DIR/s-$rep" --params attn \
     --dtype bf16 --representation "$rep" --quiet >/dev/null
   echo "  store $rep: $(du -sb "$DIR/s-$rep" | cut -f1) bytes, codec $("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["codec"]["name"])' "$DIR/s-$rep/manifest.json")"
-  best=
-  for i in 1 2 3; do
-    s=$("$BIN" score --store "$DIR/s-$rep" --task-a a --task-b b --n-boot 0 --n-perm 0 \
-      --no-pictures --overwrite --out "$DIR/o-$rep" 2>"$DIR/score.err" | sed -n 's/.*slice pass \([0-9.]*\) s.*/\1/p')
-    # The first run warms the page cache; the better of the other two counts.
-    if [ "$i" -gt 1 ]; then best=$("$PY" -c "print(min(${best:-1e9}, $s))"); fi
-  done
-  GS[score_$rep]=$best
-  printf '  %-17s %8.3f s slice pass\n' "score_$rep" "$best"
+  score_pass "$rep" >/dev/null # warms the page cache, untimed
 done
-
-echo "== gradshard grads (parity reference: task a)"
 rm -rf "$DIR/grads-a"
 "$BIN" grads --model "$MODEL" --input "$MODEL/a.jsonl" --out "$DIR/grads-a" --params attn >/dev/null
 
-load
-echo "== PyTorch (scripts/peers.py)"
-PT=$(env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE "$PY" scripts/peers.py "$MODEL" a b \
-  --threads "$THREADS" --batch "$BATCH" --reps 2 --grads-a "$DIR/grads-a" 2>"$DIR/torch.err")
-echo "$PT" >"$DIR/torch.json"
-echo "  $PT"
+ROWS=(loop_full loop_factored batched_full batched_factored score_full score_factored)
+for row in "${ROWS[@]}"; do : >"$DIR/gs-$row.txt"; done
+rm -f "$DIR"/torch-*.json
+for round in $(seq 1 "$ROUNDS"); do
+  echo "== round $round of $ROUNDS: gradshard"
+  load
+  for row in "1 full loop_full" "1 factored loop_factored" "$BATCH full batched_full" "$BATCH factored batched_factored"; do
+    set -- $row
+    v=$(collect_rate "$1" "$2")
+    echo "$v" >>"$DIR/gs-$3.txt"
+    printf '  %-17s %8.2f samples/s\n' "$3" "$v"
+  done
+  for rep in full factored; do
+    v=$(score_pass "$rep")
+    echo "$v" >>"$DIR/gs-score_$rep.txt"
+    printf '  %-17s %8.3f s slice pass\n' "score_$rep" "$v"
+  done
+  echo "== round $round of $ROUNDS: PyTorch (scripts/peers.py)"
+  load
+  PARITY=()
+  [ "$round" = 1 ] && PARITY=(--grads-a "$DIR/grads-a")
+  PT=$(env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE "$PY" scripts/peers.py "$MODEL" a b \
+    --threads "$THREADS" --batch "$BATCH" --reps 1 "${PARITY[@]}" 2>"$DIR/torch.err")
+  echo "$PT" >"$DIR/torch-$round.json"
+  echo "  $PT"
+done
 load
 
-"$PY" - "$DIR/torch.json" "$MACHINE" "$THREADS" "$BATCH" "$N" "$SEQ" \
-  "${GS[loop_full]}" "${GS[loop_factored]}" "${GS[batched_full]}" "${GS[batched_factored]}" \
-  "${GS[score_full]}" "${GS[score_factored]}" <<'EOF'
-import json, sys
-t = json.load(open(sys.argv[1]))
-machine, threads, batch, n, seq = sys.argv[2:7]
-lf, lfa, bf, bfa, sf, sfa = map(float, sys.argv[7:13])
+"$PY" - "$DIR" "$MACHINE" "$THREADS" "$BATCH" "$N" "$SEQ" "$ROUNDS" <<'EOF'
+import glob, json, os, sys
+d = sys.argv[1]
+machine, threads, batch, n, seq, rounds = sys.argv[2:8]
+runs = [json.load(open(f)) for f in sorted(glob.glob(os.path.join(d, "torch-*.json")))]
+gsv = {}
+for row in ("loop_full", "loop_factored", "batched_full", "batched_factored",
+            "score_full", "score_factored"):
+    with open(os.path.join(d, f"gs-{row}.txt")) as f:
+        gsv[row] = [float(x) for x in f.read().split()]
+# Best of the rounds: the highest rate, the shortest time.
+def best(vals, unit):
+    return max(vals) if unit == "samples/s" else min(vals)
+t = dict(runs[0])
+spread = {}
+for key, unit in (("loop_full", "samples/s"), ("loop_factored", "samples/s"),
+                  ("batched_full", "samples/s"), ("batched_factored", "samples/s"),
+                  ("score_full_s", "s"), ("score_factored_s", "s")):
+    vals = [r[key] for r in runs]
+    t[key] = best(vals, unit)
+    spread[key] = (min(vals), max(vals))
+lf, lfa, bf, bfa = (best(gsv[k], "samples/s") for k in
+                    ("loop_full", "loop_factored", "batched_full", "batched_factored"))
+sf, sfa = (best(gsv[k], "s") for k in ("score_full", "score_factored"))
+gkey = {"loop_full": "loop_full", "loop_factored": "loop_factored",
+        "batched_full": "batched_full", "batched_factored": "batched_factored",
+        "score_full_s": "score_full", "score_factored_s": "score_factored"}
 rows = [
     ("per-sample gradients, one backward per sample, full",
      "`collect --model-only --batch 1 --representation full`", lf,
@@ -168,7 +196,8 @@ rows = [
 print()
 print(f"Machine: {machine}. {threads} threads each (RAYON_NUM_THREADS, torch.set_num_threads); "
       f"PyTorch {t['torch']} (MKL {'yes' if t['mkl'] else 'no'}); "
-      f"{t['samples']} samples of {seq} tokens (LLaMA small: 4 layers, D 512, vocab 8000).")
+      f"{t['samples']} samples of {seq} tokens (LLaMA small: 4 layers, D 512, vocab 8000); "
+      f"best of {len(runs)} interleaved rounds for each side.")
 print()
 print("| work | gradshard | PyTorch | ratio |")
 print("|---|---|---|---|")
@@ -182,6 +211,13 @@ for work, gdesc, g, pdesc, p, unit in rows:
     print(f"| {work} | {gdesc}: {gs} | {pdesc}: {ps} | {ratio:.2f}× |")
     if ratio < 1.0:
         below.append(work)
+print()
+print("Range over the rounds (gradshard | PyTorch):")
+for key, (lo, hi) in spread.items():
+    g = gsv[gkey[key]]
+    fmt = "{:.3f}" if key.endswith("_s") else "{:.2f}"
+    print(f"  {gkey[key]}: {fmt.format(min(g))}–{fmt.format(max(g))} | "
+          f"{fmt.format(lo)}–{fmt.format(hi)}")
 print()
 print("Ratio = gradshard speed / PyTorch speed (time ratio inverted for score). gradshard does "
       "more in every collect row (slice cuts, per-slice Σg²/T statistics).")
