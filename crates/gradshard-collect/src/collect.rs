@@ -1181,4 +1181,42 @@ mod memory_tests {
             .check(&t, &SampleId::Int(7), 1_000_000)
             .unwrap();
     }
+
+    #[test]
+    fn first_non_finite_finds_the_first_at_any_position() {
+        let mut v = vec![1.5f32; 1000];
+        assert_eq!(first_non_finite(&v), None);
+        assert_eq!(first_non_finite(&[]), None);
+        for (at, bad) in [
+            (0, f32::NAN),
+            (255, f32::INFINITY),
+            (256, f32::NEG_INFINITY),
+            (700, f32::NAN),
+            (999, f32::INFINITY),
+        ] {
+            v[at] = bad;
+            if at < 999 {
+                v[999] = f32::NAN; // a later one must not win
+            }
+            let (i, x) = first_non_finite(&v).expect("has one");
+            assert_eq!(i, at);
+            assert_eq!(x.to_bits(), bad.to_bits());
+            v.fill(1.5);
+        }
+        // The largest finite values and subnormals are finite.
+        assert_eq!(first_non_finite(&[f32::MAX, f32::MIN, 1e-45, -0.0]), None);
+    }
+
+    #[test]
+    fn same_bits_tells_every_difference() {
+        let a: Vec<f32> = (0..700).map(|i| i as f32 * 0.25).collect();
+        assert!(same_bits(&a, &a.clone()));
+        assert!(!same_bits(&a, &a[..699]));
+        for at in [0, 255, 256, 699] {
+            let mut b = a.clone();
+            b[at] = f32::from_bits(b[at].to_bits() ^ 1);
+            assert!(!same_bits(&a, &b), "{at}");
+        }
+        assert!(!same_bits(&[0.0], &[-0.0]));
+    }
 }
