@@ -4,9 +4,10 @@
 //! The engine needs, per slice of `d·D` values (524 288 at 7B), one median and two
 //! thresholds per task and sparsity. Sorting, or `select_nth_unstable` through an
 //! index array with a tie-breaking comparator, cost ~35% of the CPU scorer's time on
-//! a 7B-shaped store (perf, 2-core VM). Here one pass builds a histogram (2⁸ to 2¹⁶
-//! bins, by length) of an order-preserving integer key (all ranks of a vector share
-//! it), and only the values of the bin holding a wanted rank are copied and selected.
+//! a 7B-shaped store (perf, 2-core VM). Here one pass finds the range of an
+//! order-preserving integer key, one builds a histogram over that range (2⁸ to 2¹⁶
+//! bins, by length; all ranks of a vector share it), and only the values of the bin
+//! holding a wanted rank are copied and selected.
 //! Results are bit-identical to sorting under [`f64::total_cmp`]; the tests compare
 //! with the sort-based definitions on random data with ties.
 
@@ -31,9 +32,51 @@ pub fn key(x: f64) -> u64 {
     }
 }
 
-#[inline]
-fn bin(k: u64, bits: u32) -> usize {
-    (k >> (64 - bits)) as usize
+/// The key range a histogram spans: bin of key `k` = `(k - base) >> shift`.
+#[derive(Debug, Clone, Copy)]
+struct Bins {
+    base: u64,
+    shift: u32,
+    /// Number of bins (at most 2^bits).
+    count: usize,
+}
+
+impl Bins {
+    /// Bins of about equal key width over `[lo, hi]`, at most `2^bits` of them. Keys of
+    /// positive floats are exponent-major, so bins taken from the top bits of the whole
+    /// 64-bit key were one binade (or two) wide: a Fisher vector spanning twenty
+    /// binades put thousands of values in the bin of each wanted rank, all of which were
+    /// then gathered and selected. Spanning only the vector's own range spreads them
+    /// over every bin.
+    fn over(lo: u64, hi: u64, bits: u32) -> Bins {
+        if lo > hi {
+            // No values.
+            return Bins {
+                base: 0,
+                shift: 0,
+                count: 1,
+            };
+        }
+        let span = hi - lo;
+        let need = u64::BITS - span.leading_zeros();
+        let shift = need.saturating_sub(bits);
+        Bins {
+            base: lo,
+            shift,
+            count: (span >> shift) as usize + 1,
+        }
+    }
+
+    #[inline]
+    fn of(&self, k: u64) -> usize {
+        (k.wrapping_sub(self.base) >> self.shift) as usize
+    }
+
+    /// Whether key `k` falls inside the span (every key of the vector does).
+    #[inline]
+    fn holds(&self, k: u64) -> bool {
+        k.wrapping_sub(self.base) >> self.shift < self.count as u64
+    }
 }
 
 /// Histogram bits for `n` values: about sixteen values per bin, within
@@ -49,16 +92,25 @@ fn bin_bits(n: usize) -> u32 {
 /// over a single bin.
 pub struct Ranker<'a> {
     v: &'a [f64],
-    /// Key bits per bin ([`bin_bits`] of the length).
-    bits: u32,
-    /// `cum[b]` = number of values in bins `< b` (length `2^bits + 1`).
+    /// The histogram's bins ([`bin_bits`] of the length, over the vector's key range).
+    bins: Bins,
+    /// `cum[b]` = number of values in bins `< b` (length `bins.count + 1`).
     cum: Vec<u64>,
 }
 
 impl<'a> Ranker<'a> {
     pub fn new(v: &'a [f64]) -> Ranker<'a> {
-        let bits = bin_bits(v.len());
-        let nb = 1usize << bits;
+        let (lo, hi) = v
+            .par_chunks(CHUNK)
+            .map(|c| {
+                c.iter().fold((u64::MAX, 0u64), |(lo, hi), &x| {
+                    let k = key(x);
+                    (lo.min(k), hi.max(k))
+                })
+            })
+            .reduce(|| (u64::MAX, 0), |a, b| (a.0.min(b.0), a.1.max(b.1)));
+        let bins = Bins::over(lo, hi, bin_bits(v.len()));
+        let nb = bins.count;
         let hist = v
             .par_chunks(CHUNK)
             .map(|c| {
@@ -69,11 +121,11 @@ impl<'a> Ranker<'a> {
                 let mut quads = c.chunks_exact(4);
                 for q in &mut quads {
                     for (l, &x) in q.iter().enumerate() {
-                        h4[l * nb + bin(key(x), bits)] += 1;
+                        h4[l * nb + bins.of(key(x))] += 1;
                     }
                 }
                 for &x in quads.remainder() {
-                    h4[bin(key(x), bits)] += 1;
+                    h4[bins.of(key(x))] += 1;
                 }
                 let (h, rest) = h4.split_at_mut(nb);
                 for part in rest.chunks_exact(nb) {
@@ -94,7 +146,7 @@ impl<'a> Ranker<'a> {
             run += h as u64;
             cum.push(run);
         }
-        Ranker { v, bits, cum }
+        Ranker { v, bins, cum }
     }
 
     /// Order statistics at ascending ranks `ranks` (0-based, each `< len`): one
@@ -122,8 +174,8 @@ impl<'a> Ranker<'a> {
             }
             return out;
         }
-        let bits = self.bits;
-        let mut slot = vec![0u8; 1 << bits];
+        let span = self.bins;
+        let mut slot = vec![0u8; span.count];
         for (i, &b) in wanted.iter().enumerate() {
             slot[b] = i as u8 + 1;
         }
@@ -134,7 +186,8 @@ impl<'a> Ranker<'a> {
                 let mut m = vec![Vec::new(); nw];
                 for &x in c {
                     let k = key(x);
-                    let i = slot[bin(k, bits)];
+                    debug_assert!(span.holds(k));
+                    let i = slot[span.of(k)];
                     if i > 0 {
                         m[i as usize - 1].push(k);
                     }
@@ -317,6 +370,45 @@ mod tests {
         assert_eq!(bin_bits(32_768), 12);
         assert_eq!(bin_bits(524_288), MAX_BIN_BITS);
         assert_eq!(bin_bits(usize::MAX), MAX_BIN_BITS);
+    }
+
+    #[test]
+    fn bins_span_the_vectors_own_range() {
+        // A Fisher-like vector over 40 binades: no bin holds more than 1 % of it (with
+        // bins cut from the top bits of the key, one binade was one bin, ~2.5 %).
+        let v = data(21, 32_768, None);
+        let r = Ranker::new(&v);
+        assert!(r.bins.count > 1 << 10 && r.bins.count <= 1 << bin_bits(v.len()));
+        let widest = r.cum.windows(2).map(|w| w[1] - w[0]).max().unwrap();
+        assert!(widest < 328, "{widest} values in one bin");
+        // Mixed signs, zeros, infinities and NaN; one value; all equal; empty.
+        let mut odd = data(22, 5_000, None);
+        odd.extend([
+            f64::NAN,
+            -f64::NAN,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            -0.0,
+            0.0,
+            -7.5,
+        ]);
+        odd.extend(data(23, 3_000, Some(3)).iter().map(|x| -x));
+        for v in [odd, vec![3.0], vec![2.5; 999]] {
+            let mut sorted = v.clone();
+            sorted.sort_by(f64::total_cmp);
+            let ranks: Vec<usize> = (0..v.len()).step_by(97).chain([v.len() - 1]).collect();
+            let got = Ranker::new(&v).at_ranks(&ranks);
+            for (&k, g) in ranks.iter().zip(&got) {
+                assert_eq!(
+                    g.value().to_bits(),
+                    sorted[k].to_bits(),
+                    "rank {k} of {}",
+                    v.len()
+                );
+            }
+        }
+        let empty: [f64; 0] = [];
+        assert_eq!(Ranker::new(&empty).cum, vec![0, 0]);
     }
 
     #[test]
