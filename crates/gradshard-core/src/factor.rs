@@ -119,8 +119,7 @@ fn gemm_f64_rows(
     };
     // SAFETY: the callers pass lhs/rhs holding m·k / k·n values laid out by the given
     // strides (checked by their asserts) and dst holds m rows of n values dst_rs apart
-    // (asserted); read_dst = false
-    // with alpha = 0, beta = 1 overwrites dst with lhs·rhs.
+    // (asserted); read_dst = false with alpha = 0, beta = 1 overwrites dst with lhs·rhs.
     unsafe {
         gemm::gemm(
             m,
