@@ -26,7 +26,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use gradshard_core::{bf16_bits_to_f32, f32_to_bf16_bits, DType, OtherTensor, SampleId, TaskName};
+use gradshard_core::{DType, OtherTensor, SampleId, TaskName};
 use gradshard_format::LogRecord;
 use gradshard_index::{FrameKey, FrameOrder};
 use gradshard_store::{fsutil, Store};
@@ -176,16 +176,12 @@ impl StatsLayout {
     pub fn accumulate(&self, frame: usize, values: &[f32], sums: &mut [f64]) {
         let bf16 = self.dtype == DType::Bf16;
         let sq = |v: f32| {
-            let v = if bf16 {
-                bf16_bits_to_f32(f32_to_bf16_bits(v))
-            } else {
-                v
-            } as f64;
+            let v = if bf16 { round_bf16(v) } else { v } as f64;
             v * v
         };
         match self.order.key(frame) {
             Some(FrameKey::Attn { .. }) => {
-                sums[frame] += sum_sq(values, bf16);
+                sums[frame] += self.attn_sum(values);
             }
             Some(FrameKey::Other { tensor, group }) => {
                 let t = &self.order.others()[tensor];
@@ -1012,6 +1008,7 @@ impl FactoredTerms {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use gradshard_core::{bf16_bits_to_f32, f32_to_bf16_bits};
 
     #[test]
     fn round_bf16_is_the_bf16_conversion_and_sum_sq_the_plain_sum() {

@@ -64,11 +64,18 @@ impl<'a> Tile<'a> {
 
     /// Row `r` of a `width`-column tile as f32 into `out` (`width` long).
     pub fn row_f32(&self, r: usize, width: usize, out: &mut [f32]) {
+        self.row_cols_f32(r, width, 0, out);
+    }
+
+    /// Columns `c0..c0 + out.len()` of row `r` of a `width`-column tile as f32 into
+    /// `out` (byte planes widened, exactly).
+    pub fn row_cols_f32(&self, r: usize, width: usize, c0: usize, out: &mut [f32]) {
+        let c1 = c0 + out.len();
         match self {
-            Tile::F32(v) => out.copy_from_slice(&v[r * width..(r + 1) * width]),
+            Tile::F32(v) => out.copy_from_slice(&v[r * width + c0..r * width + c1]),
             Tile::Bf16Planes(p) => {
                 let row = &p[2 * r * width..2 * (r + 1) * width];
-                gradshard_format::widen_bf16(&row[..width], &row[width..], out);
+                gradshard_format::widen_bf16(&row[c0..c1], &row[width + c0..width + c1], out);
             }
         }
     }

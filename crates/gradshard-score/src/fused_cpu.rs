@@ -150,18 +150,8 @@ fn reciprocal_dens(pool: FisherPool, fa: &[f64], fb: &[f64], eps: f64, lam: f64,
 /// Columns `p0..p0 + pw` of every row of a tile as f32, row-major `rows × pw`, in `out`.
 fn widen_panel(t: Tile<'_>, rows: usize, w: usize, p0: usize, pw: usize, out: &mut Vec<f32>) {
     out.resize(rows * pw, 0.0);
-    match t {
-        Tile::F32(v) => {
-            for (r, o) in out.chunks_exact_mut(pw).enumerate() {
-                o.copy_from_slice(&v[r * w + p0..r * w + p0 + pw]);
-            }
-        }
-        Tile::Bf16Planes(p) => {
-            for (r, o) in out.chunks_exact_mut(pw).enumerate() {
-                let row = &p[2 * r * w..2 * (r + 1) * w];
-                gradshard_format::widen_bf16(&row[p0..p0 + pw], &row[w + p0..w + p0 + pw], o);
-            }
-        }
+    for (r, o) in out.chunks_exact_mut(pw).enumerate() {
+        t.row_cols_f32(r, w, p0, o);
     }
 }
 
