@@ -17,8 +17,8 @@
 # GB/s counts the f32 values delivered (2 tiles x SAMPLES x d x D x 4 bytes).
 #
 # Needs target/release/gradshard (GRADSHARD_BIN overrides; built if absent) and a
-# Python with the package (PYTHON overrides; else a virtualenv in DIR gets
-# `pip install ./crates/gradshard-py`).
+# Python with the package and pyarrow (PYTHON overrides; else a virtualenv in DIR gets
+# `pip install ./crates/gradshard-py[arrow]`; the byte counts come from Store.index()).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=${1:-/tmp/gradshard-bench-python}
@@ -38,7 +38,7 @@ if [ -z "$PY" ]; then
   if [ ! -x "$DIR/venv/bin/python" ]; then
     echo "== virtualenv with the gradshard package ($DIR/venv)"
     python3 -m venv "$DIR/venv"
-    "$DIR/venv/bin/python" -m pip install --quiet --disable-pip-version-check ./crates/gradshard-py
+    "$DIR/venv/bin/python" -m pip install --quiet --disable-pip-version-check "./crates/gradshard-py[arrow]"
   fi
   PY="$DIR/venv/bin/python"
 fi

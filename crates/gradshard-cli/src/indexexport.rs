@@ -45,6 +45,7 @@ pub fn write_index(store: &Store, path: &Path) -> Result<u64> {
     let order = store.order();
     let frames: Vec<usize> = (0..order.n_frames()).collect();
     let mut rows = 0u64;
+    store.prefetch_tables();
     let records: Vec<_> = store.index().records().collect();
     for chunk in records.chunks(64) {
         let (mut task, mut sid, mut kind_id) = (

@@ -204,6 +204,7 @@ pub fn plan(a: PlanArgs) -> Result<ExitCode> {
             let store = gradshard_store::Store::open(dir)
                 .with_context(|| format!("--like {}", dir.display()))?;
             let (mut raw, mut stored) = (0u64, 0u64);
+            store.prefetch_tables();
             for r in store.index().records() {
                 let f = store.footprint(r)?;
                 raw += f.raw_bytes;

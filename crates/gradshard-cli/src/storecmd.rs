@@ -321,6 +321,7 @@ pub fn inspect(a: InspectArgs) -> Result<ExitCode> {
     let raw = per_sample_values * m.spec.dtype.size() as u64 * n;
     // Per representation: samples, frame bytes on disk, decoded bytes.
     let mut by_repr = [(0u64, 0u64, 0u64); 2];
+    store.prefetch_tables();
     for r in store.index().records() {
         let f = store.footprint(r)?;
         let e = &mut by_repr[usize::from(f.factored)];

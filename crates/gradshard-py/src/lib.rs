@@ -548,6 +548,7 @@ fn index_columns(store: &Store) -> gradshard_store::Result<IndexColumns> {
     let order = store.order();
     let frames: Vec<usize> = (0..order.n_frames()).collect();
     let mut c = IndexColumns::default();
+    store.prefetch_tables();
     for r in store.index().records() {
         let plan = store.plan(&[r], &frames)?;
         let mut reads = plan.reads;

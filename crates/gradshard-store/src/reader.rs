@@ -198,6 +198,8 @@ pub struct Store {
     stats: IoStats,
     shared_cache: Mutex<SharedCache>,
     any_factored: std::sync::OnceLock<bool>,
+    /// Whether every sample table has been advised ([`Store::prefetch_tables`]).
+    tables_advised: std::sync::atomic::AtomicBool,
     /// Bytes of a torn log tail (a crashed writer; the next writer cuts it).
     pub torn_log_tail: u64,
 }
@@ -354,6 +356,7 @@ impl Store {
                 map: HashMap::new(),
             }),
             any_factored: std::sync::OnceLock::new(),
+            tables_advised: std::sync::atomic::AtomicBool::new(false),
             torn_log_tail: scan.torn_tail,
         })
     }
@@ -438,8 +441,42 @@ impl Store {
         Ok(&m[r.table_offset as usize..end as usize])
     }
 
+    /// Asks the kernel to start reading every sample table now (`madvise(WILLNEED)` on
+    /// their mapped ranges), once per store. A table lies after its sample's frames, so
+    /// on a cold page cache the tables of a store are as many scattered reads, and
+    /// parsing them one after another waits for each in turn (24 tables of an 8.5 GB
+    /// store: 0.2 s of page faults before the first slice); advised together, they are
+    /// read from the disk at once. Advice only: a failing `madvise` changes nothing
+    /// but speed, so its error is not reported.
+    pub fn prefetch_tables(&self) {
+        if self.tables_advised.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        self.advise_tables(self.index.records());
+    }
+
+    /// `madvise(WILLNEED)` on the tables of `records` that lie inside their shards.
+    fn advise_tables<'r>(&self, records: impl Iterator<Item = &'r LogRecord>) {
+        for r in records {
+            if let Some(m) = self.shards.get(&r.shard) {
+                let end = r.table_offset.saturating_add(r.table_len as u64);
+                if end <= m.len() as u64 {
+                    let _ = m.advise_range(
+                        memmap2::Advice::WillNeed,
+                        r.table_offset as usize,
+                        r.table_len as usize,
+                    );
+                }
+            }
+        }
+    }
+
     /// Plans reading `frames` of `samples` (records of one task).
     pub fn plan(&self, samples: &[&LogRecord], frames: &[usize]) -> Result<ReadPlan> {
+        // The tables this plan parses, advised together (unless the whole store's were).
+        if !self.tables_advised.load(Ordering::Relaxed) {
+            self.advise_tables(samples.iter().copied());
+        }
         let plan = ReadPlan::for_frames(&self.order, samples, frames, |r| {
             self.table_bytes(r)
                 .map_err(|e| gradshard_index::Error::NoSuchFrame {
@@ -692,6 +729,7 @@ impl Store {
     /// once, then remembered).
     pub fn any_factored(&self) -> bool {
         *self.any_factored.get_or_init(|| {
+            self.prefetch_tables();
             self.index
                 .records()
                 .any(|r| self.is_factored(r).unwrap_or(false))

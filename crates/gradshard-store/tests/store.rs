@@ -363,6 +363,46 @@ fn row_ranges_of_mlp_tensors_read_only_their_groups() {
 
 // ---- rejections -------------------------------------------------------------
 
+/// Advising the sample tables (`prefetch_tables`, and the advice `plan` gives for its
+/// own samples) reads nothing through the store: no frame, no table lookup counted,
+/// and every tile reads the same values as from a store that was never advised.
+#[test]
+fn advising_the_tables_changes_no_read() {
+    let dir = tempfile::tempdir().unwrap();
+    ingest_fixture("llama-gqa", DType::Bf16, dir.path());
+    let plain = Store::open(dir.path()).unwrap();
+    let advised = Store::open(dir.path()).unwrap();
+    advised.stats().reset();
+    advised.prefetch_tables();
+    advised.prefetch_tables();
+    assert_eq!(advised.stats().frames(), 0);
+    assert_eq!(advised.stats().bytes(), 0);
+    assert_eq!(
+        advised
+            .stats()
+            .table_lookups
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    for task in ["math", "general"] {
+        let n = plain.samples(task).unwrap().len();
+        let all: Vec<usize> = (0..n).collect();
+        for (layer, block, head) in [(0, Block::Q, 3), (1, Block::V, 1), (1, Block::O, 0)] {
+            let mut a = vec![0f32; n * 16 * 64];
+            let mut b = vec![0f32; n * 16 * 64];
+            plain
+                .read_tile(task, &all, layer, block, head, &mut a)
+                .unwrap();
+            advised
+                .read_tile(task, &all, layer, block, head, &mut b)
+                .unwrap();
+            assert_eq!(a, b, "{task} layer {layer} {block} head {head}");
+        }
+    }
+    assert_eq!(advised.stats().frames(), plain.stats().frames());
+    assert_eq!(advised.any_factored(), plain.any_factored());
+}
+
 fn small_store(dtype: DType) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     ingest_fixture("llama-gqa", dtype, dir.path());
