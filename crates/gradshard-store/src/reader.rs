@@ -204,6 +204,21 @@ pub struct Store {
     pub torn_log_tail: u64,
 }
 
+/// Bytes advised at each end of a shard by [`advise_ends`]: the header, and the footer
+/// (the list of sealed tables, 16 bytes a sample, and its trailer).
+const SHARD_END_ADVICE: usize = 64 << 10;
+
+/// `madvise(WILLNEED)` on the first and last [`SHARD_END_ADVICE`] bytes of a mapped
+/// shard, where its header and footer lie. Advice only; its error changes nothing.
+fn advise_ends(m: &Mmap) {
+    if m.is_empty() {
+        return;
+    }
+    let n = m.len().min(SHARD_END_ADVICE);
+    let _ = m.advise_range(memmap2::Advice::WillNeed, 0, n);
+    let _ = m.advise_range(memmap2::Advice::WillNeed, m.len() - n, n);
+}
+
 /// A mapped shard must be this store's shard `no` (a shard copied from another store
 /// of the same layout would otherwise be read without a word).
 fn check_shard_identity(path: &Path, m: &Mmap, no: u32, store_id: &[u8; 16]) -> Result<()> {
@@ -240,6 +255,7 @@ fn check_log_complete(
     // after that fresh read must not be compared with it).
     let mut footers: Vec<(u32, Vec<u64>)> = Vec::new();
     let sd = crate::shards_dir(dir);
+    let mut maps = Vec::new();
     if let Ok(entries) = std::fs::read_dir(&sd) {
         for e in entries.flatten() {
             let Some(no) = crate::parse_shard_name(&e.file_name().to_string_lossy()) else {
@@ -248,14 +264,19 @@ fn check_log_complete(
             let Ok(m) = crate::map_file(&e.path()) else {
                 continue;
             };
-            // Only this store's sealed shards say what was committed.
-            match gradshard_format::ShardHeader::parse(&m) {
-                Ok(h) if h.store_id == *store_id && h.shard_no == no => {}
-                _ => continue,
-            }
-            if let Ok(Some(f)) = gradshard_format::parse_footer(&m) {
-                footers.push((no, f.tables.iter().map(|t| t.0).collect()));
-            }
+            // Headers and footers are fetched together (see `open_unfinished`).
+            advise_ends(&m);
+            maps.push((no, m));
+        }
+    }
+    for (no, m) in maps {
+        // Only this store's sealed shards say what was committed.
+        match gradshard_format::ShardHeader::parse(&m) {
+            Ok(h) if h.store_id == *store_id && h.shard_no == no => {}
+            _ => continue,
+        }
+        if let Ok(Some(f)) = gradshard_format::parse_footer(&m) {
+            footers.push((no, f.tables.iter().map(|t| t.0).collect()));
         }
     }
     let missing = |records: &[LogRecord]| -> Vec<(u32, usize)> {
@@ -330,14 +351,22 @@ impl Store {
         let mut shards = HashMap::new();
         let mut files = HashMap::new();
         let store_id = manifest.store_id_bytes()?;
+        // Every shard mapped and its header and footer advised first, then checked:
+        // on a cold page cache each shard's header is otherwise one page fault taken
+        // after the other (300 shards: 1.3-1.9 s before anything is read).
         for r in &scan.records {
             if let std::collections::hash_map::Entry::Vacant(e) = shards.entry(r.shard) {
                 let path = shard_path(dir, r.shard);
                 let m = crate::map_file(&path)?;
-                check_shard_identity(&path, &m, r.shard, &store_id)?;
+                advise_ends(&m);
                 e.insert(m);
                 files.insert(r.shard, File::open(&path).at(&path)?);
             }
+        }
+        let mut nos: Vec<u32> = shards.keys().copied().collect();
+        nos.sort_unstable();
+        for no in nos {
+            check_shard_identity(&shard_path(dir, no), &shards[&no], no, &store_id)?;
         }
         check_log_complete(dir, &lp, &scan.records, &store_id)?;
         let index = Index::from_records(scan.records)?;
