@@ -72,6 +72,23 @@ pub(crate) fn map_file(path: &Path) -> Result<memmap2::Mmap> {
     unsafe { memmap2::Mmap::map(&f) }.at(path)
 }
 
+/// Bytes advised at each end of a shard by [`advise_shard_ends`]: the header, and the
+/// footer (the list of sealed tables, 16 bytes a sample, and its trailer).
+const SHARD_END_ADVICE: usize = 64 << 10;
+
+/// `madvise(WILLNEED)` on the first and last [`SHARD_END_ADVICE`] bytes of a mapped
+/// shard, where its header and footer lie: callers that parse many shards advise them
+/// all first, so that a cold store's headers and footers are fetched at once rather
+/// than one page fault after another. Advice only; its error changes nothing.
+pub(crate) fn advise_shard_ends(m: &memmap2::Mmap) {
+    if m.is_empty() {
+        return;
+    }
+    let n = m.len().min(SHARD_END_ADVICE);
+    let _ = m.advise_range(memmap2::Advice::WillNeed, 0, n);
+    let _ = m.advise_range(memmap2::Advice::WillNeed, m.len() - n, n);
+}
+
 pub(crate) fn parse_shard_name(name: &str) -> Option<u32> {
     let digits = name.strip_prefix("shard-")?.strip_suffix(".gss")?;
     if digits.len() < 6 || !digits.bytes().all(|b| b.is_ascii_digit()) {

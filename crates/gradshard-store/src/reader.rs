@@ -204,21 +204,6 @@ pub struct Store {
     pub torn_log_tail: u64,
 }
 
-/// Bytes advised at each end of a shard by [`advise_ends`]: the header, and the footer
-/// (the list of sealed tables, 16 bytes a sample, and its trailer).
-const SHARD_END_ADVICE: usize = 64 << 10;
-
-/// `madvise(WILLNEED)` on the first and last [`SHARD_END_ADVICE`] bytes of a mapped
-/// shard, where its header and footer lie. Advice only; its error changes nothing.
-fn advise_ends(m: &Mmap) {
-    if m.is_empty() {
-        return;
-    }
-    let n = m.len().min(SHARD_END_ADVICE);
-    let _ = m.advise_range(memmap2::Advice::WillNeed, 0, n);
-    let _ = m.advise_range(memmap2::Advice::WillNeed, m.len() - n, n);
-}
-
 /// A mapped shard must be this store's shard `no` (a shard copied from another store
 /// of the same layout would otherwise be read without a word).
 fn check_shard_identity(path: &Path, m: &Mmap, no: u32, store_id: &[u8; 16]) -> Result<()> {
@@ -265,7 +250,7 @@ fn check_log_complete(
                 continue;
             };
             // Headers and footers are fetched together (see `open_unfinished`).
-            advise_ends(&m);
+            crate::advise_shard_ends(&m);
             maps.push((no, m));
         }
     }
@@ -358,7 +343,7 @@ impl Store {
             if let std::collections::hash_map::Entry::Vacant(e) = shards.entry(r.shard) {
                 let path = shard_path(dir, r.shard);
                 let m = crate::map_file(&path)?;
-                advise_ends(&m);
+                crate::advise_shard_ends(&m);
                 e.insert(m);
                 files.insert(r.shard, File::open(&path).at(&path)?);
             }

@@ -1159,6 +1159,16 @@ fn recover(dir: &Path, manifest: &Manifest) -> Result<(Vec<LogRecord>, u32)> {
         .collect::<std::io::Result<Vec<_>>>()
         .at(&sd)?;
     entries.sort_by_key(|e| e.file_name());
+    // Every shard's header and footer asked of the kernel at once before they are
+    // parsed one by one (see `advise_shard_ends`); a shard that does not map is left
+    // to the loop below to report.
+    for e in &entries {
+        if crate::parse_shard_name(&e.file_name().to_string_lossy()).is_some() {
+            if let Ok(m) = crate::map_file(&e.path()) {
+                crate::advise_shard_ends(&m);
+            }
+        }
+    }
     for e in entries {
         let name = e.file_name().to_string_lossy().into_owned();
         let Some(no) = crate::parse_shard_name(&name) else {
