@@ -1159,25 +1159,25 @@ fn recover(dir: &Path, manifest: &Manifest) -> Result<(Vec<LogRecord>, u32)> {
         .collect::<std::io::Result<Vec<_>>>()
         .at(&sd)?;
     entries.sort_by_key(|e| e.file_name());
-    // Every shard's header and footer asked of the kernel at once before they are
-    // parsed one by one (see `advise_shard_ends`); a shard that does not map is left
-    // to the loop below to report.
-    for e in &entries {
-        if crate::parse_shard_name(&e.file_name().to_string_lossy()).is_some() {
-            if let Ok(m) = crate::map_file(&e.path()) {
-                crate::advise_shard_ends(&m);
+    // Every shard mapped and its header and footer asked of the kernel at once before
+    // they are parsed one by one (see `advise_shard_ends`); a shard that does not map
+    // is reported in its turn below.
+    let shards: Vec<(u32, PathBuf, Result<memmap2::Mmap>)> = entries
+        .iter()
+        .filter_map(|e| {
+            let no = crate::parse_shard_name(&e.file_name().to_string_lossy())?;
+            let path = e.path();
+            let data = crate::map_file(&path);
+            if let Ok(m) = &data {
+                crate::advise_shard_ends(m);
             }
-        }
-    }
-    for e in entries {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some(no) = crate::parse_shard_name(&name) else {
-            continue;
-        };
+            Some((no, path, data))
+        })
+        .collect();
+    for (no, path, data) in shards {
         next = next.max(no + 1);
-        let path = e.path();
         // Mapped, not read: only the header and the footer pages are touched.
-        let data = crate::map_file(&path)?;
+        let data = data?;
         let header = ShardHeader::parse(&data).at(&path);
         let tables: Vec<(u64, u32)> = scan
             .records
