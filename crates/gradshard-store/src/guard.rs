@@ -31,10 +31,6 @@ pub const DOWN_DEPTH: usize = 4;
 /// How many entries below an output directory are looked at, at most.
 pub const DOWN_ENTRIES: usize = 20_000;
 
-/// The marker file `score` writes into every output directory. `score --overwrite`
-/// replaces only a directory that holds it.
-pub const SCORE_MARKER: &str = ".gradshard-score";
-
 /// Whether `dir` is (what is left of) a gradshard store.
 pub fn is_store_dir(dir: &Path) -> bool {
     if !dir.is_dir() {
@@ -267,29 +263,6 @@ pub fn check_store_target(flag: &str, path: &Path) -> Result<PathBuf> {
         }
     }
     Ok(r)
-}
-
-/// Whether `dir` is an output directory that `score --overwrite` may replace: it
-/// holds the [`SCORE_MARKER`] and nothing but plain files (score outputs are flat),
-/// and no store (checked by [`check_output`]).
-pub fn is_score_output(dir: &Path) -> std::result::Result<(), String> {
-    if !dir.join(SCORE_MARKER).is_file() {
-        return Err(format!(
-            "it has no {SCORE_MARKER} marker, so it is not an output of `gradshard score`; only a previous score output is replaced (remove the directory yourself, or choose another --out)"
-        ));
-    }
-    let rd = std::fs::read_dir(dir).map_err(|e| e.to_string())?;
-    for e in rd {
-        let e = e.map_err(|e| e.to_string())?;
-        let t = e.file_type().map_err(|e| e.to_string())?;
-        if !t.is_file() {
-            return Err(format!(
-                "it holds {}, which is not a file that score writes; it is not replaced (remove it yourself, or choose another --out)",
-                e.path().display()
-            ));
-        }
-    }
-    Ok(())
 }
 
 /// Checks that `dir` names a store directory: an error that says what the path is

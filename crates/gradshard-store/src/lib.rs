@@ -21,7 +21,7 @@ pub use manifest::{CodecName, CodecSpec, Manifest, StoreSpec, MANIFEST_FILE};
 pub use reader::{
     Factor, FactorTile, Footprint, IoStats, SliceFactors, Store, DEFAULT_SHARED_CACHE_BYTES,
 };
-pub use salvage::{salvage, SalvageReport};
+pub use salvage::{salvage, salvage_with, SalvageOptions, SalvageReport};
 pub use verify::{verify, VerifyReport};
 pub use writer::{
     LiveCounters, Representation, SampleHandle, SampleMeta, StoreWriter, WriteReport, WriterOptions,
