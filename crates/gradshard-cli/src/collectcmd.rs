@@ -237,6 +237,7 @@ fn print_report(r: &CollectReport, a: &CollectArgs) -> Result<()> {
 }
 
 pub fn collect(a: CollectArgs) -> Result<ExitCode> {
+    crate::storecmd::guard_store_outputs(&a.store, a.write.report_json.as_deref())?;
     run_collect(&a)?;
     Ok(ExitCode::SUCCESS)
 }

@@ -39,6 +39,7 @@ pub struct GradsArgs {
 }
 
 pub fn grads(a: GradsArgs) -> Result<ExitCode> {
+    gradshard_store::guard::check_output("--out", &a.out)?;
     let mut o = GradsOptions::new(a.model.clone(), a.input.clone(), a.out.clone());
     o.params = a.params;
     o.max_tokens = a.max_tokens;

@@ -37,6 +37,7 @@ pub fn index_schema() -> Schema {
 
 /// Writes one row per frame of every sample; returns the row count.
 pub fn write_index(store: &Store, path: &Path) -> Result<u64> {
+    gradshard_store::guard::check_output("--index-parquet", path)?;
     let schema = Arc::new(index_schema());
     let tmp = path.with_extension("parquet.tmp");
     let file =

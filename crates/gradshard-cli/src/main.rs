@@ -3,6 +3,7 @@
 mod benchscore;
 mod collectcmd;
 mod democmd;
+pub mod exit;
 mod gradscmd;
 mod indexexport;
 mod makemodel;
@@ -176,7 +177,13 @@ fn main() -> ExitCode {
     }
     tune_malloc();
     // Arguments are parsed (and rejected) before any I/O.
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { exit::USAGE } else { 0 });
+        }
+    };
     let r = match cli.cmd {
         Cmd::Ingest(a) => storecmd::ingest(a),
         Cmd::Synth(a) => storecmd::synth(a),
@@ -196,7 +203,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {}", render_error(&e));
-            ExitCode::from(1)
+            ExitCode::from(exit::classify(&e).code())
         }
     }
 }

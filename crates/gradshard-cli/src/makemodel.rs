@@ -96,6 +96,7 @@ fn set_layers(config: &mut Value, layers: usize) {
 }
 
 pub fn make_model(a: MakeModelArgs) -> Result<ExitCode> {
+    gradshard_store::guard::check_output("--out", &a.out)?;
     let mut config = match &a.config {
         Some(p) => {
             let text =

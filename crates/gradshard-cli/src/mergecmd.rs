@@ -29,9 +29,29 @@ pub struct MergeArgs {
     /// A shard takes no new samples past this size.
     #[arg(long, default_value = "4GiB", value_parser = crate::parse_bytes)]
     pub shard_size: u64,
+    /// Copy an input that a writer still holds as it is now (the samples committed so
+    /// far: a consistent partial copy). Without it such an input is refused.
+    #[arg(long)]
+    pub snapshot: bool,
 }
 
 pub fn merge(a: MergeArgs) -> Result<ExitCode> {
+    for p in &a.stores {
+        gradshard_store::guard::require_store_dir(p)?;
+        if a.snapshot {
+            continue;
+        }
+        if let Some(holder) = gradshard_store::guard::lock_holder(p)? {
+            return Err(crate::exit::fail(
+                crate::exit::Category::Busy,
+                format!(
+                    "input store {} is being written by another process ({holder}, holding {}): merge copies finished stores only; wait for that writer to finish, or pass --snapshot to copy the samples it has committed so far",
+                    p.display(),
+                    p.join("LOCK").display()
+                ),
+            ));
+        }
+    }
     let live = Arc::new(LiveCounters::default());
     let wopts = WriterOptions {
         workers: a
@@ -44,7 +64,7 @@ pub fn merge(a: MergeArgs) -> Result<ExitCode> {
         live: live.clone(),
     };
     let mut bar: Option<WriteBar> = None;
-    let r = gradshard_collect::merge(&a.out, &a.stores, wopts, &mut |e| match e {
+    let r = gradshard_collect::merge_with(&a.out, &a.stores, wopts, a.snapshot, &mut |e| match e {
         MergeEvent::Started { total } => bar = Some(WriteBar::new(total, "merge")),
         MergeEvent::Sample { done } => {
             if let Some(b) = &bar {

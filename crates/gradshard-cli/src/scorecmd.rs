@@ -233,16 +233,26 @@ fn resolve_ids(store: &Store, task: &str, wanted: &[String]) -> Result<Vec<Sampl
 }
 
 pub fn score(a: ScoreArgs) -> Result<ExitCode> {
-    if a.out.exists()
-        && !a.overwrite
+    gradshard_store::guard::require_store_dir(&a.store)?;
+    // The data-safety guard: --out is never a store, inside one or over one, and
+    // --overwrite replaces only a previous score output (docs/errors.md).
+    gradshard_store::guard::check_output("--out", &a.out)?;
+    let nonempty = a.out.exists()
         && std::fs::read_dir(&a.out)
             .map(|mut d| d.next().is_some())
-            .unwrap_or(true)
-    {
-        bail!(
-            "output directory {} exists and is not empty (use --overwrite to replace it)",
-            a.out.display()
-        );
+            .unwrap_or(true);
+    if nonempty && !a.overwrite {
+        return Err(crate::exit::fail(
+            crate::exit::Category::Refused,
+            format!(
+                "output directory {} exists and is not empty (use --overwrite to replace a previous score output)",
+                a.out.display()
+            ),
+        ));
+    }
+    if nonempty {
+        gradshard_export::check_replaceable(&a.out)
+            .with_context(|| format!("--out {} --overwrite", a.out.display()))?;
     }
     // An unusable --out fails now, not after the computation; leftovers of killed runs go.
     let stale = gradshard_export::prepare_output_dir(&a.out)

@@ -10,7 +10,7 @@ use gradshard_core::{Geometry, TaskName};
 use gradshard_store::ingest::{ingest as run_ingest, IngestOptions};
 use gradshard_store::synth::{preset, synth as run_synth, SynthOptions, PRESETS};
 use gradshard_store::{
-    fsutil, CodecName, CodecSpec, LiveCounters, Store, WriteReport, WriterOptions,
+    fsutil, guard, CodecName, CodecSpec, LiveCounters, Store, WriteReport, WriterOptions,
 };
 use serde_json::json;
 
@@ -109,6 +109,22 @@ pub struct SalvageArgs {
     /// Say what would be done, change nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Where a missing or damaged manifest's geometry, dtype, codec and tensors come
+    /// from: another store of the same model (its directory) or a manifest.json. The
+    /// store id and format version come from the shard headers.
+    #[arg(long)]
+    pub spec_from: Option<PathBuf>,
+}
+
+/// The data-safety guard on the outputs of a command that writes a store: the store
+/// path (a new store, or one to resume; never inside another store) and the JSON
+/// report (never on, in or over a store), checked before anything is written.
+pub(crate) fn guard_store_outputs(store: &Path, report_json: Option<&Path>) -> Result<()> {
+    guard::check_store_target("--store", store)?;
+    if let Some(p) = report_json {
+        guard::check_output("--report-json", p)?;
+    }
+    Ok(())
 }
 
 /// Writer options and codec from the shared writer flags (every command that writes a store).
@@ -200,6 +216,7 @@ fn report(
 }
 
 pub fn ingest(a: IngestArgs) -> Result<ExitCode> {
+    guard_store_outputs(&a.store, a.write.report_json.as_deref())?;
     let live = Arc::new(LiveCounters::default());
     let (writer, codec) = writer_options(&a.write, live.clone())?;
     let opts = IngestOptions {
@@ -233,6 +250,7 @@ pub fn ingest(a: IngestArgs) -> Result<ExitCode> {
 }
 
 pub fn synth(a: SynthArgs) -> Result<ExitCode> {
+    guard_store_outputs(&a.store, a.write.report_json.as_deref())?;
     let (geometry, intermediate) = match &a.config {
         Some(p) => {
             let g = Geometry::from_config_path(p)?;
@@ -305,6 +323,10 @@ fn dir_bytes(p: &Path) -> u64 {
 }
 
 pub fn inspect(a: InspectArgs) -> Result<ExitCode> {
+    guard::require_store_dir(&a.store)?;
+    if let Some(p) = &a.index_parquet {
+        guard::check_output("--index-parquet", p)?;
+    }
     let store = Store::open(&a.store)?;
     if let Some(p) = &a.index_parquet {
         let rows = crate::indexexport::write_index(&store, p)?;
@@ -484,6 +506,7 @@ pub fn inspect(a: InspectArgs) -> Result<ExitCode> {
 }
 
 pub fn verify(a: VerifyArgs) -> Result<ExitCode> {
+    guard::require_store_dir(&a.store)?;
     let bar = counter(0, "verify");
     let rep = gradshard_store::verify(&a.store, &|done, total| {
         bar.set_length(total);
@@ -517,22 +540,27 @@ pub fn verify(a: VerifyArgs) -> Result<ExitCode> {
             format!("{} PROBLEMS", rep.problems.len())
         }
     );
+    if !rep.ok() {
+        println!(
+            "`gradshard salvage --store {}` mends what can be mended (it keeps every sample that reads whole; `--dry-run` says what it would do)",
+            a.store.display()
+        );
+    }
     Ok(if rep.ok() {
         ExitCode::SUCCESS
     } else {
-        ExitCode::from(2)
+        ExitCode::from(crate::exit::DAMAGE)
     })
 }
 
 pub fn salvage(a: SalvageArgs) -> Result<ExitCode> {
-    if !a.store.join(gradshard_store::MANIFEST_FILE).exists() {
-        bail!(
-            "{}: not a store (no {}); salvage needs the manifest",
-            a.store.display(),
-            gradshard_store::MANIFEST_FILE
-        );
-    }
-    let rep = gradshard_store::salvage(&a.store, a.dry_run)?;
+    let rep = gradshard_store::salvage_with(
+        &a.store,
+        &gradshard_store::SalvageOptions {
+            dry_run: a.dry_run,
+            spec_from: a.spec_from.clone(),
+        },
+    )?;
     let verb = if a.dry_run { "would do" } else { "did" };
     for act in &rep.actions {
         println!("{verb}: {act}");

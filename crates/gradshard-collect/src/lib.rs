@@ -16,4 +16,4 @@ pub use collect::{
     CollectReport, NanPolicy, RepresentationChoice, SkippedSample, WorkerSplit,
 };
 pub use error::{Error, Result};
-pub use merge::{merge, MergeEvent, MergeReport};
+pub use merge::{merge, merge_with, MergeEvent, MergeReport};

@@ -47,15 +47,43 @@ fn same_canonical(a: &Path, b: &Path) -> bool {
     }
 }
 
-/// Merges `inputs` into the store at `out` (created if absent).
+/// Merges `inputs` into the store at `out` (created if absent). An input whose
+/// writer is still running is refused (see [`merge_with`]).
 pub fn merge(
     out: &Path,
     inputs: &[PathBuf],
     wopts: WriterOptions,
     progress: &mut dyn FnMut(MergeEvent),
 ) -> Result<MergeReport> {
+    merge_with(out, inputs, wopts, false, progress)
+}
+
+/// [`merge`], where `snapshot` says whether an input that a writer still holds (its
+/// lock is taken) is copied as the consistent partial snapshot its log shows now;
+/// without it such an input is refused, naming the writer.
+pub fn merge_with(
+    out: &Path,
+    inputs: &[PathBuf],
+    wopts: WriterOptions,
+    snapshot: bool,
+    progress: &mut dyn FnMut(MergeEvent),
+) -> Result<MergeReport> {
     if inputs.is_empty() {
         return Err(Error::Merge("no input stores".into()));
+    }
+    gradshard_store::guard::check_store_target("--out", out)?;
+    for p in inputs {
+        gradshard_store::guard::require_store_dir(p)?;
+        if snapshot {
+            continue;
+        }
+        if let Some(holder) = gradshard_store::guard::lock_holder(p)? {
+            return Err(Error::Store(Box::new(gradshard_store::Error::Locked {
+                store: p.clone(),
+                lock: p.join("LOCK"),
+                holder,
+            })));
+        }
     }
     for (i, p) in inputs.iter().enumerate() {
         if same_canonical(p, out) {

@@ -12,6 +12,9 @@ pub enum Error {
     },
     #[error("output directory {0} already exists and is not empty (pass overwrite to replace it)")]
     OutputExists(PathBuf),
+    /// `overwrite` replaces only a previous score output (see [`crate::check_replaceable`]).
+    #[error("output directory {path} is not replaced: {why}")]
+    NotAScoreOutput { path: PathBuf, why: String },
     #[error("arrow table `{table}`: {source}")]
     Arrow {
         table: &'static str,

@@ -4,6 +4,10 @@
 //! Everything is written into a temporary directory next to the target and
 //! renamed into place at the end: a failed export leaves no half-written
 //! results (and, without `overwrite`, never touches an existing directory).
+//!
+//! Every output directory holds an empty marker file, [`SCORE_MARKER`]; `overwrite`
+//! replaces only a directory that holds it and nothing but files an export writes
+//! ([`check_replaceable`]), so it never deletes anything else.
 
 mod error;
 pub mod picture;
@@ -23,6 +27,45 @@ use serde_json::json;
 pub use error::{Error, Result};
 pub use picture::picture_size;
 pub use schema::{check_against_json, schema, schema_json, TABLES};
+
+/// The marker file in every output directory (empty; not listed in `summary.json`).
+pub const SCORE_MARKER: &str = ".gradshard-score";
+
+/// Whether `name` is a file an export writes.
+fn is_output_file(name: &str) -> bool {
+    name == SCORE_MARKER
+        || name == "summary.json"
+        || [".parquet", ".png", ".svg"]
+            .iter()
+            .any(|e| name.ends_with(e))
+}
+
+/// Checks that the existing directory `dir` may be replaced by `overwrite`: it is a
+/// previous output (it holds [`SCORE_MARKER`]) and holds nothing but files an export
+/// writes (Parquet, PNG, SVG, `summary.json`). Says why not, naming the entry, otherwise.
+pub fn check_replaceable(dir: &Path) -> Result<()> {
+    let refuse = |why: String| Error::NotAScoreOutput {
+        path: dir.to_path_buf(),
+        why,
+    };
+    if !dir.join(SCORE_MARKER).is_file() {
+        return Err(refuse(format!(
+            "it has no {SCORE_MARKER} marker, so it is not an output of `gradshard score` (only a previous score output is replaced; remove the directory yourself or choose another output directory)"
+        )));
+    }
+    for e in std::fs::read_dir(dir).map_err(error::io(dir))? {
+        let e = e.map_err(error::io(dir))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        let is_file = e.file_type().map(|t| t.is_file()).unwrap_or(false);
+        if !is_file || !is_output_file(&name) {
+            return Err(refuse(format!(
+                "it holds {}, which is not a file that score writes (remove it yourself or choose another output directory)",
+                e.path().display()
+            )));
+        }
+    }
+    Ok(())
+}
 
 /// How to export.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -133,6 +176,9 @@ pub fn write_outputs_with(
     if exists_nonempty && !opts.overwrite {
         return Err(Error::OutputExists(out_dir.to_path_buf()));
     }
+    if exists_nonempty {
+        check_replaceable(out_dir)?;
+    }
     std::fs::create_dir_all(&parent).map_err(error::io(&parent))?;
     let stamp = format!(
         "{}-{}",
@@ -211,8 +257,10 @@ fn write_all(result: &ScoreResult, dir: &Path, opts: &ExportOptions) -> Result<V
     all_files.push("summary.json".into());
     let summary = summary(result, &opts.store_id, &all_files);
     std::fs::write(&path, serde_json::to_vec_pretty(&summary)?).map_err(error::io(&path))?;
+    let marker = dir.join(SCORE_MARKER);
+    std::fs::write(&marker, b"").map_err(error::io(&marker))?;
     // Make the data durable before the rename publishes it.
-    for f in &all_files {
+    for f in all_files.iter().chain([&SCORE_MARKER.to_string()]) {
         let p = dir.join(f);
         File::open(&p)
             .and_then(|h| h.sync_all())

@@ -8,7 +8,7 @@ use arrow::array::{Array, Float64Array, Int32Array, StringArray};
 use gradshard_core::{Block, TaskName};
 use gradshard_export::{
     check_against_json, picture_size, schema, schema_json, write_outputs, write_outputs_with,
-    Error, ExportOptions, TABLES,
+    Error, ExportOptions, SCORE_MARKER, TABLES,
 };
 use gradshard_score::fixture::FixtureSource;
 use gradshard_score::{score, ScoreOptions, ScoreResult};
@@ -172,11 +172,31 @@ fn existing_output_is_kept_unless_overwrite() {
     let mut o = ExportOptions::new("s2");
     o.overwrite = true;
     o.pictures = false;
-    let w = write_outputs_with(&res, &out, &o).unwrap();
-    assert!(!out.join("keep.txt").exists());
+    // overwrite replaces only a previous output: a directory of anything else stays.
+    let e = write_outputs_with(&res, &out, &o).unwrap_err();
+    assert!(matches!(e, Error::NotAScoreOutput { .. }), "{e}");
+    assert!(e.to_string().contains(".gradshard-score"), "{e}");
+    assert_eq!(
+        std::fs::read_to_string(out.join("keep.txt")).unwrap(),
+        "mine"
+    );
+    // A previous output is replaced.
+    let prev = tmp.path().join("prev");
+    write_outputs(&res, &prev, "s").unwrap();
+    assert!(prev.join(SCORE_MARKER).is_file());
+    let w = write_outputs_with(&res, &prev, &o).unwrap();
     assert!(!w.files.iter().any(|f| f.ends_with(".png")));
-    assert!(out.join("heatmap.parquet").exists());
-    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1);
+    assert!(!std::fs::read_dir(&prev)
+        .unwrap()
+        .any(|e| e.unwrap().path().extension().is_some_and(|x| x == "png")));
+    assert!(prev.join("heatmap.parquet").exists());
+    assert!(prev.join(SCORE_MARKER).is_file());
+    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 2);
+    // ... but not one to which something else was added.
+    std::fs::write(prev.join("notes.txt"), "mine").unwrap();
+    let e = write_outputs_with(&res, &prev, &o).unwrap_err();
+    assert!(e.to_string().contains("notes.txt"), "{e}");
+    assert!(prev.join("notes.txt").exists() && prev.join("heatmap.parquet").exists());
 }
 
 #[test]

@@ -178,6 +178,20 @@ impl SampleReader {
             Some(Value::String(s)) => SampleId::Str(s.clone()),
             Some(Value::Number(n)) => match n.as_i64() {
                 Some(i) => SampleId::Int(i),
+                None if n.as_u64().is_some() || n.as_f64().is_some_and(|f| f.fract() == 0.0) => {
+                    // An integer beyond i64 (JSON numbers past u64 arrive as floats, so
+                    // the digits are taken from the line as written).
+                    let shown = n
+                        .as_u64()
+                        .map(|u| u.to_string())
+                        .or_else(|| raw_id_digits(line))
+                        .unwrap_or_else(|| n.to_string());
+                    return Err(self.bad(format!(
+                        "`id` {shown} is out of range: integer ids must lie in {}..={} (write a larger id as a string, e.g. \"{shown}\")",
+                        i64::MIN,
+                        i64::MAX
+                    )));
+                }
                 None => {
                     return Err(self.bad(format!("`id` must be an integer or a string, got {n}")))
                 }
@@ -281,4 +295,20 @@ impl Iterator for SampleReader {
             }
         }
     }
+}
+
+/// The digits of the `"id"` value as written on a JSONL line (for messages about ids
+/// that do not fit a number type), when the line holds exactly one `"id"` key.
+fn raw_id_digits(line: &str) -> Option<String> {
+    let mut it = line.match_indices("\"id\"");
+    let (at, _) = it.next()?;
+    if it.next().is_some() {
+        return None;
+    }
+    let rest = line[at + 4..].trim_start().strip_prefix(':')?.trim_start();
+    let end = rest
+        .find(|c: char| !(c.is_ascii_digit() || "-+eE.".contains(c)))
+        .unwrap_or(rest.len());
+    let d = &rest[..end];
+    (!d.is_empty()).then(|| d.to_string())
 }

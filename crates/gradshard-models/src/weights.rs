@@ -95,7 +95,13 @@ impl Checkpoint {
         for (fi, name) in shard_names.iter().enumerate() {
             let path = dir.join(name);
             let mmap = map_file(&path)?;
-            let st = SafeTensors::deserialize(&mmap).map_err(|e| st_err(&path, e))?;
+            let st = SafeTensors::deserialize(&mmap).map_err(|e| match &e {
+                safetensors::SafeTensorError::InvalidOffset(_) => match bad_ranges(&mmap) {
+                    Some(d) => st_err(&path, d),
+                    None => st_err(&path, e),
+                },
+                _ => st_err(&path, e),
+            })?;
             for (tname, view) in st.tensors() {
                 if let Some(prev) = entries.insert(
                     tname.clone(),
@@ -220,4 +226,49 @@ impl Checkpoint {
         }
         Ok(out)
     }
+}
+
+/// Where the tensors' byte ranges in a safetensors header first fail to tile the data
+/// section, said with the tensor at fault (a tensor missing from the header leaves a
+/// gap, reported between its neighbours) rather than the tensor after it.
+fn bad_ranges(bytes: &[u8]) -> Option<String> {
+    let n = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?) as usize;
+    let header: serde_json::Value =
+        serde_json::from_slice(bytes.get(8..8usize.checked_add(n)?)?).ok()?;
+    let mut ranges = Vec::new();
+    for (name, v) in header.as_object()? {
+        if name == "__metadata__" {
+            continue;
+        }
+        let o = v.get("data_offsets")?.as_array()?;
+        ranges.push((name.as_str(), o.first()?.as_u64()?, o.get(1)?.as_u64()?));
+    }
+    ranges.sort_by_key(|r| (r.1, r.2));
+    let mut end = 0u64;
+    let mut prev: Option<&str> = None;
+    for (name, s, e) in ranges {
+        if e < s {
+            return Some(format!(
+                "tensor `{name}` has data_offsets [{s}, {e}]: its end lies before its start"
+            ));
+        }
+        if s > end {
+            let place = match prev {
+                Some(p) => format!("between tensors `{p}` and `{name}`"),
+                None => format!("before tensor `{name}`"),
+            };
+            return Some(format!(
+                "data bytes {end}..{s} ({place}) belong to no tensor in the header: a tensor is missing from the header, or its offsets are wrong"
+            ));
+        }
+        if s < end {
+            return Some(format!(
+                "tensor `{name}` has data_offsets [{s}, {e}], overlapping the bytes ..{end} of tensor `{}`",
+                prev.unwrap_or("?")
+            ));
+        }
+        end = e;
+        prev = Some(name);
+    }
+    None
 }

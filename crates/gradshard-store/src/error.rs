@@ -69,6 +69,36 @@ pub enum Error {
     Invalid(String),
     #[error("the writer pipeline stopped: {0}")]
     Pipeline(String),
+    /// A path a command was asked to write that the data-safety guard refuses
+    /// (it is, lies in, or holds a store; or it is not a previous score output).
+    #[error("refusing to write {path}: {why}")]
+    Refused { path: PathBuf, why: String },
+    /// A path given as a store that is not one.
+    #[error("{path}: {why}")]
+    NoStore { path: PathBuf, why: NoStoreWhy },
+}
+
+/// What a path given as a store is instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoStoreWhy {
+    /// Nothing is there.
+    Missing,
+    /// A file (or a path through a file): a store is a directory.
+    NotADirectory,
+    /// A directory without any of a store's files.
+    NotAStore,
+}
+
+impl std::fmt::Display for NoStoreWhy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            NoStoreWhy::Missing => "no such store directory",
+            NoStoreWhy::NotADirectory => "not a directory (a store is a directory)",
+            NoStoreWhy::NotAStore => {
+                "not a gradshard store (it has no manifest.json, samples.log or shards/)"
+            }
+        })
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -92,9 +92,91 @@ fn map(path: &Path) -> Result<Mmap> {
     unsafe { Mmap::map(&f) }.at(path)
 }
 
-fn parse<'a>(path: &Path, bytes: &'a [u8]) -> Result<SafeTensors<'a>> {
-    SafeTensors::deserialize(bytes)
-        .map_err(|e| input_err(path, format!("not a valid safetensors file: {e}")))
+/// Parses a sample file. When the header's byte ranges do not tile the data (a tensor
+/// missing from the header, or wrong offsets), the message names the tensor at fault,
+/// not the next one: the gap or overlap, its neighbours, and which of the tensors
+/// `geometry` expects (its attention tensors) the header lacks.
+fn parse<'a>(path: &Path, bytes: &'a [u8], geometry: &Geometry) -> Result<SafeTensors<'a>> {
+    SafeTensors::deserialize(bytes).map_err(|e| {
+        let detail = match (&e, header_ranges(bytes)) {
+            (safetensors::SafeTensorError::InvalidOffset(_), Some(ranges)) => {
+                let mut g = geometry.clone();
+                g.detect_root(ranges.iter().map(|r| r.0.as_str()));
+                let missing: Vec<String> = g
+                    .all_attn_tensors()
+                    .into_iter()
+                    .map(|t| t.name)
+                    .filter(|n| !ranges.iter().any(|r| &r.0 == n))
+                    .collect();
+                describe_bad_ranges(&ranges, &missing)
+            }
+            _ => None,
+        };
+        input_err(
+            path,
+            match detail {
+                Some(d) => format!("not a valid safetensors file: {d}"),
+                None => format!("not a valid safetensors file: {e}"),
+            },
+        )
+    })
+}
+
+/// (name, start, end) of every tensor in a safetensors header, by start offset.
+fn header_ranges(bytes: &[u8]) -> Option<Vec<(String, u64, u64)>> {
+    let n = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?) as usize;
+    let header: serde_json::Value = serde_json::from_slice(bytes.get(8..8usize.checked_add(n)?)?).ok()?;
+    let mut out = Vec::new();
+    for (name, v) in header.as_object()? {
+        if name == "__metadata__" {
+            continue;
+        }
+        let o = v.get("data_offsets")?.as_array()?;
+        out.push((name.clone(), o.first()?.as_u64()?, o.get(1)?.as_u64()?));
+    }
+    out.sort_by_key(|r| (r.1, r.2));
+    Some(out)
+}
+
+/// Where the byte ranges first fail to tile the data section, said with the tensor at
+/// fault: a gap (a tensor missing from the header, named when `missing` says which
+/// expected tensors the header lacks), an overlap, or a range that ends before it starts.
+fn describe_bad_ranges(ranges: &[(String, u64, u64)], missing: &[String]) -> Option<String> {
+    let mut end = 0u64;
+    let mut prev: Option<&str> = None;
+    for (name, s, e) in ranges {
+        if e < s {
+            return Some(format!(
+                "tensor `{name}` has data_offsets [{s}, {e}]: its end lies before its start"
+            ));
+        }
+        if *s > end {
+            let place = match prev {
+                Some(p) => format!("between tensors `{p}` and `{name}`"),
+                None => format!("before tensor `{name}`"),
+            };
+            let who = match missing {
+                [] => "a tensor is missing from the header, or its offsets are wrong".to_string(),
+                [one] => format!("tensor `{one}` is missing from the header"),
+                many => format!(
+                    "tensors {} are missing from the header",
+                    many.iter().map(|m| format!("`{m}`")).collect::<Vec<_>>().join(", ")
+                ),
+            };
+            return Some(format!(
+                "{who}: data bytes {end}..{s} ({place}) belong to no tensor in the header"
+            ));
+        }
+        if *s < end {
+            return Some(format!(
+                "tensor `{name}` has data_offsets [{s}, {e}], overlapping the bytes ..{end} of tensor `{}`",
+                prev.unwrap_or("?")
+            ));
+        }
+        end = *e;
+        prev = Some(name);
+    }
+    None
 }
 
 /// Reads `tokens` (T ≥ 1) and `loss_sum` from the safetensors metadata.
@@ -171,7 +253,7 @@ pub fn spec_from_file(
     codec: CodecSpec,
 ) -> Result<(StoreSpec, Vec<String>)> {
     let m = map(path)?;
-    let st = parse(path, &m)?;
+    let st = parse(path, &m, geometry)?;
     let mut g = geometry.clone();
     let names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
     g.detect_root(names.iter().map(String::as_str));
@@ -220,10 +302,10 @@ pub fn spec_from_file(
 pub fn put_file(w: &mut StoreWriter, file: &SampleFile) -> Result<()> {
     let path = &file.path;
     let m = map(path)?;
-    let (tokens, loss_sum) = read_meta(path, &m)?;
-    let st = parse(path, &m)?;
     let order = w.order().clone();
     let g = order.geometry().clone();
+    let st = parse(path, &m, &g)?;
+    let (tokens, loss_sum) = read_meta(path, &m)?;
     // Check the full tensor set before handing in any frame.
     let dtype = w.manifest().spec.dtype;
     let attn = g.all_attn_tensors();

@@ -5,6 +5,7 @@
 
 mod error;
 pub mod fsutil;
+pub mod guard;
 pub mod ingest;
 mod manifest;
 mod reader;
@@ -15,12 +16,12 @@ mod writer;
 
 use std::path::{Path, PathBuf};
 
-pub use error::{Error, Result};
+pub use error::{Error, NoStoreWhy, Result};
 pub use manifest::{CodecName, CodecSpec, Manifest, StoreSpec, MANIFEST_FILE};
 pub use reader::{
     Factor, FactorTile, Footprint, IoStats, SliceFactors, Store, DEFAULT_SHARED_CACHE_BYTES,
 };
-pub use salvage::{salvage, SalvageReport};
+pub use salvage::{salvage, salvage_with, SalvageOptions, SalvageReport};
 pub use verify::{verify, VerifyReport};
 pub use writer::{
     LiveCounters, Representation, SampleHandle, SampleMeta, StoreWriter, WriteReport, WriterOptions,

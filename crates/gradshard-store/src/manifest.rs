@@ -124,22 +124,39 @@ impl Manifest {
 
     pub fn load(dir: &Path) -> Result<Manifest> {
         let path = dir.join(MANIFEST_FILE);
-        if !dir.exists() {
-            return Err(Error::Input {
-                path: dir.to_path_buf(),
-                what: "no such store directory".into(),
+        if !path.is_file() {
+            // Say what the path is: missing, a file, a directory without a store, or a
+            // store whose manifest is gone (damage that salvage mends).
+            crate::guard::require_store_dir(dir)?;
+            return Err(Error::Manifest {
+                path,
+                detail: format!(
+                    "missing, though the store's other files are there; {}",
+                    mend_hint(dir)
+                ),
             });
         }
-        if dir.is_dir() && !path.exists() {
-            return Err(Error::Input {
-                path: dir.to_path_buf(),
-                what: format!("not a gradshard store (it has no {MANIFEST_FILE})"),
-            });
-        }
-        let text = std::fs::read_to_string(&path).at(&path)?;
+        Self::load_file(&path, dir)
+    }
+
+    /// Reads and checks the manifest file `path` of the store at `dir` (`dir` is named
+    /// in the advice a damaged manifest gets).
+    pub fn load_file(path: &Path, dir: &Path) -> Result<Manifest> {
+        let path = path.to_path_buf();
+        let bytes = std::fs::read(&path).at(&path)?;
+        let text = String::from_utf8(bytes).map_err(|e| Error::Manifest {
+            path: path.clone(),
+            detail: format!(
+                "not a manifest (not UTF-8 text: {e}); the file is damaged. {}",
+                mend_hint(dir)
+            ),
+        })?;
         let raw: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Manifest {
             path: path.clone(),
-            detail: e.to_string(),
+            detail: format!(
+                "not a manifest (not valid JSON: {e}); the file is damaged. {}",
+                mend_hint(dir)
+            ),
         })?;
         let version = raw
             .get("format_version")
@@ -265,6 +282,14 @@ fn describe_others(t: &[OtherTensor]) -> String {
         .map(|t| format!("{} {:?}", t.name, t.shape))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// What to run when the manifest of `dir` is missing or damaged.
+pub(crate) fn mend_hint(dir: &Path) -> String {
+    format!(
+        "`gradshard salvage --store {} --spec-from <a store of the same model, or its manifest.json>` rebuilds it from the shard headers (store id, format version) and that store's geometry, dtype and tensors, after checking every sample against them",
+        dir.display()
+    )
 }
 
 /// 16 random bytes from the OS, rendered as 32 hex digits.

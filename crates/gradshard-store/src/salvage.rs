@@ -31,7 +31,7 @@ use gradshard_format::{
 use gradshard_index::FrameOrder;
 use rayon::prelude::*;
 
-use crate::error::{IoContext, Result};
+use crate::error::{Error, IoContext, Result};
 use crate::manifest::Manifest;
 use crate::{log_path, parse_shard_name, shard_path, shards_dir};
 
@@ -67,14 +67,53 @@ fn unreadable(
     problems.into_iter().next()
 }
 
+/// How to salvage.
+#[derive(Debug, Clone, Default)]
+pub struct SalvageOptions {
+    /// Say what would be done, change nothing.
+    pub dry_run: bool,
+    /// Where a missing or damaged manifest's geometry, dtype, codec and tensors come
+    /// from: another store of the same model (its directory) or a manifest file. The
+    /// shard headers carry only the store id and the format version.
+    pub spec_from: Option<PathBuf>,
+}
+
 /// Salvages the store at `dir`. The caller holds no writer on it; salvage takes the
 /// writer lock itself, so it never runs beside a writer.
 pub fn salvage(dir: &Path, dry_run: bool) -> Result<SalvageReport> {
-    let manifest = Manifest::load(dir)?;
+    salvage_with(
+        dir,
+        &SalvageOptions {
+            dry_run,
+            spec_from: None,
+        },
+    )
+}
+
+/// [`salvage`] with options: a missing or unreadable manifest is rebuilt (see
+/// [`SalvageOptions::spec_from`]).
+pub fn salvage_with(dir: &Path, opts: &SalvageOptions) -> Result<SalvageReport> {
+    let dry_run = opts.dry_run;
+    crate::guard::require_store_dir(dir)?;
+    let mut rep = SalvageReport::default();
+    let (manifest, rebuilt) = match Manifest::load(dir) {
+        Ok(m) => (m, false),
+        Err(Error::Manifest { path, detail }) => {
+            let Some(from) = &opts.spec_from else {
+                return Err(Error::Manifest {
+                    path,
+                    detail: format!(
+                        "{detail}\n(salvage cannot rebuild it alone: a shard header carries the store id and the format version, but not the geometry, dtype, codec, blocks or other tensors a manifest needs; pass --spec-from)"
+                    ),
+                });
+            };
+            (rebuild_manifest(dir, from, &path, &detail, &mut rep)?, true)
+        }
+        Err(e) => return Err(e),
+    };
     let lock = crate::writer::acquire_lock(dir)?;
     let order = manifest.spec.frame_order();
     let store_id = manifest.store_id_bytes()?;
-    let mut rep = SalvageReport::default();
     if let Some(why) = crate::unfinished(dir) {
         rep.notes.push(format!(
             "{}: the store is unfinished ({why}); salvage does not finish it",
@@ -82,12 +121,29 @@ pub fn salvage(dir: &Path, dry_run: bool) -> Result<SalvageReport> {
         ));
     }
 
-    // 1. The log up to its first bad record.
+    // 1. The log up to its first bad record. A missing log is an empty one: the
+    // samples it lost are re-admitted from their record copies in the shards (4.).
     let lp = log_path(dir);
-    let log = std::fs::read(&lp).at(&lp)?;
+    let (log, log_missing) = match std::fs::read(&lp) {
+        Ok(b) => (b, false),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => (Vec::new(), true),
+        Err(e) => return Err(Error::Io { path: lp, source: e }),
+    };
     let mut records = Vec::new();
     let mut rewrite_log = false;
-    if log.len() < LOG_HEADER_LEN || log[..LOG_HEADER_LEN] != LOG_HEADER[..] {
+    if log_missing {
+        rep.actions.push(format!(
+            "{}: missing; a new log is written (samples are re-admitted from the record copies in the shards)",
+            lp.display()
+        ));
+        rewrite_log = true;
+    } else if log.is_empty() {
+        rep.actions.push(format!(
+            "{}: empty; a new log is written (samples are re-admitted from the record copies in the shards)",
+            lp.display()
+        ));
+        rewrite_log = true;
+    } else if log.len() < LOG_HEADER_LEN || log[..LOG_HEADER_LEN] != LOG_HEADER[..] {
         rep.actions.push(format!(
             "{}: the log header is damaged; a new log is written",
             lp.display()
@@ -172,6 +228,7 @@ pub fn salvage(dir: &Path, dry_run: bool) -> Result<SalvageReport> {
     // 4. Samples that sealed footers list but the log lost.
     let logged: HashSet<(u32, u64)> = kept.iter().map(|r| (r.shard, r.table_offset)).collect();
     let mut footers: BTreeMap<u32, (u64, Tables)> = BTreeMap::new();
+    let mut readmit: Vec<LogRecord> = Vec::new();
     for (no, data) in &shards {
         let path = shard_path(dir, *no);
         let f = match parse_footer(data) {
@@ -212,21 +269,23 @@ pub fn salvage(dir: &Path, dry_run: bool) -> Result<SalvageReport> {
                 },
             }
         }
-        lost.sort_by_key(|r| r.seq);
-        for r in lost {
-            if seen.insert((r.task.to_string(), format!("{:?}", r.id))) {
-                rep.actions.push(format!(
-                    "re-admitted task `{}` sample {} (seq {}) from {}: its log record was lost, its table and frames check out",
-                    r.task,
-                    r.id,
-                    r.seq,
-                    path.display()
-                ));
-                rewrite_log = true;
-                kept.push(r);
-            }
-        }
+        readmit.extend(lost);
         footers.insert(*no, (f.offset, f.tables));
+    }
+    // Re-admitted samples in commit-sequence order across all shards.
+    readmit.sort_by_key(|r| r.seq);
+    for r in readmit {
+        if seen.insert((r.task.to_string(), format!("{:?}", r.id))) {
+            rep.actions.push(format!(
+                "re-admitted task `{}` sample {} (seq {}) from {}: its log record was lost, its table and frames check out",
+                r.task,
+                r.id,
+                r.seq,
+                shard_path(dir, r.shard).display()
+            ));
+            rewrite_log = true;
+            kept.push(r);
+        }
     }
     // Kept records stay in log order (a writer with several workers commits samples
     // in the order they complete, not in seq order); re-admitted ones follow, by seq.
@@ -261,28 +320,39 @@ pub fn salvage(dir: &Path, dry_run: bool) -> Result<SalvageReport> {
         }
     }
     rep.kept = kept.len() as u64;
-    rep.changed = rewrite_log || !new_footers.is_empty();
+    rep.changed = rewrite_log || !new_footers.is_empty() || rebuilt;
     if dry_run || !rep.changed {
         return Ok(rep);
     }
 
-    // 6. Write: the new log beside the old one, then swap; then the footers.
+    // 6. Write: the rebuilt manifest (the damaged one kept beside it); the new log
+    // beside the old one, then swap; then the footers.
     drop(shards);
-    let mut bytes = LOG_HEADER.to_vec();
-    for r in &kept {
-        bytes.extend(encode_log_record(r));
-    }
-    let mut k = 0;
-    let old = loop {
-        let p = dir.join(format!("samples.log.before-salvage-{k}"));
-        if !p.exists() {
-            break p;
+    if rebuilt {
+        let mp = dir.join(crate::MANIFEST_FILE);
+        if mp.exists() {
+            let aside = free_name(dir, "manifest.json.damaged");
+            std::fs::rename(&mp, &aside).at(&aside)?;
+            rep.actions.push(format!(
+                "{}: the damaged manifest is kept as {}",
+                mp.display(),
+                aside.display()
+            ));
         }
-        k += 1;
-    };
-    std::fs::copy(&lp, &old).at(&old)?;
-    crate::fsutil::write_atomic(&lp, &bytes)?;
-    rep.old_log = Some(old);
+        manifest.save(dir)?;
+    }
+    if rewrite_log {
+        let mut bytes = LOG_HEADER.to_vec();
+        for r in &kept {
+            bytes.extend(encode_log_record(r));
+        }
+        if !log_missing {
+            let old = free_name(dir, "samples.log.before-salvage");
+            std::fs::copy(&lp, &old).at(&old)?;
+            rep.old_log = Some(old);
+        }
+        crate::fsutil::write_atomic(&lp, &bytes)?;
+    }
     for (no, offset, tables) in new_footers {
         let path = shard_path(dir, no);
         let mut f = OpenOptions::new().write(true).open(&path).at(&path)?;
@@ -297,4 +367,187 @@ pub fn salvage(dir: &Path, dry_run: bool) -> Result<SalvageReport> {
     crate::StoreWriter::open_or_create(dir, &manifest.spec, crate::WriterOptions::default())?
         .finish()?;
     Ok(rep)
+}
+
+/// `dir/<stem>-<k>` for the smallest k not taken.
+fn free_name(dir: &Path, stem: &str) -> PathBuf {
+    let mut k = 0;
+    loop {
+        let p = dir.join(format!("{stem}-{k}"));
+        if !p.exists() {
+            return p;
+        }
+        k += 1;
+    }
+}
+
+/// A manifest for the store at `dir`, whose own (`path`) is missing or damaged
+/// (`detail`): the store id and format version from the shard headers (which must
+/// agree), everything else from `from` (a store directory or a manifest file), and
+/// every sample the log or the shards' record copies name checked against it. Refused,
+/// naming the disagreement, when the headers disagree or a sample does not fit.
+fn rebuild_manifest(
+    dir: &Path,
+    from: &Path,
+    path: &Path,
+    detail: &str,
+    rep: &mut SalvageReport,
+) -> Result<Manifest> {
+    let refuse = |why: String| Error::Manifest {
+        path: path.to_path_buf(),
+        detail: format!("{detail}\nnot rebuilt: {why}"),
+    };
+    let src = if from.is_dir() {
+        Manifest::load(from)?
+    } else {
+        Manifest::load_file(from, dir)?
+    };
+    // Store id and version: every readable shard header must say the same.
+    let sd = shards_dir(dir);
+    let mut first: Option<(PathBuf, ShardHeader)> = None;
+    let mut maps: Vec<(u32, memmap2::Mmap)> = Vec::new();
+    let mut entries: Vec<_> = std::fs::read_dir(&sd)
+        .at(&sd)?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| parse_shard_name(&e.file_name().to_string_lossy()).map(|n| (n, e.path())))
+        .collect();
+    entries.sort();
+    for (no, p) in entries {
+        let m = crate::map_file(&p)?;
+        let h = match ShardHeader::parse(&m) {
+            Ok(h) => h,
+            Err(e) => {
+                rep.notes.push(format!(
+                    "{}: no valid shard header ({e}); not used to rebuild the manifest",
+                    p.display()
+                ));
+                continue;
+            }
+        };
+        if h.shard_no != no {
+            return Err(refuse(format!(
+                "{}: its header says shard {}",
+                p.display(),
+                h.shard_no
+            )));
+        }
+        match &first {
+            None => first = Some((p.clone(), h)),
+            Some((fp, fh)) => {
+                if fh.store_id != h.store_id {
+                    return Err(refuse(format!(
+                        "the shards disagree on the store id: {} says {}, {} says {}",
+                        fp.display(),
+                        hex(&fh.store_id),
+                        p.display(),
+                        hex(&h.store_id)
+                    )));
+                }
+                if fh.version != h.version {
+                    return Err(refuse(format!(
+                        "the shards disagree on the format version: {} says {}, {} says {}",
+                        fp.display(),
+                        fh.version,
+                        p.display(),
+                        h.version
+                    )));
+                }
+            }
+        }
+        maps.push((no, m));
+    }
+    let Some((_, h)) = first else {
+        return Err(refuse(format!(
+            "no shard in {} has a valid header, so the store id is unknown",
+            sd.display()
+        )));
+    };
+    let m = Manifest {
+        format_version: h.version,
+        store_id: hex(&h.store_id),
+        created_by: format!(
+            "{} (manifest rebuilt by gradshard {} salvage from the shard headers and {})",
+            src.created_by,
+            env!("CARGO_PKG_VERSION"),
+            from.display()
+        ),
+        n_frames: src.spec.frame_order().n_frames(),
+        spec: src.spec.clone(),
+        shard_target_bytes: src.shard_target_bytes,
+        source: src.source.clone(),
+    };
+    if m.spec.codec.name == crate::CodecName::ZstdExp && m.format_version < 3 {
+        return Err(refuse(format!(
+            "{} uses codec zstd-exp, which the shards' format version {} cannot hold",
+            from.display(),
+            m.format_version
+        )));
+    }
+    // Every sample the store names (log records, then record copies after the tables
+    // the footers list) must read whole under the rebuilt manifest.
+    let order = m.spec.frame_order();
+    let lp = log_path(dir);
+    let mut records: Vec<LogRecord> = std::fs::read(&lp)
+        .ok()
+        .filter(|b| b.len() >= LOG_HEADER_LEN && b[..LOG_HEADER_LEN] == LOG_HEADER[..])
+        .map(|b| {
+            let mut out = Vec::new();
+            let mut p = LOG_HEADER_LEN;
+            while let Ok((r, n)) = decode_log_record(&b[p..]) {
+                out.push(r);
+                p += n;
+                if p >= b.len() {
+                    break;
+                }
+            }
+            out
+        })
+        .unwrap_or_default();
+    for (no, data) in &maps {
+        if let Ok(Some(f)) = parse_footer(data) {
+            for &(off, len) in &f.tables {
+                let end = off + len as u64;
+                if let Some(r) = data
+                    .get(end as usize..)
+                    .and_then(|b| decode_log_record(b).ok())
+                    .map(|(r, _)| r)
+                    .filter(|r| r.shard == *no && r.table_offset == off && r.table_len == len)
+                {
+                    records.push(r);
+                }
+            }
+        }
+    }
+    let by_no: BTreeMap<u32, &memmap2::Mmap> = maps.iter().map(|(n, m)| (*n, m)).collect();
+    let mut checked = 0u64;
+    for r in &records {
+        let Some(data) = by_no.get(&r.shard) else {
+            continue;
+        };
+        if let Some(why) = unreadable(dir, data, r, &m, &order) {
+            return Err(refuse(format!(
+                "the geometry, dtype or tensors of {} do not fit the stored samples: {why}",
+                from.display()
+            )));
+        }
+        checked += 1;
+    }
+    rep.actions.push(format!(
+        "{}: rebuilt (store id {} and format version {} from the shard headers; geometry, dtype, codec and tensors from {}; all {checked} sample(s) the store names read whole under it)",
+        path.display(),
+        m.store_id,
+        m.format_version,
+        from.display()
+    ));
+    if checked == 0 {
+        rep.notes.push(format!(
+            "no sample could be checked against the geometry of {}: the store names none",
+            from.display()
+        ));
+    }
+    Ok(m)
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }

@@ -49,7 +49,18 @@ pub fn verify(dir: &Path, progress: &(dyn Fn(u64, u64) + Sync)) -> Result<Verify
     }
 
     let lp = log_path(dir);
-    let log = std::fs::read(&lp).at(&lp)?;
+    let log = match std::fs::read(&lp) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            rep.problems.push(format!(
+                "{}: the commit log is missing (`gradshard salvage --store {}` writes a new one and re-admits every sample whose record copy in the shards checks out)",
+                lp.display(),
+                dir.display()
+            ));
+            return Ok(rep);
+        }
+        Err(e) => return Err(crate::Error::Io { path: lp, source: e }),
+    };
     let records = match decode_log(&log) {
         Ok(s) => {
             if s.torn_tail > 0 {
