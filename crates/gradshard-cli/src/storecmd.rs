@@ -329,6 +329,10 @@ pub fn inspect(a: InspectArgs) -> Result<ExitCode> {
         e.1 += f.stored_bytes;
         e.2 += f.raw_bytes;
     }
+    // Every frame of every sample, a factored sample's shared factors included: the
+    // count `verify` checks and the rows of `--index-parquet`.
+    let frames_total =
+        n * order.n_frames() as u64 + by_repr[1].0 * order.n_shared() as u64;
     let repr_json = |e: (u64, u64, u64)| {
         json!({"samples": e.0, "frame_bytes": e.1, "decoded_bytes": e.2,
                "equivalent_full_bytes": e.0 * per_sample_values * m.spec.dtype.size() as u64})
@@ -377,6 +381,7 @@ pub fn inspect(a: InspectArgs) -> Result<ExitCode> {
         "codec": m.spec.codec,
         "blocks": m.spec.blocks,
         "frames_per_sample": order.n_frames(),
+        "frames": frames_total,
         "samples": n,
         "tasks": tasks,
         "tensors": tensors,
@@ -423,6 +428,19 @@ pub fn inspect(a: InspectArgs) -> Result<ExitCode> {
             .collect::<Vec<_>>()
             .join(""),
         order.n_frames()
+    );
+    println!(
+        "frames     {frames_total} in all samples{}",
+        if by_repr[1].0 > 0 {
+            format!(
+                " ({} per full sample, {} + {} shared factors per factored sample)",
+                order.n_frames(),
+                order.n_frames(),
+                order.n_shared()
+            )
+        } else {
+            String::new()
+        }
     );
     println!("tasks");
     for t in store.tasks() {

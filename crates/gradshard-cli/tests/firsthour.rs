@@ -37,9 +37,11 @@ fn collect_without_a_terminal_logs_progress_lines_before_its_report() {
     let log = dir.path().join("log.txt");
     let store = dir.path().join("s");
     let tasks = fixture().join("tasks");
-    // As under nohup or sbatch: stdout and stderr both to one file.
+    // As under nohup or sbatch: stdout and stderr both to one file. A gap of 0 between
+    // progress lines: a line at each tenth, however quick the run.
     let f = std::fs::File::create(&log).unwrap();
     let status = bin()
+        .env("GRADSHARD_PROGRESS_SECS", "0")
         .args([
             "collect",
             "--model",
@@ -360,4 +362,27 @@ fn empty_task_files_and_missing_ids_are_warned_about() {
         err.contains("warning: task `n`: 1 of 2 samples") && err.contains("line index"),
         "{err}"
     );
+}
+
+/// Without a terminal, quick work writes (almost) no progress lines: `verify` of a
+/// small store piped to a file, with the default pacing.
+#[test]
+fn verify_of_a_small_store_piped_to_a_file_logs_at_most_three_progress_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("s");
+    ok(&["synth", "--store", p(&store), "--samples", "8"]);
+    let log = dir.path().join("log.txt");
+    let f = std::fs::File::create(&log).unwrap();
+    let status = bin()
+        .env_remove("GRADSHARD_PROGRESS_SECS")
+        .args(["verify", "--store", p(&store)])
+        .stdout(f.try_clone().unwrap())
+        .stderr(f)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    let progress = text.lines().filter(|l| l.starts_with("verify: ") && l.contains("items/s")).count();
+    assert!(progress <= 3, "{progress} progress lines:\n{text}");
+    assert!(text.contains("OK"), "{text}");
 }
