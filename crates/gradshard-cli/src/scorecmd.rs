@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
-use clap::Args;
+use clap::{Args, ValueEnum};
 use gradshard_core::{Block, SampleId, TaskName};
 use gradshard_score::{Aggregate, FisherPool, ScoreOptions, ScoreProgress, Variant};
 use gradshard_store::Store;
@@ -32,28 +32,36 @@ pub struct ScoreArgs {
     /// Layers to score: comma-separated numbers and ranges, e.g. 0,1,4-7 (default: all).
     #[arg(long, value_parser = parse_index_list)]
     pub layers: Option<IndexList>,
-    /// Query heads to score, comma-separated (default: all).
+    /// Query heads to score: comma-separated numbers and ranges, e.g. 0,2-3 (default:
+    /// all). K and V are scored per kv head: the kv heads these query heads read.
     #[arg(long, value_parser = parse_index_list)]
     pub heads: Option<IndexList>,
-    /// Blocks, e.g. Q,K,V,O.
+    /// Blocks to score, comma-separated: any of Q, K, V, O.
     #[arg(long, value_delimiter = ',', default_value = "Q,K,V,O")]
     pub blocks: Vec<Block>,
     /// X and Y of M = X·Yᵀ (docs/design.md §4): unsigned (C_A/den, |g_B|), signed
     /// (g_A/den, g_B) or symmetric (√C_A/den, √C_B).
-    #[arg(long, default_value = "unsigned", value_parser = ["unsigned", "signed", "symmetric"])]
-    pub variant: String,
-    /// Fisher used in den: A, B or pooled.
-    #[arg(long, default_value = "A", value_parser = ["A", "B", "pooled"])]
-    pub fisher_pool: String,
+    #[arg(long, value_enum, default_value_t = VariantArg::Unsigned)]
+    pub variant: VariantArg,
+    /// Fisher used in den: A (task A's), B (task B's) or pooled ((I_A + I_B) / 2).
+    #[arg(long, value_enum, default_value_t = FisherPoolArg::A)]
+    pub fisher_pool: FisherPoolArg,
     /// M summed over the slice's elements (sum) or averaged over them (mean).
-    #[arg(long, default_value = "sum", value_parser = ["sum", "mean"])]
-    pub aggregate: String,
+    #[arg(long, value_enum, default_value_t = AggregateArg::Sum)]
+    pub aggregate: AggregateArg,
+    /// Floor of the Fisher in the denominator: den = max(I, eps) + lam*.
     #[arg(long, default_value_t = gradshard_score::DEFAULT_EPS)]
     pub eps: f64,
+    /// Damping added to the denominator (lam* = lam, or the larger of lam and
+    /// lam-rel × the slice's lower-median Fisher when --lam-rel > 0).
     #[arg(long, default_value_t = gradshard_score::DEFAULT_LAM)]
     pub lam: f64,
+    /// Relative damping: lam* = max(lam, lam-rel × lower median of the slice's Fisher);
+    /// 0 turns it off.
     #[arg(long, default_value_t = gradshard_score::DEFAULT_LAM_REL)]
     pub lam_rel: f64,
+    /// Sample pairs kept per block in top_pairs.parquet (highest M first), with
+    /// permutation p- and q-values.
     #[arg(long, default_value_t = gradshard_score::DEFAULT_TOP_K)]
     pub top_k: usize,
     /// Score only these task-A sample ids (integers or strings), comma-separated.
@@ -65,6 +73,7 @@ pub struct ScoreArgs {
     /// LAYER:HEAD pairs whose full n_A × n_B matrix is exported (pairs.parquet).
     #[arg(long, value_delimiter = ',', value_parser = parse_layer_head)]
     pub pairs_for: Vec<(usize, usize)>,
+    /// Seed of the bootstrap and permutation draws (same seed, same intervals and p-values).
     #[arg(long, default_value_t = gradshard_score::DEFAULT_SEED)]
     pub seed: u64,
     /// Bootstrap resamples per heatmap cell.
@@ -96,14 +105,83 @@ pub struct ScoreArgs {
     pub device: String,
     /// GPU precision of M = X·Yᵀ: f64 (CPU-identical; elementwise products, memory-bound:
     /// for tens of samples per task) or f32 (TF32 tensor-core GEMM on Hopper, ~1e-3).
-    #[arg(long, default_value = "f64")]
-    pub gpu_precision: String,
+    #[arg(long, value_enum, default_value_t = GpuPrecisionArg::F64)]
+    pub gpu_precision: GpuPrecisionArg,
     /// GPU slice path: fused (Fisher, denominator, X, Y and M on the device, one
     /// blocking transfer per slice) or per-step (each step its own round trip; for
     /// comparisons). Slices split into column chunks or with --lam-rel > 0 always
     /// take the per-step path.
-    #[arg(long, default_value = "fused", value_parser = ["fused", "per-step"])]
-    pub gpu_path: String,
+    #[arg(long, value_enum, default_value_t = GpuPathArg::Fused)]
+    pub gpu_path: GpuPathArg,
+}
+
+/// `--variant`: X and Y of M = X·Yᵀ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum VariantArg {
+    Unsigned,
+    Signed,
+    Symmetric,
+}
+
+impl From<VariantArg> for Variant {
+    fn from(v: VariantArg) -> Variant {
+        match v {
+            VariantArg::Unsigned => Variant::Unsigned,
+            VariantArg::Signed => Variant::Signed,
+            VariantArg::Symmetric => Variant::Symmetric,
+        }
+    }
+}
+
+/// `--fisher-pool`: the Fisher in the denominator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FisherPoolArg {
+    #[value(name = "A")]
+    A,
+    #[value(name = "B")]
+    B,
+    Pooled,
+}
+
+impl From<FisherPoolArg> for FisherPool {
+    fn from(v: FisherPoolArg) -> FisherPool {
+        match v {
+            FisherPoolArg::A => FisherPool::A,
+            FisherPoolArg::B => FisherPool::B,
+            FisherPoolArg::Pooled => FisherPool::Pooled,
+        }
+    }
+}
+
+/// `--aggregate`: M over a slice's elements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AggregateArg {
+    Sum,
+    Mean,
+}
+
+impl From<AggregateArg> for Aggregate {
+    fn from(v: AggregateArg) -> Aggregate {
+        match v {
+            AggregateArg::Sum => Aggregate::Sum,
+            AggregateArg::Mean => Aggregate::Mean,
+        }
+    }
+}
+
+/// `--gpu-precision`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum GpuPrecisionArg {
+    F64,
+    #[value(alias = "tf32")]
+    F32,
+}
+
+/// `--gpu-path`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum GpuPathArg {
+    Fused,
+    PerStep,
 }
 
 /// The compute backend picked by `--device`.
@@ -114,7 +192,7 @@ enum Compute {
 }
 
 impl Compute {
-    fn new(device: &str, precision: &str, path: &str) -> Result<Compute> {
+    fn new(device: &str, precision: GpuPrecisionArg, path: GpuPathArg) -> Result<Compute> {
         if device == "cpu" {
             return Ok(Compute::Cpu(gradshard_score::CpuBackend::default()));
         }
@@ -127,10 +205,12 @@ impl Compute {
         };
         #[cfg(feature = "cuda")]
         {
-            let p: gradshard_score::GpuPrecision =
-                precision.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+            let p = match precision {
+                GpuPrecisionArg::F64 => gradshard_score::GpuPrecision::F64,
+                GpuPrecisionArg::F32 => gradshard_score::GpuPrecision::F32,
+            };
             let mut b = gradshard_score::CudaBackend::new(ordinal, p)?;
-            b.fused_enabled = path == "fused";
+            b.fused_enabled = path == GpuPathArg::Fused;
             Ok(Compute::Cuda(b))
         }
         #[cfg(not(feature = "cuda"))]
@@ -250,7 +330,7 @@ pub fn score(a: ScoreArgs) -> Result<ExitCode> {
     if stale > 0 {
         eprintln!("removed {stale} temporary output director(ies) left by killed runs");
     }
-    let compute = Compute::new(&a.device, &a.gpu_precision, &a.gpu_path)?;
+    let compute = Compute::new(&a.device, a.gpu_precision, a.gpu_path)?;
     let store = Store::open(&a.store)?;
     // score recomputes the Fisher from the gradients and does not read stats/, but a
     // damaged statistics file is said out loud (merge would refuse it).
@@ -265,15 +345,9 @@ pub fn score(a: ScoreArgs) -> Result<ExitCode> {
     o.layers = a.layers.clone().map(|l| l.0);
     o.heads = a.heads.clone().map(|h| h.0);
     o.blocks = a.blocks.clone();
-    o.variant = a.variant.parse::<Variant>().map_err(anyhow::Error::msg)?;
-    o.fisher_pool = a
-        .fisher_pool
-        .parse::<FisherPool>()
-        .map_err(anyhow::Error::msg)?;
-    o.aggregate = a
-        .aggregate
-        .parse::<Aggregate>()
-        .map_err(anyhow::Error::msg)?;
+    o.variant = a.variant.into();
+    o.fisher_pool = a.fisher_pool.into();
+    o.aggregate = a.aggregate.into();
     o.eps = a.eps;
     o.lam = a.lam;
     o.lam_rel = a.lam_rel;

@@ -65,6 +65,7 @@ pub struct SynthArgs {
     /// Samples per task.
     #[arg(long, default_value_t = 16)]
     pub samples: usize,
+    /// Seed of the generated gradients (same seed, same store contents).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Also store MLP weights (row groups); needs the intermediate size from the preset or config.
@@ -119,12 +120,12 @@ pub(crate) fn writer_options(
     if w.zstd_level < 0 || w.zstd_level > 22 {
         bail!("--zstd-level {} is out of range 0..=22", w.zstd_level);
     }
-    let name = match (w.zstd_level, w.codec.as_deref(), w.no_shuffle) {
+    let name = match (w.zstd_level, w.codec, w.no_shuffle) {
         (0, _, _) => CodecName::None,
-        (_, Some("zstd-exp"), true) => {
+        (_, Some(crate::CodecArg::ZstdExp), true) => {
             bail!("--codec zstd-exp compresses the exponent byte plane: it needs the byte shuffle (drop --no-shuffle, or use --codec zstd)")
         }
-        (_, Some("zstd"), _) | (_, None, true) => CodecName::Zstd,
+        (_, Some(crate::CodecArg::Zstd), _) | (_, None, true) => CodecName::Zstd,
         _ => CodecName::ZstdExp,
     };
     let codec = CodecSpec {
