@@ -489,10 +489,14 @@ pub fn score(a: ScoreArgs) -> Result<ExitCode> {
 }
 
 /// The answer on the console: the most conflicted (block, layer, head) with its
-/// bootstrap interval, and the top sample pairs with their stored ids.
+/// bootstrap interval, what its number means (the variant's formula in words, its ratio
+/// to the median cell), and the top sample pairs with their stored ids, marked when not
+/// significant and when one sample dominates them. Heads are named as in summary.json
+/// (`head` a query head, `kv_head` the kv head K and V are stored per).
 fn print_summary(r: &gradshard_score::ScoreResult, task_a: &str, task_b: &str) {
-    let Some(best) = r
-        .cells
+    // The same cell summary.json calls most_conflicted_head (query-head resolution).
+    let rows = r.heatmap_rows();
+    let Some(best) = rows
         .iter()
         .filter(|c| c.score_mean.is_finite())
         .max_by(|x, y| x.score_mean.total_cmp(&y.score_mean))
@@ -500,9 +504,9 @@ fn print_summary(r: &gradshard_score::ScoreResult, task_a: &str, task_b: &str) {
         return;
     };
     let head = if best.block.is_kv() {
-        "kv head"
+        format!("head {} / kv_head {}", best.head, best.kv_head)
     } else {
-        "head"
+        format!("head {}", best.head)
     };
     let ci = match (best.ci_low, best.ci_high) {
         (Some(lo), Some(hi)) => format!(
@@ -512,19 +516,99 @@ fn print_summary(r: &gradshard_score::ScoreResult, task_a: &str, task_b: &str) {
         _ => String::new(),
     };
     println!(
-        "most conflicted: block {} layer {} {head} {}: mean M {:.4e} over {} pairs{ci}",
-        best.block, best.layer, best.head, best.score_mean, best.n_pairs
+        "most conflicted: block {} layer {} {head}: mean M {:.4e} over {} pairs{ci}",
+        best.block, best.layer, best.score_mean, best.n_pairs
     );
+    println!("  {}", meaning(&r.options));
+    // Stored cells (a kv head counted once) against which the best one is placed.
+    let mut means: Vec<f64> = r
+        .cells
+        .iter()
+        .map(|c| c.score_mean)
+        .filter(|v| v.is_finite())
+        .collect();
+    means.sort_by(f64::total_cmp);
+    if !means.is_empty() {
+        let median = means[(means.len() - 1) / 2];
+        let ratio = if median > 0.0 && best.score_mean > 0.0 {
+            format!("{:.2}x the median cell", best.score_mean / median)
+        } else {
+            "the median cell".to_string()
+        };
+        println!(
+            "  the highest of {} scored cells: {ratio} (M {median:.4e}){}",
+            means.len(),
+            match (best.ci_low, best.ci_high) {
+                (Some(lo), _) if lo > median => "; its CI lies above the median cell",
+                (Some(lo), Some(hi)) if lo <= median && median <= hi =>
+                    "; its CI includes the median cell: not distinguishable from a typical cell",
+                _ => "",
+            }
+        );
+    }
     let mut top: Vec<&gradshard_score::TopPair> = r.top.iter().collect();
     top.sort_by(|x, y| y.score.total_cmp(&x.score));
-    if !top.is_empty() {
-        println!("top sample pairs ({task_a} id, {task_b} id; any block):");
-        for p in top.iter().take(5) {
+    let shown: Vec<&gradshard_score::TopPair> = top.iter().take(5).copied().collect();
+    if !shown.is_empty() {
+        println!("top sample pairs ({task_a} id, {task_b} id; any block; q > 0.05 marked not significant):");
+        for p in &shown {
             let pv = p.p_value.map_or(String::new(), |v| format!(", p = {v:.3}"));
+            let qv = p.q_value.map_or(String::new(), |v| format!(", q = {v:.3}"));
+            let not_sig = match p.q_value.or(p.p_value) {
+                Some(v) if v > 0.05 => "  [not significant]",
+                _ => "",
+            };
+            let h = if p.block.is_kv() { "kv_head" } else { "head" };
             println!(
-                "  {task_a} {} x {task_b} {}: M = {:.4e} (block {} layer {} head {}{pv})",
+                "  {task_a} {} x {task_b} {}: M = {:.4e} (block {} layer {} {h} {}{pv}{qv}){not_sig}",
                 p.sample_a, p.sample_b, p.score, p.block, p.layer, p.head
             );
         }
+        // One sample in more than half of the pairs shown dominates them.
+        let mut counts: Vec<(String, usize)> = Vec::new();
+        for p in &shown {
+            for who in [
+                format!("{task_a} sample {}", p.sample_a),
+                format!("{task_b} sample {}", p.sample_b),
+            ] {
+                match counts.iter_mut().find(|(w, _)| *w == who) {
+                    Some((_, n)) => *n += 1,
+                    None => counts.push((who, 1)),
+                }
+            }
+        }
+        if let Some((who, n)) = counts.iter().max_by_key(|(_, n)| *n) {
+            if shown.len() >= 3 && 2 * n > shown.len() {
+                println!(
+                    "  note: {n} of these {} pairs share {who}: one sample dominates the top pairs (top_pairs.parquet lists the rest)",
+                    shown.len()
+                );
+            }
+        }
     }
+}
+
+/// What M is for the run's variant, Fisher pool and aggregate, in words.
+fn meaning(o: &ScoreOptions) -> String {
+    let fisher = match o.fisher_pool {
+        FisherPool::A => format!("task A's ({}) Fisher", o.task_a),
+        FisherPool::B => format!("task B's ({}) Fisher", o.task_b),
+        FisherPool::Pooled => "the two tasks' pooled Fisher".to_string(),
+    };
+    let formula = match o.variant {
+        Variant::Unsigned => format!(
+            "M = Σ (C_A / den) · |g_B|: an A sample's Fisher contribution C = g²/T divided by {fisher}, times the size of a B sample's gradient; high where B's gradient moves weights A relies on"
+        ),
+        Variant::Signed => format!(
+            "M = Σ (g_A / den) · g_B: an A sample's gradient divided by {fisher}, dotted with a B sample's gradient; positive = aligned, negative = opposed"
+        ),
+        Variant::Symmetric => format!(
+            "M = Σ (√C_A / den) · √C_B: the square roots of both samples' Fisher contributions C = g²/T, divided by {fisher}"
+        ),
+    };
+    let over = match o.aggregate {
+        Aggregate::Sum => "summed over the slice's elements",
+        Aggregate::Mean => "averaged over the slice's elements",
+    };
+    format!("{formula};\n  {over}, den = max(I, eps) + lam*; mean M = its mean over all (A, B) sample pairs")
 }
