@@ -99,6 +99,10 @@ pub struct ScoreArgs {
     /// Skip the PNG/SVG pictures.
     #[arg(long)]
     pub no_pictures: bool,
+    /// Give each block's heatmap its own colour range (default: one range shared by
+    /// the Q, K, V and O pictures, so a colour means the same value in each).
+    #[arg(long)]
+    pub per_block_colour_range: bool,
     /// Where the tile compute (Fisher, X, Y, M = X·Yᵀ) runs: cpu, cuda or cuda:N
     /// (CUDA needs a binary built with `--features cuda`).
     #[arg(long, default_value = "cpu")]
@@ -407,6 +411,7 @@ pub fn score(a: ScoreArgs) -> Result<ExitCode> {
     let mut eo = gradshard_export::ExportOptions::new(store.manifest().store_id.clone());
     eo.overwrite = a.overwrite;
     eo.pictures = !a.no_pictures;
+    eo.per_block_colour_range = a.per_block_colour_range;
     let written = gradshard_export::write_outputs_with(&result, &a.out, &eo)?;
     phases.push(("writing outputs", t_out));
     let wall = t.elapsed().as_secs_f64();
