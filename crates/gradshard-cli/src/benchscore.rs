@@ -20,17 +20,22 @@ use gradshard_score::StoreSource;
 
 #[derive(Args, Debug)]
 pub struct BenchScoreArgs {
+    /// Store to score.
     #[arg(long)]
     pub store: PathBuf,
     /// Directory for the uncompressed f32 baseline (written once if absent).
     #[arg(long)]
     pub raw: PathBuf,
+    /// Task A (as `score --task-a`).
     #[arg(long, default_value = "math")]
     pub task_a: String,
+    /// Task B (as `score --task-b`).
     #[arg(long, default_value = "general")]
     pub task_b: String,
+    /// Bootstrap resamples per heatmap cell (as `score --n-boot`).
     #[arg(long, default_value_t = 0)]
     pub n_boot: usize,
+    /// Permutations for the top-pair p-values (as `score --n-perm`).
     #[arg(long, default_value_t = 0)]
     pub n_perm: usize,
     /// Which source to time: store, raw or both.

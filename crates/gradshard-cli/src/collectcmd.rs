@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use clap::Args;
+use clap::{Args, ValueEnum};
 use gradshard_collect::{
     CollectEvent, CollectOptions, CollectReport, NanPolicy, RepresentationChoice, WorkerSplit,
 };
@@ -38,8 +38,8 @@ pub struct CollectArgs {
     pub device: Device,
     /// CPU engine: `auto` (the native engine for the LLaMA family with attn or
     /// attn,mlp, burn otherwise), `native` (fail if it does not run the model) or `burn`.
-    #[arg(long, default_value = "auto")]
-    pub cpu_engine: CpuEngine,
+    #[arg(long, value_enum, default_value_t = CpuEngineArg::Auto)]
+    pub cpu_engine: CpuEngineArg,
     /// Only the first N samples of each task file (before the worker split).
     #[arg(long)]
     pub max_samples: Option<usize>,
@@ -50,8 +50,8 @@ pub struct CollectArgs {
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
     /// A NaN/inf gradient: `error` stops naming task, sample and tensor; `skip` leaves the sample out.
-    #[arg(long, default_value = "error")]
-    pub nan_policy: NanPolicy,
+    #[arg(long, value_enum, default_value_t = NanPolicyArg::Error)]
+    pub nan_policy: NanPolicyArg,
     /// K/N: take the samples whose index in their task file is ≡ K mod N (job arrays, several GPUs).
     #[arg(long, default_value = "0/1")]
     pub worker: WorkerSplit,
@@ -61,8 +61,8 @@ pub struct CollectArgs {
     /// How each sample is stored: `full` (every slice), `factored` (the backprop and
     /// activation factors of every slice, exact on read; 5-20x fewer values at short
     /// sequences), or `auto` (per sample, whichever holds fewer values for its length).
-    #[arg(long, default_value = "auto", value_parser = ["full", "factored", "auto"])]
-    pub representation: String,
+    #[arg(long, value_enum, default_value_t = RepresentationArg::Auto)]
+    pub representation: RepresentationArg,
     /// Benchmark: compute gradients, frames and statistics but store nothing (model-only speed).
     #[arg(long, hide = true)]
     pub model_only: bool,
@@ -87,6 +87,49 @@ fn parse_device(s: &str) -> Result<Device, String> {
         .map_err(|e: gradshard_models::Error| e.to_string())
 }
 
+/// `--cpu-engine` (collect, grads).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CpuEngineArg {
+    Auto,
+    Native,
+    Burn,
+}
+
+impl From<CpuEngineArg> for CpuEngine {
+    fn from(v: CpuEngineArg) -> CpuEngine {
+        match v {
+            CpuEngineArg::Auto => CpuEngine::Auto,
+            CpuEngineArg::Native => CpuEngine::Native,
+            CpuEngineArg::Burn => CpuEngine::Burn,
+        }
+    }
+}
+
+/// `--nan-policy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum NanPolicyArg {
+    Error,
+    Skip,
+}
+
+/// `--representation`: how each sample is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RepresentationArg {
+    Full,
+    Factored,
+    Auto,
+}
+
+impl From<RepresentationArg> for RepresentationChoice {
+    fn from(v: RepresentationArg) -> RepresentationChoice {
+        match v {
+            RepresentationArg::Full => RepresentationChoice::Full,
+            RepresentationArg::Factored => RepresentationChoice::Factored,
+            RepresentationArg::Auto => RepresentationChoice::Auto,
+        }
+    }
+}
+
 /// Runs collect and prints its report; returns the report.
 pub fn run_collect(a: &CollectArgs) -> Result<CollectReport> {
     let live = Arc::new(LiveCounters::default());
@@ -97,18 +140,18 @@ pub fn run_collect(a: &CollectArgs) -> Result<CollectReport> {
     o.dtype = a.write.dtype;
     o.codec = codec;
     o.device = a.device;
-    o.cpu_engine = a.cpu_engine;
+    o.cpu_engine = a.cpu_engine.into();
     o.max_samples = a.max_samples;
     o.max_tokens = a.max_tokens;
     o.batch = a.batch;
-    o.nan_policy = a.nan_policy;
+    o.nan_policy = match a.nan_policy {
+        NanPolicyArg::Error => NanPolicy::Error,
+        NanPolicyArg::Skip => NanPolicy::Skip,
+    };
     o.worker = a.worker;
     o.full_fisher = a.full_fisher;
     o.model_only = a.model_only;
-    o.representation = a
-        .representation
-        .parse::<RepresentationChoice>()
-        .map_err(anyhow::Error::msg)?;
+    o.representation = a.representation.into();
     o.writer = writer;
     let mut bar: Option<WriteBar> = None;
     let r = gradshard_collect::collect(&o, &mut |e| match e {
@@ -209,7 +252,7 @@ fn print_report(r: &CollectReport, a: &CollectArgs) -> Result<()> {
             "skipped": r.skipped.iter().map(|s| json!({"task": s.task.as_str(), "id": s.id, "why": s.why})).collect::<Vec<_>>(),
             "samples_per_s": r.stored as f64 / secs,
             "model_only": a.model_only,
-            "representation": a.representation,
+            "representation": a.representation.to_possible_value().expect("not skipped").get_name(),
             "factored_samples": r.factored_samples,
             "full_samples": r.full_samples,
             "values_stored": r.values_stored,

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::Args;
-use gradshard_models::{write_grads, CpuEngine, Device, GradsOptions, ParamSet, Progress};
+use gradshard_models::{write_grads, Device, GradsOptions, ParamSet, Progress};
 
 use crate::progress::counter;
 
@@ -34,8 +34,8 @@ pub struct GradsArgs {
     pub device: Device,
     /// CPU engine: `auto` (the native engine for the LLaMA family with attn or
     /// attn,mlp, burn otherwise), `native` (fail if it does not run the model) or `burn`.
-    #[arg(long, default_value = "auto")]
-    pub cpu_engine: CpuEngine,
+    #[arg(long, value_enum, default_value_t = crate::collectcmd::CpuEngineArg::Auto)]
+    pub cpu_engine: crate::collectcmd::CpuEngineArg,
 }
 
 pub fn grads(a: GradsArgs) -> Result<ExitCode> {
@@ -45,7 +45,7 @@ pub fn grads(a: GradsArgs) -> Result<ExitCode> {
     o.max_tokens = a.max_tokens;
     o.batch = a.batch.max(1);
     o.device = a.device;
-    o.cpu_engine = a.cpu_engine;
+    o.cpu_engine = a.cpu_engine.into();
     let bar = counter(0, "grads");
     let r = write_grads(&o, &mut |p| match p {
         Progress::Sample { done, .. } => bar.set_position(done as u64),

@@ -8,7 +8,6 @@ use anyhow::{Context, Result};
 use arrow::array::{ArrayRef, Int32Builder, Int64Builder, RecordBatch, StringBuilder};
 use arrow::datatypes::{DataType, Field, Schema};
 use gradshard_core::SampleId;
-use gradshard_index::FrameKey;
 use gradshard_store::Store;
 use parquet::arrow::ArrowWriter;
 
@@ -32,10 +31,13 @@ pub fn index_schema() -> Schema {
         f("length", DataType::Int64, false),
         f("raw_length", DataType::Int64, false),
         f("checksum", DataType::Utf8, false),
+        f("frame_kind", DataType::Utf8, false),
+        f("shared_factor", DataType::Int32, true),
     ])
 }
 
-/// Writes one row per frame of every sample; returns the row count.
+/// Writes one row per frame of every sample, shared factors included
+/// ([`Store::frame_rows`]); returns the row count.
 pub fn write_index(store: &Store, path: &Path) -> Result<u64> {
     gradshard_store::guard::check_output("--index-parquet", path)?;
     let schema = Arc::new(index_schema());
@@ -43,8 +45,6 @@ pub fn write_index(store: &Store, path: &Path) -> Result<u64> {
     let file =
         std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     let mut w = ArrowWriter::try_new(file, schema.clone(), None)?;
-    let order = store.order();
-    let frames: Vec<usize> = (0..order.n_frames()).collect();
     let mut rows = 0u64;
     store.prefetch_tables();
     let records: Vec<_> = store.index().records().collect();
@@ -75,12 +75,13 @@ pub fn write_index(store: &Store, path: &Path) -> Result<u64> {
             Int64Builder::new(),
             Int64Builder::new(),
         );
-        let mut sum = StringBuilder::new();
+        let (mut sum, mut frame_kind, mut shared) = (
+            StringBuilder::new(),
+            StringBuilder::new(),
+            Int32Builder::new(),
+        );
         for r in chunk {
-            let plan = store.plan(&[r], &frames)?;
-            let mut reads = plan.reads.clone();
-            reads.sort_by_key(|p| p.frame);
-            for p in reads {
+            for row in store.frame_rows(r)? {
                 task.append_value(r.task.as_str());
                 match &r.id {
                     SampleId::Int(v) => {
@@ -93,38 +94,21 @@ pub fn write_index(store: &Store, path: &Path) -> Result<u64> {
                     }
                 }
                 tokens.append_value(r.tokens as i64);
-                frame.append_value(p.frame as i32);
-                match order.key(p.frame).expect("planned frame") {
-                    FrameKey::Attn {
-                        layer: l,
-                        block: b,
-                        head: h,
-                    } => {
-                        kind.append_value("attn");
-                        layer.append_value(l as i32);
-                        block.append_value(b.as_str());
-                        head.append_value(h as i32);
-                        tensor.append_null();
-                        r0.append_null();
-                        r1.append_null();
-                    }
-                    FrameKey::Other { tensor: t, group } => {
-                        let ot = &order.others()[t];
-                        let (a, b) = ot.group_rows(group);
-                        kind.append_value("other");
-                        layer.append_null();
-                        block.append_null();
-                        head.append_null();
-                        tensor.append_value(&ot.name);
-                        r0.append_value(a as i32);
-                        r1.append_value(b as i32);
-                    }
-                }
-                shard.append_value(p.shard as i32);
-                off.append_value(p.entry.offset as i64);
-                len.append_value(p.entry.frame_len as i64);
-                raw.append_value(p.entry.raw_len as i64);
-                sum.append_value(format!("{:016x}", p.entry.checksum));
+                frame.append_value(row.frame as i32);
+                kind.append_value(row.kind);
+                layer.append_option(row.layer.map(|v| v as i32));
+                block.append_option(row.block.map(|b| b.as_str()));
+                head.append_option(row.head.map(|v| v as i32));
+                tensor.append_option(row.tensor.as_deref());
+                r0.append_option(row.rows.map(|(a, _)| a as i32));
+                r1.append_option(row.rows.map(|(_, b)| b as i32));
+                shard.append_value(row.shard as i32);
+                off.append_value(row.entry.offset as i64);
+                len.append_value(row.entry.frame_len as i64);
+                raw.append_value(row.entry.raw_len as i64);
+                sum.append_value(format!("{:016x}", row.entry.checksum));
+                frame_kind.append_value(row.frame_kind.as_str());
+                shared.append_option(row.shared_factor.map(|j| j as i32));
                 rows += 1;
             }
         }
@@ -146,6 +130,8 @@ pub fn write_index(store: &Store, path: &Path) -> Result<u64> {
             Arc::new(len.finish()),
             Arc::new(raw.finish()),
             Arc::new(sum.finish()),
+            Arc::new(frame_kind.finish()),
+            Arc::new(shared.finish()),
         ];
         w.write(&RecordBatch::try_new(schema.clone(), cols)?)?;
     }

@@ -16,7 +16,7 @@ mod storecmd;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use gradshard_core::DType;
 
 /// Per-sample gradients of LLM attention, stored compressed and checksummed,
@@ -74,8 +74,8 @@ pub struct WriteArgs {
     /// Frame codec: `zstd-exp` (zstd on the sign/exponent byte plane, mantissa bytes
     /// raw: smaller and faster to read on gradients) or `zstd` (zstd on every byte
     /// plane). Default zstd-exp, or zstd with --no-shuffle.
-    #[arg(long, value_parser = ["zstd-exp", "zstd"])]
-    pub codec: Option<String>,
+    #[arg(long, value_enum)]
+    pub codec: Option<CodecArg>,
     /// zstd level (1 is the measured sweet spot; 0 disables compression).
     #[arg(long, default_value_t = 1)]
     pub zstd_level: i32,
@@ -94,6 +94,13 @@ pub struct WriteArgs {
     /// Also write the final report as JSON to this file.
     #[arg(long)]
     pub report_json: Option<PathBuf>,
+}
+
+/// `--codec`: how frames are compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CodecArg {
+    ZstdExp,
+    Zstd,
 }
 
 pub fn parse_dtype(s: &str) -> Result<DType, String> {
@@ -253,6 +260,32 @@ mod tests {
         assert!(parse_bytes("12 parsecs").is_err());
         assert!(parse_bytes("0").is_err());
         assert_eq!(human(1536), "1.50 KiB");
+    }
+
+    /// Every argument of every subcommand (hidden ones too) says what it is for.
+    #[test]
+    fn every_flag_has_help_text() {
+        use clap::CommandFactory;
+        fn walk(c: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in c.get_arguments() {
+                let id = a.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                let text = a.get_help().or(a.get_long_help()).map(|h| h.to_string());
+                if text.is_none_or(|t| t.trim().is_empty()) {
+                    missing.push(format!("{path} --{}", a.get_long().unwrap_or(id)));
+                }
+            }
+            for sub in c.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let cli = Cli::command();
+        let mut missing = Vec::new();
+        walk(&cli, "gradshard", &mut missing);
+        assert!(cli.get_subcommands().count() >= 13);
+        assert!(missing.is_empty(), "arguments without help: {missing:?}");
     }
 
     #[test]

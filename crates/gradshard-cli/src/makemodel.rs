@@ -6,9 +6,16 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
-use clap::Args;
+use clap::{Args, ValueEnum};
 use gradshard_models::WeightDtype;
 use serde_json::{json, Value};
+
+/// `--dtype`: element type of the weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum WeightDtypeArg {
+    Bf16,
+    F32,
+}
 
 #[derive(Args, Debug)]
 pub struct MakeModelArgs {
@@ -28,11 +35,12 @@ pub struct MakeModelArgs {
     /// Vocabulary size of a preset model.
     #[arg(long, default_value_t = 32000)]
     pub vocab: usize,
+    /// Seed of the random weights and task tokens (same seed, same files).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Element type of the weights: bf16 or f32.
-    #[arg(long, default_value = "bf16", value_parser = ["bf16", "f32"])]
-    pub dtype: String,
+    #[arg(long, value_enum, default_value_t = WeightDtypeArg::Bf16)]
+    pub dtype: WeightDtypeArg,
     /// Standard deviation of the 2-D weights (uniform).
     #[arg(long, default_value_t = 0.02)]
     pub std: f32,
@@ -109,10 +117,9 @@ pub fn make_model(a: MakeModelArgs) -> Result<ExitCode> {
     if let (Some(l), Some(_)) = (a.layers, &a.config) {
         set_layers(&mut config, l);
     }
-    let dtype = if a.dtype == "f32" {
-        WeightDtype::F32
-    } else {
-        WeightDtype::Bf16
+    let dtype = match a.dtype {
+        WeightDtypeArg::F32 => WeightDtype::F32,
+        WeightDtypeArg::Bf16 => WeightDtype::Bf16,
     };
     let t0 = std::time::Instant::now();
     let w = gradshard_models::write_random_checkpoint(&a.out, &config, a.seed, dtype, a.std)
@@ -125,7 +132,7 @@ pub fn make_model(a: MakeModelArgs) -> Result<ExitCode> {
         w.tensors,
         count(w.params as u64),
         w.bytes as f64 / 1e9,
-        a.dtype,
+        a.dtype.to_possible_value().expect("not skipped").get_name(),
         a.out.display(),
         t0.elapsed().as_secs_f64()
     );

@@ -18,6 +18,7 @@ pub struct PlanArgs {
     /// Parameter set: attn, attn,mlp or all-2d (adds embeddings and lm_head).
     #[arg(long, default_value = "attn")]
     pub params: String,
+    /// Element type the store will hold: bf16 or f32 (as `collect --dtype`).
     #[arg(long, default_value = "bf16", value_parser = crate::parse_dtype)]
     pub dtype: DType,
     /// Samples to collect (all tasks together). With --task, the task files' samples.

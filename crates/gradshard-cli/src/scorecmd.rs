@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
-use clap::Args;
+use clap::{Args, ValueEnum};
 use gradshard_core::{Block, SampleId, TaskName};
 use gradshard_score::{Aggregate, FisherPool, ScoreOptions, ScoreProgress, Variant};
 use gradshard_store::Store;
@@ -32,28 +32,36 @@ pub struct ScoreArgs {
     /// Layers to score: comma-separated numbers and ranges, e.g. 0,1,4-7 (default: all).
     #[arg(long, value_parser = parse_index_list)]
     pub layers: Option<IndexList>,
-    /// Query heads to score, comma-separated (default: all).
+    /// Query heads to score: comma-separated numbers and ranges, e.g. 0,2-3 (default:
+    /// all). K and V are scored per kv head: the kv heads these query heads read.
     #[arg(long, value_parser = parse_index_list)]
     pub heads: Option<IndexList>,
-    /// Blocks, e.g. Q,K,V,O.
+    /// Blocks to score, comma-separated: any of Q, K, V, O.
     #[arg(long, value_delimiter = ',', default_value = "Q,K,V,O")]
     pub blocks: Vec<Block>,
     /// X and Y of M = X·Yᵀ (docs/design.md §4): unsigned (C_A/den, |g_B|), signed
     /// (g_A/den, g_B) or symmetric (√C_A/den, √C_B).
-    #[arg(long, default_value = "unsigned", value_parser = ["unsigned", "signed", "symmetric"])]
-    pub variant: String,
-    /// Fisher used in den: A, B or pooled.
-    #[arg(long, default_value = "A", value_parser = ["A", "B", "pooled"])]
-    pub fisher_pool: String,
+    #[arg(long, value_enum, default_value_t = VariantArg::Unsigned)]
+    pub variant: VariantArg,
+    /// Fisher used in den: A (task A's), B (task B's) or pooled ((I_A + I_B) / 2).
+    #[arg(long, value_enum, default_value_t = FisherPoolArg::A)]
+    pub fisher_pool: FisherPoolArg,
     /// M summed over the slice's elements (sum) or averaged over them (mean).
-    #[arg(long, default_value = "sum", value_parser = ["sum", "mean"])]
-    pub aggregate: String,
+    #[arg(long, value_enum, default_value_t = AggregateArg::Sum)]
+    pub aggregate: AggregateArg,
+    /// Floor of the Fisher in the denominator: den = max(I, eps) + lam*.
     #[arg(long, default_value_t = gradshard_score::DEFAULT_EPS)]
     pub eps: f64,
+    /// Damping added to the denominator (lam* = lam, or the larger of lam and
+    /// lam-rel × the slice's lower-median Fisher when --lam-rel > 0).
     #[arg(long, default_value_t = gradshard_score::DEFAULT_LAM)]
     pub lam: f64,
+    /// Relative damping: lam* = max(lam, lam-rel × lower median of the slice's Fisher);
+    /// 0 turns it off.
     #[arg(long, default_value_t = gradshard_score::DEFAULT_LAM_REL)]
     pub lam_rel: f64,
+    /// Sample pairs kept per block in top_pairs.parquet (highest M first), with
+    /// permutation p- and q-values.
     #[arg(long, default_value_t = gradshard_score::DEFAULT_TOP_K)]
     pub top_k: usize,
     /// Score only these task-A sample ids (integers or strings), comma-separated.
@@ -65,6 +73,7 @@ pub struct ScoreArgs {
     /// LAYER:HEAD pairs whose full n_A × n_B matrix is exported (pairs.parquet).
     #[arg(long, value_delimiter = ',', value_parser = parse_layer_head)]
     pub pairs_for: Vec<(usize, usize)>,
+    /// Seed of the bootstrap and permutation draws (same seed, same intervals and p-values).
     #[arg(long, default_value_t = gradshard_score::DEFAULT_SEED)]
     pub seed: u64,
     /// Bootstrap resamples per heatmap cell.
@@ -90,20 +99,93 @@ pub struct ScoreArgs {
     /// Skip the PNG/SVG pictures.
     #[arg(long)]
     pub no_pictures: bool,
+    /// Give each block's heatmap its own colour range (default: one range shared by
+    /// the Q, K, V and O pictures, so a colour means the same value in each).
+    #[arg(long)]
+    pub per_block_colour_range: bool,
     /// Where the tile compute (Fisher, X, Y, M = X·Yᵀ) runs: cpu, cuda or cuda:N
     /// (CUDA needs a binary built with `--features cuda`).
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// GPU precision of M = X·Yᵀ: f64 (CPU-identical; elementwise products, memory-bound:
     /// for tens of samples per task) or f32 (TF32 tensor-core GEMM on Hopper, ~1e-3).
-    #[arg(long, default_value = "f64")]
-    pub gpu_precision: String,
+    #[arg(long, value_enum, default_value_t = GpuPrecisionArg::F64)]
+    pub gpu_precision: GpuPrecisionArg,
     /// GPU slice path: fused (Fisher, denominator, X, Y and M on the device, one
     /// blocking transfer per slice) or per-step (each step its own round trip; for
     /// comparisons). Slices split into column chunks or with --lam-rel > 0 always
     /// take the per-step path.
-    #[arg(long, default_value = "fused", value_parser = ["fused", "per-step"])]
-    pub gpu_path: String,
+    #[arg(long, value_enum, default_value_t = GpuPathArg::Fused)]
+    pub gpu_path: GpuPathArg,
+}
+
+/// `--variant`: X and Y of M = X·Yᵀ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum VariantArg {
+    Unsigned,
+    Signed,
+    Symmetric,
+}
+
+impl From<VariantArg> for Variant {
+    fn from(v: VariantArg) -> Variant {
+        match v {
+            VariantArg::Unsigned => Variant::Unsigned,
+            VariantArg::Signed => Variant::Signed,
+            VariantArg::Symmetric => Variant::Symmetric,
+        }
+    }
+}
+
+/// `--fisher-pool`: the Fisher in the denominator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FisherPoolArg {
+    #[value(name = "A")]
+    A,
+    #[value(name = "B")]
+    B,
+    Pooled,
+}
+
+impl From<FisherPoolArg> for FisherPool {
+    fn from(v: FisherPoolArg) -> FisherPool {
+        match v {
+            FisherPoolArg::A => FisherPool::A,
+            FisherPoolArg::B => FisherPool::B,
+            FisherPoolArg::Pooled => FisherPool::Pooled,
+        }
+    }
+}
+
+/// `--aggregate`: M over a slice's elements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AggregateArg {
+    Sum,
+    Mean,
+}
+
+impl From<AggregateArg> for Aggregate {
+    fn from(v: AggregateArg) -> Aggregate {
+        match v {
+            AggregateArg::Sum => Aggregate::Sum,
+            AggregateArg::Mean => Aggregate::Mean,
+        }
+    }
+}
+
+/// `--gpu-precision`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum GpuPrecisionArg {
+    F64,
+    #[value(alias = "tf32")]
+    F32,
+}
+
+/// `--gpu-path`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum GpuPathArg {
+    Fused,
+    PerStep,
 }
 
 /// The compute backend picked by `--device`.
@@ -114,7 +196,7 @@ enum Compute {
 }
 
 impl Compute {
-    fn new(device: &str, precision: &str, path: &str) -> Result<Compute> {
+    fn new(device: &str, precision: GpuPrecisionArg, path: GpuPathArg) -> Result<Compute> {
         if device == "cpu" {
             return Ok(Compute::Cpu(gradshard_score::CpuBackend::default()));
         }
@@ -127,10 +209,12 @@ impl Compute {
         };
         #[cfg(feature = "cuda")]
         {
-            let p: gradshard_score::GpuPrecision =
-                precision.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+            let p = match precision {
+                GpuPrecisionArg::F64 => gradshard_score::GpuPrecision::F64,
+                GpuPrecisionArg::F32 => gradshard_score::GpuPrecision::F32,
+            };
             let mut b = gradshard_score::CudaBackend::new(ordinal, p)?;
-            b.fused_enabled = path == "fused";
+            b.fused_enabled = path == GpuPathArg::Fused;
             Ok(Compute::Cuda(b))
         }
         #[cfg(not(feature = "cuda"))]
@@ -260,7 +344,7 @@ pub fn score(a: ScoreArgs) -> Result<ExitCode> {
     if stale > 0 {
         eprintln!("removed {stale} temporary output director(ies) left by killed runs");
     }
-    let compute = Compute::new(&a.device, &a.gpu_precision, &a.gpu_path)?;
+    let compute = Compute::new(&a.device, a.gpu_precision, a.gpu_path)?;
     let store = Store::open(&a.store)?;
     // score recomputes the Fisher from the gradients and does not read stats/, but a
     // damaged statistics file is said out loud (merge would refuse it).
@@ -275,15 +359,9 @@ pub fn score(a: ScoreArgs) -> Result<ExitCode> {
     o.layers = a.layers.clone().map(|l| l.0);
     o.heads = a.heads.clone().map(|h| h.0);
     o.blocks = a.blocks.clone();
-    o.variant = a.variant.parse::<Variant>().map_err(anyhow::Error::msg)?;
-    o.fisher_pool = a
-        .fisher_pool
-        .parse::<FisherPool>()
-        .map_err(anyhow::Error::msg)?;
-    o.aggregate = a
-        .aggregate
-        .parse::<Aggregate>()
-        .map_err(anyhow::Error::msg)?;
+    o.variant = a.variant.into();
+    o.fisher_pool = a.fisher_pool.into();
+    o.aggregate = a.aggregate.into();
     o.eps = a.eps;
     o.lam = a.lam;
     o.lam_rel = a.lam_rel;
@@ -343,6 +421,7 @@ pub fn score(a: ScoreArgs) -> Result<ExitCode> {
     let mut eo = gradshard_export::ExportOptions::new(store.manifest().store_id.clone());
     eo.overwrite = a.overwrite;
     eo.pictures = !a.no_pictures;
+    eo.per_block_colour_range = a.per_block_colour_range;
     let written = gradshard_export::write_outputs_with(&result, &a.out, &eo)?;
     phases.push(("writing outputs", t_out));
     let wall = t.elapsed().as_secs_f64();
@@ -425,10 +504,14 @@ pub fn score(a: ScoreArgs) -> Result<ExitCode> {
 }
 
 /// The answer on the console: the most conflicted (block, layer, head) with its
-/// bootstrap interval, and the top sample pairs with their stored ids.
+/// bootstrap interval, what its number means (the variant's formula in words, its ratio
+/// to the median cell), and the top sample pairs with their stored ids, marked when not
+/// significant and when one sample dominates them. Heads are named as in summary.json
+/// (`head` a query head, `kv_head` the kv head K and V are stored per).
 fn print_summary(r: &gradshard_score::ScoreResult, task_a: &str, task_b: &str) {
-    let Some(best) = r
-        .cells
+    // The same cell summary.json calls most_conflicted_head (query-head resolution).
+    let rows = r.heatmap_rows();
+    let Some(best) = rows
         .iter()
         .filter(|c| c.score_mean.is_finite())
         .max_by(|x, y| x.score_mean.total_cmp(&y.score_mean))
@@ -436,9 +519,9 @@ fn print_summary(r: &gradshard_score::ScoreResult, task_a: &str, task_b: &str) {
         return;
     };
     let head = if best.block.is_kv() {
-        "kv head"
+        format!("head {} / kv_head {}", best.head, best.kv_head)
     } else {
-        "head"
+        format!("head {}", best.head)
     };
     let ci = match (best.ci_low, best.ci_high) {
         (Some(lo), Some(hi)) => format!(
@@ -448,19 +531,99 @@ fn print_summary(r: &gradshard_score::ScoreResult, task_a: &str, task_b: &str) {
         _ => String::new(),
     };
     println!(
-        "most conflicted: block {} layer {} {head} {}: mean M {:.4e} over {} pairs{ci}",
-        best.block, best.layer, best.head, best.score_mean, best.n_pairs
+        "most conflicted: block {} layer {} {head}: mean M {:.4e} over {} pairs{ci}",
+        best.block, best.layer, best.score_mean, best.n_pairs
     );
+    println!("  {}", meaning(&r.options));
+    // Stored cells (a kv head counted once) against which the best one is placed.
+    let mut means: Vec<f64> = r
+        .cells
+        .iter()
+        .map(|c| c.score_mean)
+        .filter(|v| v.is_finite())
+        .collect();
+    means.sort_by(f64::total_cmp);
+    if !means.is_empty() {
+        let median = means[(means.len() - 1) / 2];
+        let ratio = if median > 0.0 && best.score_mean > 0.0 {
+            format!("{:.2}x the median cell", best.score_mean / median)
+        } else {
+            "the median cell".to_string()
+        };
+        println!(
+            "  the highest of {} scored cells: {ratio} (M {median:.4e}){}",
+            means.len(),
+            match (best.ci_low, best.ci_high) {
+                (Some(lo), _) if lo > median => "; its CI lies above the median cell",
+                (Some(lo), Some(hi)) if lo <= median && median <= hi =>
+                    "; its CI includes the median cell: not distinguishable from a typical cell",
+                _ => "",
+            }
+        );
+    }
     let mut top: Vec<&gradshard_score::TopPair> = r.top.iter().collect();
     top.sort_by(|x, y| y.score.total_cmp(&x.score));
-    if !top.is_empty() {
-        println!("top sample pairs ({task_a} id, {task_b} id; any block):");
-        for p in top.iter().take(5) {
+    let shown: Vec<&gradshard_score::TopPair> = top.iter().take(5).copied().collect();
+    if !shown.is_empty() {
+        println!("top sample pairs ({task_a} id, {task_b} id; any block; q > 0.05 marked not significant):");
+        for p in &shown {
             let pv = p.p_value.map_or(String::new(), |v| format!(", p = {v:.3}"));
+            let qv = p.q_value.map_or(String::new(), |v| format!(", q = {v:.3}"));
+            let not_sig = match p.q_value.or(p.p_value) {
+                Some(v) if v > 0.05 => "  [not significant]",
+                _ => "",
+            };
+            let h = if p.block.is_kv() { "kv_head" } else { "head" };
             println!(
-                "  {task_a} {} x {task_b} {}: M = {:.4e} (block {} layer {} head {}{pv})",
+                "  {task_a} {} x {task_b} {}: M = {:.4e} (block {} layer {} {h} {}{pv}{qv}){not_sig}",
                 p.sample_a, p.sample_b, p.score, p.block, p.layer, p.head
             );
         }
+        // One sample in more than half of the pairs shown dominates them.
+        let mut counts: Vec<(String, usize)> = Vec::new();
+        for p in &shown {
+            for who in [
+                format!("{task_a} sample {}", p.sample_a),
+                format!("{task_b} sample {}", p.sample_b),
+            ] {
+                match counts.iter_mut().find(|(w, _)| *w == who) {
+                    Some((_, n)) => *n += 1,
+                    None => counts.push((who, 1)),
+                }
+            }
+        }
+        if let Some((who, n)) = counts.iter().max_by_key(|(_, n)| *n) {
+            if shown.len() >= 3 && 2 * n > shown.len() {
+                println!(
+                    "  note: {n} of these {} pairs share {who}: one sample dominates the top pairs (top_pairs.parquet lists the rest)",
+                    shown.len()
+                );
+            }
+        }
     }
+}
+
+/// What M is for the run's variant, Fisher pool and aggregate, in words.
+fn meaning(o: &ScoreOptions) -> String {
+    let fisher = match o.fisher_pool {
+        FisherPool::A => format!("task A's ({}) Fisher", o.task_a),
+        FisherPool::B => format!("task B's ({}) Fisher", o.task_b),
+        FisherPool::Pooled => "the two tasks' pooled Fisher".to_string(),
+    };
+    let formula = match o.variant {
+        Variant::Unsigned => format!(
+            "M = Σ (C_A / den) · |g_B|: an A sample's Fisher contribution C = g²/T divided by {fisher}, times the size of a B sample's gradient; high where B's gradient moves weights A relies on"
+        ),
+        Variant::Signed => format!(
+            "M = Σ (g_A / den) · g_B: an A sample's gradient divided by {fisher}, dotted with a B sample's gradient; positive = aligned, negative = opposed"
+        ),
+        Variant::Symmetric => format!(
+            "M = Σ (√C_A / den) · √C_B: the square roots of both samples' Fisher contributions C = g²/T, divided by {fisher}"
+        ),
+    };
+    let over = match o.aggregate {
+        Aggregate::Sum => "summed over the slice's elements",
+        Aggregate::Mean => "averaged over the slice's elements",
+    };
+    format!("{formula};\n  {over}, den = max(I, eps) + lam*; mean M = its mean over all (A, B) sample pairs")
 }

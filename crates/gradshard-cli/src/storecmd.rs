@@ -65,6 +65,7 @@ pub struct SynthArgs {
     /// Samples per task.
     #[arg(long, default_value_t = 16)]
     pub samples: usize,
+    /// Seed of the generated gradients (same seed, same store contents).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Also store MLP weights (row groups); needs the intermediate size from the preset or config.
@@ -135,12 +136,12 @@ pub(crate) fn writer_options(
     if w.zstd_level < 0 || w.zstd_level > 22 {
         bail!("--zstd-level {} is out of range 0..=22", w.zstd_level);
     }
-    let name = match (w.zstd_level, w.codec.as_deref(), w.no_shuffle) {
+    let name = match (w.zstd_level, w.codec, w.no_shuffle) {
         (0, _, _) => CodecName::None,
-        (_, Some("zstd-exp"), true) => {
+        (_, Some(crate::CodecArg::ZstdExp), true) => {
             bail!("--codec zstd-exp compresses the exponent byte plane: it needs the byte shuffle (drop --no-shuffle, or use --codec zstd)")
         }
-        (_, Some("zstd"), _) | (_, None, true) => CodecName::Zstd,
+        (_, Some(crate::CodecArg::Zstd), _) | (_, None, true) => CodecName::Zstd,
         _ => CodecName::ZstdExp,
     };
     let codec = CodecSpec {
@@ -351,6 +352,10 @@ pub fn inspect(a: InspectArgs) -> Result<ExitCode> {
         e.1 += f.stored_bytes;
         e.2 += f.raw_bytes;
     }
+    // Every frame of every sample, a factored sample's shared factors included: the
+    // count `verify` checks and the rows of `--index-parquet`.
+    let frames_total =
+        n * order.n_frames() as u64 + by_repr[1].0 * order.n_shared() as u64;
     let repr_json = |e: (u64, u64, u64)| {
         json!({"samples": e.0, "frame_bytes": e.1, "decoded_bytes": e.2,
                "equivalent_full_bytes": e.0 * per_sample_values * m.spec.dtype.size() as u64})
@@ -399,6 +404,7 @@ pub fn inspect(a: InspectArgs) -> Result<ExitCode> {
         "codec": m.spec.codec,
         "blocks": m.spec.blocks,
         "frames_per_sample": order.n_frames(),
+        "frames": frames_total,
         "samples": n,
         "tasks": tasks,
         "tensors": tensors,
@@ -445,6 +451,19 @@ pub fn inspect(a: InspectArgs) -> Result<ExitCode> {
             .collect::<Vec<_>>()
             .join(""),
         order.n_frames()
+    );
+    println!(
+        "frames     {frames_total} in all samples{}",
+        if by_repr[1].0 > 0 {
+            format!(
+                " ({} per full sample, {} + {} shared factors per factored sample)",
+                order.n_frames(),
+                order.n_frames(),
+                order.n_shared()
+            )
+        } else {
+            String::new()
+        }
     );
     println!("tasks");
     for t in store.tasks() {

@@ -300,3 +300,75 @@ fn all_2d_factored_equals_full_slices() {
         }
     }
 }
+
+/// One frame count everywhere on a factored store: `inspect`, `verify` and the index
+/// export count the same frames, shared factors included; each index row points at a
+/// frame on disk of its length and kind, and their lengths sum to the samples' frame
+/// bytes.
+#[test]
+fn inspect_verify_and_the_index_count_the_same_frames() {
+    use arrow::array::{Array, Int64Array, StringArray};
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let fx = fixtures().join("llama-gqa");
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("s");
+    collect(
+        &fx.join("model"),
+        &fx.join("tasks"),
+        &store,
+        &["--representation", "factored", "--max-samples", "3"],
+    );
+    let info: Value =
+        serde_json::from_str(&ok(&["inspect", "--store", p(&store), "--json"])).unwrap();
+    let frames = info["frames"].as_u64().unwrap();
+    let (n, per, shared) = (
+        info["samples"].as_u64().unwrap(),
+        info["frames_per_sample"].as_u64().unwrap(),
+        info["shared_factors_per_sample"].as_u64().unwrap(),
+    );
+    assert!(shared > 0, "{info}");
+    assert_eq!(frames, n * (per + shared), "{info}");
+    let text = ok(&["inspect", "--store", p(&store)]);
+    assert!(text.contains(&format!("frames     {frames} in all samples")), "{text}");
+    let v = ok(&["verify", "--store", p(&store)]);
+    assert!(v.contains(&format!(", {frames} frames (")), "{v}");
+    let out = dir.path().join("index.parquet");
+    ok(&["inspect", "--store", p(&store), "--index-parquet", p(&out)]);
+    let r = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&out).unwrap())
+        .unwrap()
+        .build()
+        .unwrap();
+    let (mut rows, mut bytes) = (0u64, 0u64);
+    let mut kinds = std::collections::BTreeMap::new();
+    for b in r {
+        let b = b.unwrap();
+        let col = |name: &str| b.column(b.schema().index_of(name).unwrap()).clone();
+        let (shard, off, len, kind) = (col("shard"), col("offset"), col("length"), col("frame_kind"));
+        let shard = shard.as_any().downcast_ref::<arrow::array::Int32Array>().unwrap();
+        let off = off.as_any().downcast_ref::<Int64Array>().unwrap();
+        let len = len.as_any().downcast_ref::<Int64Array>().unwrap();
+        let kind = kind.as_any().downcast_ref::<StringArray>().unwrap();
+        for i in 0..b.num_rows() {
+            let file = std::fs::read(gradshard_store::shard_path(&store, shard.value(i) as u32))
+                .unwrap();
+            let h = gradshard_format::parse_frame_header(&file[off.value(i) as usize..]).unwrap();
+            assert_eq!(h.frame_len() as i64, len.value(i), "row {i}");
+            let want = match h.kind {
+                gradshard_format::FrameKind::Full => "full",
+                gradshard_format::FrameKind::Factor => "factor",
+                gradshard_format::FrameKind::Shared => "shared",
+            };
+            assert_eq!(kind.value(i), want, "row {i}");
+            assert!(!kind.is_null(i));
+            *kinds.entry(want).or_insert(0u64) += 1;
+            bytes += len.value(i) as u64;
+            rows += 1;
+        }
+    }
+    assert_eq!(rows, frames);
+    assert_eq!(kinds.get("shared"), Some(&(n * shared)), "{kinds:?}");
+    assert_eq!(kinds.get("factor"), Some(&(n * per)), "{kinds:?}");
+    let frame_bytes = info["representations"]["factored"]["frame_bytes"].as_u64().unwrap()
+        + info["representations"]["full"]["frame_bytes"].as_u64().unwrap();
+    assert_eq!(bytes, frame_bytes);
+}

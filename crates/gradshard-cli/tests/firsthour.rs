@@ -37,9 +37,11 @@ fn collect_without_a_terminal_logs_progress_lines_before_its_report() {
     let log = dir.path().join("log.txt");
     let store = dir.path().join("s");
     let tasks = fixture().join("tasks");
-    // As under nohup or sbatch: stdout and stderr both to one file.
+    // As under nohup or sbatch: stdout and stderr both to one file. A gap of 0 between
+    // progress lines: a line at each tenth, however quick the run.
     let f = std::fs::File::create(&log).unwrap();
     let status = bin()
+        .env("GRADSHARD_PROGRESS_SECS", "0")
         .args([
             "collect",
             "--model",
@@ -169,6 +171,39 @@ fn score_prints_the_answer_and_where_the_time_went() {
         .unwrap_or_else(|| panic!("{out}"));
     assert!(most.contains("layer") && most.contains("CI ["), "{most}");
     assert!(out.contains("top sample pairs"), "{out}");
+    // The cell is named as summary.json names it, and its number explained.
+    let summary: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("scores/summary.json")).unwrap(),
+    )
+    .unwrap();
+    let h = &summary["most_conflicted_head"];
+    let kv = h["block"] == "K" || h["block"] == "V";
+    let name = format!(
+        "block {} layer {} head {}{}:",
+        h["block"].as_str().unwrap(),
+        h["layer"],
+        h["head"],
+        if kv { format!(" / kv_head {}", h["kv_head"]) } else { String::new() }
+    );
+    assert!(most.contains(&name), "{most} vs {name}");
+    assert!(out.contains("M = Σ (C_A / den) · |g_B|"), "{out}");
+    assert!(out.contains("x the median cell") || out.contains("the median cell (M"), "{out}");
+    // A listed pair whose q-value exceeds 0.05 is marked as not significant.
+    let pairs: Vec<&str> = out.lines().filter(|l| l.contains(" x general ")).collect();
+    assert!(!pairs.is_empty(), "{out}");
+    let mut seen = std::collections::BTreeMap::new();
+    for l in &pairs {
+        let q: f64 = l.split("q = ").nth(1).unwrap()[..5].parse().unwrap();
+        assert_eq!(q > 0.05, l.ends_with("[not significant]"), "{l}");
+        let ids = l.trim().split(':').next().unwrap();
+        let (a, b) = ids.split_once(" x ").unwrap();
+        *seen.entry(a.to_string()).or_insert(0) += 1;
+        *seen.entry(b.to_string()).or_insert(0) += 1;
+    }
+    // One sample in more than half of the listed pairs is said to dominate them.
+    let most = seen.values().max().copied().unwrap_or(0);
+    let dominated = pairs.len() >= 3 && 2 * most > pairs.len();
+    assert_eq!(dominated, out.contains("one sample dominates the top pairs"), "{out}");
     // The phases add up to the wall time.
     let wall = out.lines().find(|l| l.starts_with("wall ")).unwrap();
     let total: f64 = wall["wall ".len()..]
@@ -360,4 +395,27 @@ fn empty_task_files_and_missing_ids_are_warned_about() {
         err.contains("warning: task `n`: 1 of 2 samples") && err.contains("line index"),
         "{err}"
     );
+}
+
+/// Without a terminal, quick work writes (almost) no progress lines: `verify` of a
+/// small store piped to a file, with the default pacing.
+#[test]
+fn verify_of_a_small_store_piped_to_a_file_logs_at_most_three_progress_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("s");
+    ok(&["synth", "--store", p(&store), "--samples", "8"]);
+    let log = dir.path().join("log.txt");
+    let f = std::fs::File::create(&log).unwrap();
+    let status = bin()
+        .env_remove("GRADSHARD_PROGRESS_SECS")
+        .args(["verify", "--store", p(&store)])
+        .stdout(f.try_clone().unwrap())
+        .stderr(f)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    let progress = text.lines().filter(|l| l.starts_with("verify: ") && l.contains("items/s")).count();
+    assert!(progress <= 3, "{progress} progress lines:\n{text}");
+    assert!(text.contains("OK"), "{text}");
 }

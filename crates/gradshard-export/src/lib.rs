@@ -76,6 +76,9 @@ pub struct ExportOptions {
     pub overwrite: bool,
     /// Draw PNG and SVG heatmaps.
     pub pictures: bool,
+    /// Give each block's picture its own colour range (default: one range shared by
+    /// the blocks of the run).
+    pub per_block_colour_range: bool,
 }
 
 impl ExportOptions {
@@ -84,6 +87,7 @@ impl ExportOptions {
             store_id: store_id.into(),
             overwrite: false,
             pictures: true,
+            per_block_colour_range: false,
         }
     }
 }
@@ -249,7 +253,12 @@ fn write_all(result: &ScoreResult, dir: &Path, opts: &ExportOptions) -> Result<V
     }
     if opts.pictures {
         for block in scored_blocks(result) {
-            files.extend(picture::write_pictures(result, block, dir)?);
+            files.extend(picture::write_pictures_with(
+                result,
+                block,
+                dir,
+                opts.per_block_colour_range,
+            )?);
         }
     }
     let path = dir.join("summary.json");

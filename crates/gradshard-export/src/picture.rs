@@ -6,7 +6,16 @@
 //! Colour scales: the signed variant (values of either sign) uses a diverging
 //! blue–white–red scale centred on zero with symmetric limits ±max|v|; the
 //! unsigned and symmetric variants (non-negative values) use a sequential
-//! viridis-like scale from the smallest to the largest value.
+//! viridis-like scale from 0 to the largest value. By default the four block
+//! pictures of a run share one range (from every block's cells), so a colour means
+//! the same number in each; `per_block_range` gives each block its own.
+//!
+//! Marks: a dot on a cell whose bootstrap interval lies above the median cell of the
+//! run (the lower median of every scored cell, K/V counted once per kv head), a ring
+//! on one whose interval lies below it: the cell is distinguishably above (below) a
+//! typical cell. Without intervals
+//! (`n_boot = 0`) nothing is marked and the footer says so. The footer states the
+//! rule and the median.
 
 use std::path::Path;
 
@@ -21,8 +30,9 @@ use crate::error::{Error, Result};
 
 /// Width of the colour-bar panel, pixels.
 const BAR_PANEL: u32 = 140;
-/// Height of the footer (what the colour means, the "not scored" legend), pixels.
-const FOOTER: u32 = 62;
+/// Height of the footer (what the colour means, the range, the marks, the "not
+/// scored" legend), pixels.
+const FOOTER: u32 = 96;
 /// Grey of the cells that were not scored.
 const NOT_SCORED: RGBColor = RGBColor(170, 170, 170);
 
@@ -80,7 +90,8 @@ enum Scale {
 
 impl Scale {
     /// The scale of these values: diverging when `signed` (or when any value is
-    /// negative), sequential otherwise. Non-finite values are ignored.
+    /// negative), sequential from 0 to the largest value otherwise. Non-finite values
+    /// are ignored.
     fn for_values(vals: &[f64], signed: bool) -> Scale {
         let finite = || vals.iter().copied().filter(|v| v.is_finite());
         if signed || finite().any(|v| v < 0.0) {
@@ -89,20 +100,10 @@ impl Scale {
                 lim: if lim > 0.0 { lim } else { 1.0 },
             };
         }
-        let (lo, hi) = finite().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
-            (a.min(v), b.max(v))
-        });
-        if lo > hi {
-            Scale::Sequential { lo: 0.0, hi: 1.0 }
-        } else if hi <= lo {
-            // One value: a small band around it, so the bar has an extent.
-            let pad = if lo == 0.0 { 1.0 } else { lo.abs() * 0.01 };
-            Scale::Sequential {
-                lo: lo - pad,
-                hi: hi + pad,
-            }
-        } else {
-            Scale::Sequential { lo, hi }
+        let hi = finite().fold(0.0_f64, f64::max);
+        Scale::Sequential {
+            lo: 0.0,
+            hi: if hi > 0.0 { hi } else { 1.0 },
         }
     }
 
@@ -267,6 +268,49 @@ pub(crate) fn grid(result: &ScoreResult, block: Block) -> Vec<Vec<Option<f64>>> 
     grid
 }
 
+/// The lower median of every scored cell of the run (stored resolution: a K/V cell
+/// once per kv head), the reference of the marks; None when nothing was scored.
+pub(crate) fn median_cell(result: &ScoreResult) -> Option<f64> {
+    let mut v: Vec<f64> = result
+        .cells
+        .iter()
+        .map(|c| c.score_mean)
+        .filter(|x| x.is_finite())
+        .collect();
+    v.sort_by(f64::total_cmp);
+    (!v.is_empty()).then(|| v[(v.len() - 1) / 2])
+}
+
+/// A cell's bootstrap interval against the median cell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mark {
+    None,
+    /// The whole interval lies above the median cell (a dot).
+    Above,
+    /// The whole interval lies below it (a ring).
+    Below,
+}
+
+/// `marks[layer][head]`: where the cell's bootstrap interval lies against `median`.
+pub(crate) fn marks(result: &ScoreResult, block: Block, median: f64) -> Vec<Vec<Mark>> {
+    let g = &result.geometry;
+    let mut m = vec![vec![Mark::None; g.heads]; g.layers];
+    for r in result.heatmap_rows() {
+        if r.block == block {
+            if let (Some(lo), Some(hi)) = (r.ci_low, r.ci_high) {
+                m[r.layer][r.head] = if lo > median {
+                    Mark::Above
+                } else if hi < median {
+                    Mark::Below
+                } else {
+                    Mark::None
+                };
+            }
+        }
+    }
+    m
+}
+
 /// The words of a picture besides the numbers.
 struct Labels {
     /// Title; a `\n` starts a smaller second line.
@@ -277,8 +321,9 @@ struct Labels {
     notes: Vec<String>,
     /// Legend text of the grey "not scored" swatch (drawn only when a cell is None).
     not_scored: String,
-    /// Diverging scale centred on zero.
-    signed: bool,
+    /// Legend of the dot marks (with a swatch when any cell is marked), or the note
+    /// that nothing could be marked.
+    marks: String,
 }
 
 /// The formula of M for a variant and aggregate, in the notation of
@@ -299,7 +344,7 @@ fn formula(variant: Variant, aggregate: Aggregate) -> String {
     )
 }
 
-fn labels(result: &ScoreResult, block: Block) -> Labels {
+fn labels(result: &ScoreResult, block: Block, range: &str, median: Option<f64>) -> Labels {
     let o = &result.options;
     let g = &result.geometry;
     let shared = if block.is_kv() && g.kv_heads != g.heads {
@@ -325,7 +370,16 @@ fn labels(result: &ScoreResult, block: Block) -> Labels {
             result.samples_b.len()
         ),
         formula(o.variant, o.aggregate),
+        range.to_string(),
     ];
+    let any_ci = result.cells.iter().any(|c| c.ci_low.is_some());
+    let marks = match median {
+        Some(m) if any_ci => format!(
+            "dot (ring): the cell's {:.0}% bootstrap CI lies above (below) the median cell of the run, M = {m:.3e}",
+            100.0 * o.ci_level
+        ),
+        _ => "no cell marked: no bootstrap intervals (--n-boot 0)".to_string(),
+    };
     let not_scored = if o.layers.is_some() || o.heads.is_some() {
         "not scored (outside --layers/--heads)"
     } else {
@@ -336,7 +390,7 @@ fn labels(result: &ScoreResult, block: Block) -> Labels {
         bar: "mean M".into(),
         notes,
         not_scored: not_scored.into(),
-        signed: o.variant == Variant::Signed,
+        marks,
     }
 }
 
@@ -358,17 +412,27 @@ fn fitted<DB: DrawingBackend>(
     s
 }
 
+/// Black or white, whichever reads better on `c`.
+fn contrast(c: RGBColor) -> RGBColor {
+    let luma = 0.299 * c.0 as f64 + 0.587 * c.1 as f64 + 0.114 * c.2 as f64;
+    if luma > 140.0 {
+        BLACK
+    } else {
+        WHITE
+    }
+}
+
 fn draw<DB: DrawingBackend>(
     root: DrawingArea<DB, Shift>,
     labels: &Labels,
     grid: &[Vec<Option<f64>>],
+    marks: &[Vec<Mark>],
+    scale: Scale,
 ) -> std::result::Result<(), String> {
     let e = |x: &dyn std::fmt::Display| x.to_string();
     let layers = grid.len();
     let heads = grid.first().map_or(0, Vec::len);
-    let vals: Vec<f64> = grid.iter().flatten().flatten().copied().collect();
     let any_missing = grid.iter().flatten().any(Option::is_none);
-    let scale = Scale::for_values(&vals, labels.signed);
     let (lo, hi) = scale.range();
 
     root.fill(&WHITE).map_err(|x| e(&x))?;
@@ -431,6 +495,38 @@ fn draw<DB: DrawingBackend>(
             })
         }))
         .map_err(|x| e(&x))?;
+    // Dots on the marked cells, in black or white against the cell's colour.
+    let cell_px =
+        (plot_w as f64 / heads.max(1) as f64).min(plot_h as f64 / layers.max(1) as f64);
+    let radius = (cell_px / 6.0).clamp(2.0, 6.0) as i32;
+    let dot = |(l, h): (usize, usize)| -> Option<(i32, i32, RGBColor, bool)> {
+        let v = grid.get(l)?.get(h).copied().flatten()?;
+        let filled = match marks.get(l)?.get(h)? {
+            Mark::None => return None,
+            Mark::Above => true,
+            Mark::Below => false,
+        };
+        Some((
+            2 * h as i32 + 1,
+            2 * l as i32 + 1,
+            contrast(scale.colour(v)),
+            filled,
+        ))
+    };
+    let dots: Vec<(i32, i32, RGBColor, bool)> = (0..layers)
+        .flat_map(|l| (0..heads).map(move |h| (l, h)))
+        .filter_map(dot)
+        .collect();
+    chart
+        .draw_series(dots.iter().map(|(x, y, c, filled)| {
+            let style = if *filled {
+                c.filled()
+            } else {
+                c.stroke_width(2)
+            };
+            Circle::new((*x, *y), radius, style)
+        }))
+        .map_err(|x| e(&x))?;
     // A frame, so white (zero) cells of the diverging scale keep their extent.
     chart
         .draw_series(std::iter::once(Rectangle::new(
@@ -489,6 +585,27 @@ fn draw<DB: DrawingBackend>(
             .map_err(|x| e(&x))?;
         y += 17;
     }
+    {
+        let text = labels.marks.as_str();
+        let mut x = left;
+        if !dots.is_empty() {
+            footer
+                .draw(&Rectangle::new(
+                    [(left, y + 1), (left + 22, y + 13)],
+                    RGBColor(120, 120, 120).filled(),
+                ))
+                .map_err(|x| e(&x))?;
+            footer
+                .draw(&Circle::new((left + 11, y + 7), 4, WHITE.filled()))
+                .map_err(|x| e(&x))?;
+            x += 30;
+        }
+        let size = fitted(&footer, text, 12, avail.saturating_sub((x - left) as u32));
+        footer
+            .draw(&Text::new(text, (x, y), ("sans-serif", size)))
+            .map_err(|x| e(&x))?;
+        y += 17;
+    }
     if any_missing {
         footer
             .draw(&Rectangle::new(
@@ -515,10 +632,65 @@ fn draw<DB: DrawingBackend>(
     Ok(())
 }
 
-/// Writes `<dir>/heatmap_<block>.png` and `.svg`; returns the file names.
+/// The colour range of `block`'s picture: shared by every block of the run, or the
+/// block's own with `per_block_range`; from 0 (unsigned, symmetric) or symmetric
+/// around 0 (signed).
+pub fn colour_range(result: &ScoreResult, block: Block, per_block_range: bool) -> (f64, f64) {
+    block_scale(result, block, per_block_range).0.range()
+}
+
+/// The scale of `block`'s picture and the footer line saying which range it is.
+fn block_scale(result: &ScoreResult, block: Block, per_block_range: bool) -> (Scale, String) {
+    let signed = result.options.variant == Variant::Signed;
+    let rows = result.heatmap_rows();
+    if per_block_range {
+        let vals: Vec<f64> = rows
+            .iter()
+            .filter(|r| r.block == block)
+            .map(|r| r.score_mean)
+            .collect();
+        (
+            Scale::for_values(&vals, signed),
+            "colour range: this block's cells only (--per-block-colour-range): compare colours within this picture only".to_string(),
+        )
+    } else {
+        let vals: Vec<f64> = rows.iter().map(|r| r.score_mean).collect();
+        let mut blocks: Vec<Block> = rows.iter().map(|r| r.block).collect();
+        blocks.sort();
+        blocks.dedup();
+        let names: Vec<&str> = blocks.iter().map(|b| b.as_str()).collect();
+        (
+            Scale::for_values(&vals, signed),
+            format!(
+                "colour range shared by the {} pictures of this run: one colour, one value",
+                names.join(", ")
+            ),
+        )
+    }
+}
+
+/// Writes `<dir>/heatmap_<block>.png` and `.svg` with the colour range shared by
+/// every block of the run; returns the file names.
 pub fn write_pictures(result: &ScoreResult, block: Block, dir: &Path) -> Result<Vec<String>> {
+    write_pictures_with(result, block, dir, false)
+}
+
+/// [`write_pictures`], with each block's own colour range when `per_block_range`.
+pub fn write_pictures_with(
+    result: &ScoreResult,
+    block: Block,
+    dir: &Path,
+    per_block_range: bool,
+) -> Result<Vec<String>> {
     let grid = grid(result, block);
-    let labels = labels(result, block);
+    let (scale, range) = block_scale(result, block, per_block_range);
+    let median = median_cell(result);
+
+    let marks = match median {
+        Some(m) => marks(result, block, m),
+        None => vec![vec![Mark::None; result.geometry.heads]; result.geometry.layers],
+    };
+    let labels = labels(result, block, &range, median);
     let size = picture_size(grid.len(), grid.first().map_or(0, Vec::len));
     let mut names = Vec::new();
     let png = format!("heatmap_{block}.png");
@@ -527,6 +699,8 @@ pub fn write_pictures(result: &ScoreResult, block: Block, dir: &Path) -> Result<
         BitMapBackend::new(&path, size).into_drawing_area(),
         &labels,
         &grid,
+        &marks,
+        scale,
     )
     .map_err(|message| Error::Picture {
         path: path.clone(),
@@ -539,6 +713,8 @@ pub fn write_pictures(result: &ScoreResult, block: Block, dir: &Path) -> Result<
         SVGBackend::new(&path, size).into_drawing_area(),
         &labels,
         &grid,
+        &marks,
+        scale,
     )
     .map_err(|message| Error::Picture {
         path: path.clone(),
@@ -583,26 +759,29 @@ mod tests {
     }
 
     #[test]
-    fn unsigned_scale_is_sequential_from_min_to_max() {
+    fn unsigned_scale_is_sequential_from_zero_to_max() {
         let s = Scale::for_values(&[2.0, 5.0, 3.5], false);
-        assert_eq!(s, Scale::Sequential { lo: 2.0, hi: 5.0 });
-        assert_eq!(s.colour(2.0), rgb(SEQUENTIAL[0]), "min is the start");
+        assert_eq!(s, Scale::Sequential { lo: 0.0, hi: 5.0 });
+        assert_eq!(s.colour(0.0), rgb(SEQUENTIAL[0]), "0 is the start");
         assert_eq!(s.colour(5.0), rgb(SEQUENTIAL[4]), "max is the end");
         assert_eq!(
-            s.colour(3.5),
+            s.colour(2.5),
             rgb(SEQUENTIAL[2]),
-            "middle is the middle stop"
+            "half the max is the middle stop"
         );
         // Out-of-range values clamp to the ends.
         assert_eq!(s.colour(-10.0), rgb(SEQUENTIAL[0]));
         assert_eq!(s.colour(10.0), rgb(SEQUENTIAL[4]));
-        // One value: a band around it, the value in the middle.
+        // One value: 0 to it, the value at the end.
         let one = Scale::for_values(&[7.0], false);
-        let (lo, hi) = one.range();
-        assert!(lo < 7.0 && 7.0 < hi);
-        assert!((one.position(7.0) - 0.5).abs() < 1e-12);
+        assert_eq!(one.range(), (0.0, 7.0));
+        assert_eq!(one.position(7.0), 1.0);
         assert_eq!(
             Scale::for_values(&[], false),
+            Scale::Sequential { lo: 0.0, hi: 1.0 }
+        );
+        assert_eq!(
+            Scale::for_values(&[0.0, 0.0], false),
             Scale::Sequential { lo: 0.0, hi: 1.0 }
         );
     }
@@ -714,7 +893,7 @@ mod tests {
             .collect()
     }
 
-    fn test_labels(signed: bool) -> Labels {
+    fn test_labels() -> Labels {
         Labels {
             title: "Q interference: math vs general\nsigned, sum".into(),
             bar: "mean M".into(),
@@ -723,7 +902,7 @@ mod tests {
                 formula(Variant::Signed, Aggregate::Sum),
             ],
             not_scored: "not scored (outside --layers/--heads)".into(),
-            signed,
+            marks: "dot (ring): the cell's 95% bootstrap CI lies above (below) the median cell of the run, M = 1.000e-3".into(),
         }
     }
 
@@ -733,12 +912,32 @@ mod tests {
     fn signed_grid_with_unscored_cells_draws_legend_and_footer() {
         let dir = tempfile::tempdir().unwrap();
         let grid = signed_grid(12, 16);
+        let vals: Vec<f64> = grid.iter().flatten().flatten().copied().collect();
+        let scale = Scale::for_values(&vals, true);
+        // Every fifth scored cell marked, above or below.
+        let marks: Vec<Vec<Mark>> = grid
+            .iter()
+            .enumerate()
+            .map(|(l, r)| {
+                r.iter()
+                    .enumerate()
+                    .map(|(h, v)| match (v.is_some(), (l + h) % 5, l % 2) {
+                        (true, 0, 0) => Mark::Above,
+                        (true, 0, _) => Mark::Below,
+                        _ => Mark::None,
+                    })
+                    .collect()
+            })
+            .collect();
+        let no_marks = vec![vec![Mark::None; 16]; 12];
         let size = picture_size(12, 16);
         let png = dir.path().join("signed.png");
         draw(
             BitMapBackend::new(&png, size).into_drawing_area(),
-            &test_labels(true),
+            &test_labels(),
             &grid,
+            &marks,
+            scale,
         )
         .unwrap();
         assert!(std::fs::metadata(&png).unwrap().len() > 2000);
@@ -748,8 +947,10 @@ mod tests {
         let svg = dir.path().join("signed.svg");
         draw(
             SVGBackend::new(&svg, size).into_drawing_area(),
-            &test_labels(true),
+            &test_labels(),
             &grid,
+            &marks,
+            scale,
         )
         .unwrap();
         let s = std::fs::read_to_string(&svg).unwrap();
@@ -764,8 +965,10 @@ mod tests {
             .collect();
         draw(
             SVGBackend::new(&svg, size).into_drawing_area(),
-            &test_labels(true),
+            &test_labels(),
             &full,
+            &no_marks,
+            scale,
         )
         .unwrap();
         let s = std::fs::read_to_string(&svg).unwrap();

@@ -275,3 +275,75 @@ fn signed_subset_pictures_explain_colour_and_unscored_cells() {
         .unwrap();
     }
 }
+
+/// The four block pictures share one colour range, from 0 to the largest cell of the
+/// run (unsigned), unless each block asks for its own; the footers say which range
+/// and what the dots mark.
+#[test]
+fn block_pictures_share_one_colour_range_from_zero() {
+    use gradshard_export::picture::colour_range;
+    let r = result("llama-gqa");
+    let rows = r.heatmap_rows();
+    let max = rows.iter().map(|x| x.score_mean).fold(0.0_f64, f64::max);
+    let blocks = [Block::Q, Block::K, Block::V, Block::O];
+    for b in blocks {
+        assert_eq!(colour_range(&r, b, false), (0.0, max), "{b}");
+        let own = rows
+            .iter()
+            .filter(|x| x.block == b)
+            .map(|x| x.score_mean)
+            .fold(0.0_f64, f64::max);
+        assert_eq!(colour_range(&r, b, true), (0.0, own), "{b}");
+    }
+    // The fixture's blocks differ, so per-block ranges are not all the shared one.
+    assert!(blocks.iter().any(|b| colour_range(&r, *b, true).1 < max));
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("o");
+    write_outputs(&r, &out, "fixture").unwrap();
+    for b in blocks {
+        let svg = std::fs::read_to_string(out.join(format!("heatmap_{b}.svg"))).unwrap();
+        assert!(
+            svg.contains("colour range shared by the Q, K, V, O pictures"),
+            "{b}"
+        );
+        assert!(
+            svg.contains("bootstrap CI lies above (below) the median cell"),
+            "{b}"
+        );
+    }
+    let out2 = dir.path().join("p");
+    let mut o = ExportOptions::new("fixture");
+    o.per_block_colour_range = true;
+    write_outputs_with(&r, &out2, &o).unwrap();
+    let svg = std::fs::read_to_string(out2.join("heatmap_Q.svg")).unwrap();
+    assert!(svg.contains("cells only (--per-block-colour-range)"));
+}
+
+/// A dot or ring marks exactly the cells whose interval excludes the run's median
+/// cell (above or below it).
+#[test]
+fn marked_cells_are_those_whose_interval_excludes_the_median_cell() {
+    let r = result("llama-gqa");
+    let mut means: Vec<f64> = r.cells.iter().map(|c| c.score_mean).collect();
+    means.sort_by(f64::total_cmp);
+    let median = means[(means.len() - 1) / 2];
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("o");
+    write_outputs(&r, &out, "fixture").unwrap();
+    for b in [Block::Q, Block::K, Block::V, Block::O] {
+        let want = r
+            .heatmap_rows()
+            .iter()
+            .filter(|x| x.block == b)
+            .filter(|x| x.ci_low.unwrap() > median || x.ci_high.unwrap() < median)
+            .count();
+        let svg = std::fs::read_to_string(out.join(format!("heatmap_{b}.svg"))).unwrap();
+        // Cell dots are the only circles of radius > 4 (the legend swatch's is 4).
+        let dots = svg
+            .matches("<circle")
+            .count()
+            .saturating_sub(usize::from(want > 0));
+        assert_eq!(dots, want, "{b}");
+    }
+    assert!(r.heatmap_rows().iter().any(|x| x.ci_low.unwrap() > median));
+}

@@ -13,7 +13,6 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
 use gradshard_core::{f32_to_bf16_bits, Block, SampleId, TaskName};
-use gradshard_index::FrameKey;
 use gradshard_store::Store;
 use numpy::ndarray::{ArrayD, IxDyn};
 use numpy::{IntoPyArray, PyArrayMethods, PyUntypedArrayMethods};
@@ -490,6 +489,9 @@ impl PyStore {
         d.set_item("length", (cols.length.into_pyarray(py), py.None()))?;
         d.set_item("raw_length", (cols.raw_length.into_pyarray(py), py.None()))?;
         d.set_item("checksum", cols.checksum)?;
+        d.set_item("frame_kind", cols.frame_kind)?;
+        let (v, m) = split(cols.shared_factor);
+        d.set_item("shared_factor", (v.into_pyarray(py), m.into_pyarray(py)))?;
         Ok(d)
     }
 
@@ -539,57 +541,41 @@ struct IndexColumns {
     length: Vec<i64>,
     raw_length: Vec<i64>,
     checksum: Vec<String>,
+    frame_kind: Vec<&'static str>,
+    shared_factor: Vec<Option<i32>>,
 }
 
-/// One row per frame of every committed sample, as `gradshard inspect --index-parquet`
-/// writes them (crates/gradshard-cli/src/indexexport.rs): samples in index order,
-/// frames in frame order; for a factored sample the entry of the slice's own factor P.
+/// One row per frame of every committed sample, shared factors included, as
+/// `gradshard inspect --index-parquet` writes them (both from `Store::frame_rows`):
+/// samples in index order, frames in table order.
 fn index_columns(store: &Store) -> gradshard_store::Result<IndexColumns> {
-    let order = store.order();
-    let frames: Vec<usize> = (0..order.n_frames()).collect();
     let mut c = IndexColumns::default();
     store.prefetch_tables();
     for r in store.index().records() {
-        let plan = store.plan(&[r], &frames)?;
-        let mut reads = plan.reads;
-        reads.sort_by_key(|p| p.frame);
         let (sid, kind) = match &r.id {
             SampleId::Int(v) => (v.to_string(), "int"),
             SampleId::Str(s) => (s.clone(), "str"),
         };
-        for p in reads {
+        for row in store.frame_rows(r)? {
             c.task.push(r.task.to_string());
             c.sample_id.push(sid.clone());
             c.sample_id_kind.push(kind);
             c.tokens.push(r.tokens as i64);
-            c.frame.push(p.frame as i32);
-            match order.key(p.frame).expect("planned frame") {
-                FrameKey::Attn { layer, block, head } => {
-                    c.kind.push("attn");
-                    c.layer.push(Some(layer as i32));
-                    c.block.push(Some(block.as_str()));
-                    c.head.push(Some(head as i32));
-                    c.tensor.push(None);
-                    c.row_start.push(None);
-                    c.row_end.push(None);
-                }
-                FrameKey::Other { tensor, group } => {
-                    let ot = &order.others()[tensor];
-                    let (a, b) = ot.group_rows(group);
-                    c.kind.push("other");
-                    c.layer.push(None);
-                    c.block.push(None);
-                    c.head.push(None);
-                    c.tensor.push(Some(ot.name.clone()));
-                    c.row_start.push(Some(a as i32));
-                    c.row_end.push(Some(b as i32));
-                }
-            }
-            c.shard.push(p.shard as i32);
-            c.offset.push(p.entry.offset as i64);
-            c.length.push(p.entry.frame_len as i64);
-            c.raw_length.push(p.entry.raw_len as i64);
-            c.checksum.push(format!("{:016x}", p.entry.checksum));
+            c.frame.push(row.frame as i32);
+            c.kind.push(row.kind);
+            c.layer.push(row.layer.map(|v| v as i32));
+            c.block.push(row.block.map(|b| b.as_str()));
+            c.head.push(row.head.map(|v| v as i32));
+            c.row_start.push(row.rows.map(|(a, _)| a as i32));
+            c.row_end.push(row.rows.map(|(_, b)| b as i32));
+            c.tensor.push(row.tensor);
+            c.shard.push(row.shard as i32);
+            c.offset.push(row.entry.offset as i64);
+            c.length.push(row.entry.frame_len as i64);
+            c.raw_length.push(row.entry.raw_len as i64);
+            c.checksum.push(format!("{:016x}", row.entry.checksum));
+            c.frame_kind.push(row.frame_kind.as_str());
+            c.shared_factor.push(row.shared_factor.map(|j| j as i32));
         }
     }
     Ok(c)

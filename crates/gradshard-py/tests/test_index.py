@@ -32,3 +32,19 @@ def test_index_equals_the_cli_export(ingested, collected, tmp_path, which):
     assert got.schema.equals(want.schema, check_metadata=False)
     assert got.num_rows == want.num_rows > 0
     assert got.equals(want)
+
+
+def test_factored_store_counts_every_frame_once(collected):
+    """inspect, verify and Store.index() count the same frames (shared factors
+    included), and the index's bytes are the bytes of the samples' frames."""
+    store = collected["factored"]
+    t = gradshard.open(store).index()
+    kinds = set(t.column("frame_kind").to_pylist())
+    assert "shared" in kinds and "factor" in kinds, kinds
+    info = json.loads(cli("inspect", "--store", store, "--json").stdout)
+    assert t.num_rows == info["frames"]
+    reprs = info["representations"]
+    frame_bytes = reprs["full"]["frame_bytes"] + reprs["factored"]["frame_bytes"]
+    assert sum(t.column("length").to_pylist()) == frame_bytes
+    line = cli("verify", "--store", store).stdout
+    assert f", {info['frames']} frames (" in line, line

@@ -6,6 +6,7 @@
 mod error;
 pub mod fsutil;
 pub mod guard;
+mod index_rows;
 pub mod ingest;
 mod manifest;
 mod reader;
@@ -17,6 +18,7 @@ mod writer;
 use std::path::{Path, PathBuf};
 
 pub use error::{Error, NoStoreWhy, Result};
+pub use index_rows::{FrameKind, FrameRow};
 pub use manifest::{CodecName, CodecSpec, Manifest, StoreSpec, MANIFEST_FILE};
 pub use reader::{
     Factor, FactorTile, Footprint, IoStats, SliceFactors, Store, DEFAULT_SHARED_CACHE_BYTES,

@@ -50,6 +50,8 @@ INDEX_FIELDS = [
     ("length", "int64", False),
     ("raw_length", "int64", False),
     ("checksum", "string", False),
+    ("frame_kind", "string", False),
+    ("shared_factor", "int32", True),
 ]
 
 
@@ -82,7 +84,8 @@ class Store(_Store):
 
     def index(self):
         """The index as a ``pyarrow.Table``: one row per frame of every committed
-        sample, with the schema of ``schemas/store/index.arrow.json`` (the table
+        sample, shared factors of factored samples included (``frame_kind``: "full",
+        "factor" or "shared"; ``length`` sums to the frame bytes on disk), with the schema of ``schemas/store/index.arrow.json`` (the table
         ``gradshard inspect --index-parquet`` writes)."""
         import pyarrow as pa
 
