@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use gradshard_models::WeightDtype;
+use gradshard_models::{ModelConfig, WeightDtype};
 use serde_json::{json, Value};
 
 /// `--dtype`: element type of the weights.
@@ -64,24 +64,6 @@ fn count(n: u64) -> String {
     }
 }
 
-/// The Hugging Face config of a `synth` preset.
-fn preset_config(a: &MakeModelArgs) -> Result<Value> {
-    let (g, ff) = gradshard_store::synth::preset(&a.preset)?;
-    let layers = a.layers.unwrap_or(g.layers);
-    Ok(if g.model_type == "gpt2" {
-        json!({"model_type": "gpt2", "n_embd": g.hidden, "n_layer": layers, "n_head": g.heads,
-               "n_inner": ff, "n_positions": 1024, "vocab_size": a.vocab,
-               "layer_norm_epsilon": 1e-5, "activation_function": "gelu_new"})
-    } else {
-        json!({"model_type": g.model_type, "hidden_size": g.hidden, "intermediate_size": ff,
-               "num_hidden_layers": layers, "num_attention_heads": g.heads,
-               "num_key_value_heads": g.kv_heads, "head_dim": g.head_dim,
-               "vocab_size": a.vocab, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-               "max_position_embeddings": 4096, "tie_word_embeddings": false,
-               "hidden_act": "silu"})
-    })
-}
-
 /// `--layers` on a given config: the layer count of the (possibly nested)
 /// language model, and its `layer_types` pattern repeated or cut to match.
 fn set_layers(config: &mut Value, layers: usize) {
@@ -107,12 +89,10 @@ pub fn make_model(a: MakeModelArgs) -> Result<ExitCode> {
     gradshard_store::guard::check_output("--out", &a.out)?;
     let mut config = match &a.config {
         Some(p) => {
-            let text =
-                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-            serde_json::from_str::<Value>(&text)
-                .with_context(|| format!("{}: not JSON", p.display()))?
+            let (_, v) = gradshard_core::model::read_config(p)?;
+            v
         }
-        None => preset_config(&a)?,
+        None => gradshard_core::model::preset_config(&a.preset, a.layers, a.vocab)?,
     };
     if let (Some(l), Some(_)) = (a.layers, &a.config) {
         set_layers(&mut config, l);
@@ -121,12 +101,50 @@ pub fn make_model(a: MakeModelArgs) -> Result<ExitCode> {
         WeightDtypeArg::F32 => WeightDtype::F32,
         WeightDtypeArg::Bf16 => WeightDtype::Bf16,
     };
+    let what = || match &a.config {
+        Some(p) => format!("model config {}", p.display()),
+        None => format!("preset `{}`", a.preset),
+    };
+    // The description bounds every size before anything is allocated; the bytes
+    // to write are known before the first one is, and must fit the disk.
+    let cfg_name = match &a.config {
+        Some(p) => p.clone(),
+        None => a.out.join("config.json"),
+    };
+    let parsed = ModelConfig::from_value(&cfg_name, &config).with_context(what)?;
+    let tasks: Vec<String> = a
+        .tasks
+        .split(',')
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty())
+        .collect();
+    if a.samples > 0 && tasks.is_empty() {
+        bail!("--tasks names no task");
+    }
+    let task_bytes = if a.samples > 0 {
+        // A token id is at most 8 digits and a comma (vocab < 2^24), plus the line's frame.
+        (tasks.len() as u64)
+            .saturating_mul(a.samples as u64)
+            .saturating_mul((a.seq as u64).saturating_mul(9).saturating_add(32))
+    } else {
+        0
+    };
+    let need = gradshard_models::checkpoint_bytes(&parsed, dtype).saturating_add(task_bytes);
+    let free = crate::plan::free_bytes(&a.out)?;
+    if need > free {
+        eprintln!(
+            "make-model: {} needs {} but {} has {} free (short by {}); nothing was written",
+            what(),
+            crate::human(need),
+            a.out.display(),
+            crate::human(free),
+            crate::human(need - free)
+        );
+        return Ok(ExitCode::from(3));
+    }
     let t0 = std::time::Instant::now();
     let w = gradshard_models::write_random_checkpoint(&a.out, &config, a.seed, dtype, a.std)
-        .with_context(|| match &a.config {
-            Some(p) => format!("model config {}", p.display()),
-            None => format!("preset `{}`", a.preset),
-        })?;
+        .with_context(what)?;
     println!(
         "make-model: {} tensors, {} parameters, {:.2} GB ({}) in {} ({:.1} s)",
         w.tensors,
@@ -137,23 +155,14 @@ pub fn make_model(a: MakeModelArgs) -> Result<ExitCode> {
         t0.elapsed().as_secs_f64()
     );
     if a.samples > 0 {
-        let tasks: Vec<String> = a
-            .tasks
-            .split(',')
-            .map(|t| t.trim().to_string())
-            .filter(|t| !t.is_empty())
-            .collect();
-        if tasks.is_empty() {
-            bail!("--tasks names no task");
-        }
-        // A nested (gemma3) config keeps the vocabulary in its text config.
-        let text = gradshard_core::nested_text_config(&config)?.unwrap_or_else(|| config.clone());
-        let vocab = text
-            .get("vocab_size")
-            .and_then(Value::as_u64)
-            .context("the config has no vocab_size")? as usize;
-        let files =
-            gradshard_models::write_random_tasks(&a.out, &tasks, a.samples, a.seq, vocab, a.seed)?;
+        let files = gradshard_models::write_random_tasks(
+            &a.out,
+            &tasks,
+            a.samples,
+            a.seq,
+            parsed.vocab_size(),
+            a.seed,
+        )?;
         for f in files {
             println!(
                 "  {} ({} samples of {} tokens)",

@@ -5,8 +5,9 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use gradshard_core::{DType, Geometry, Layout};
-use serde_json::Value;
+use gradshard_core::{DType, Geometry, ModelConfig};
+use gradshard_models::{ParamInfo, ParamKind, ParamSet};
+use gradshard_store::CodecSpec;
 
 use crate::human;
 
@@ -53,97 +54,58 @@ fn parse_task_file(s: &str) -> Result<(gradshard_core::TaskName, PathBuf), Strin
     crate::storecmd::parse_task_path(s, "FILE.jsonl")
 }
 
-fn get(cfg: &Value, keys: &[&str]) -> Option<u64> {
-    keys.iter()
-        .find_map(|k| cfg.get(*k).and_then(Value::as_u64))
+/// What one sample of a model takes: values as full slices, values per
+/// predicted position as factors, and the full values by part.
+pub struct SampleSizes {
+    pub full: u64,
+    pub factored_per_position: u64,
+    pub parts: Vec<(String, u64)>,
 }
 
-/// Values per sample of the parameter set.
-pub fn values_per_sample(
-    g: &Geometry,
-    cfg: &Value,
-    params: &str,
-) -> Result<(u64, Vec<(String, u64)>)> {
-    let (l, d, h, kv, hd) = (
-        g.layers as u64,
-        g.hidden as u64,
-        g.heads as u64,
-        g.kv_heads as u64,
-        g.head_dim as u64,
+/// The sizes of one sample of the model at `model` (a directory or its
+/// config.json) for the parameter set `params`: the store spec `collect` would
+/// write (`spec_from_params` over the tensors the model description lists) and
+/// `collect`'s own counts of its frames (`full_values`, `factored_values`).
+pub fn sample_sizes(model: &Path, params: &str, dtype: DType) -> Result<SampleSizes> {
+    let set: ParamSet = params
+        .parse()
+        .map_err(|_| anyhow::anyhow!("--params `{params}`: expected attn, attn,mlp or all-2d"))?;
+    let config = ModelConfig::from_file(model)?;
+    let tracked: Vec<ParamInfo> = gradshard_models::config_params(&config)
+        .into_iter()
+        .filter(|p| p.shape.len() == 2 && set.contains(p.kind))
+        .collect();
+    let spec = gradshard_collect::spec_from_params(model, &tracked, dtype, CodecSpec::DEFAULT)?;
+    let order = spec.frame_order();
+    let full = gradshard_collect::full_values(&order);
+    // Factor sizes grow linearly with the predicted positions n: count them at n = 1.
+    let factored_per_position = gradshard_collect::factored_values(
+        &order,
+        &vec![1; order.n_frames()],
+        &vec![1; order.shared().len()],
     );
-    let attn = l * (2 * h * hd * d + 2 * kv * hd * d);
-    let mut parts = vec![("attention".to_string(), attn)];
-    let want_mlp = match params {
-        "attn" => false,
-        "attn,mlp" | "mlp,attn" | "all-2d" => true,
-        other => bail!("--params `{other}`: expected attn, attn,mlp or all-2d"),
+    let numel = |kinds: &[ParamKind]| -> u64 {
+        tracked
+            .iter()
+            .filter(|p| kinds.contains(&p.kind))
+            .map(|p| p.shape.iter().map(|&d| d as u64).product::<u64>())
+            .sum()
     };
-    if want_mlp {
-        let inter = get(cfg, &["intermediate_size", "n_inner"]).unwrap_or(4 * d);
-        let per_layer = match (g.layout, g.model_type.as_str()) {
-            (Layout::SplitLinear, "bert")
-            | (Layout::Gpt2Conv1d, _)
-            | (Layout::NeoxInterleaved, _) => 2 * d * inter,
-            _ => 3 * d * inter,
-        };
-        parts.push(("mlp".into(), l * per_layer));
+    let mut parts = vec![("attention".to_string(), numel(&[ParamKind::Attn]))];
+    if set.contains(ParamKind::Mlp) {
+        parts.push(("mlp".into(), numel(&[ParamKind::Mlp])));
     }
-    if params == "all-2d" {
-        let vocab = get(cfg, &["vocab_size"])
-            .context("config.json has no vocab_size (needed for all-2d)")?;
-        let tied = cfg
-            .get("tie_word_embeddings")
-            .and_then(Value::as_bool)
-            .unwrap_or(g.layout == Layout::Gpt2Conv1d);
-        let mut emb = vocab * d * if tied { 1 } else { 2 };
-        if let Some(pos) = get(cfg, &["n_positions"]).filter(|_| g.layout == Layout::Gpt2Conv1d) {
-            emb += pos * d;
-        }
-        parts.push(("embeddings and lm_head".into(), emb));
+    if set.contains(ParamKind::Embedding) {
+        parts.push((
+            "embeddings and lm_head".into(),
+            numel(&[ParamKind::Embedding, ParamKind::LmHead]),
+        ));
     }
-    Ok((parts.iter().map(|p| p.1).sum(), parts))
-}
-
-/// Values per sample stored as factors (docs/format.md, "Factored samples"), for a
-/// sample with `n` predicted positions: every per-slice factor P (n × its rows) and
-/// every shared factor S (n × its columns).
-pub fn factored_values_per_sample(g: &Geometry, cfg: &Value, params: &str, n: u64) -> Result<u64> {
-    let (l, d, h, kv, hd) = (
-        g.layers as u64,
-        g.hidden as u64,
-        g.heads as u64,
-        g.kv_heads as u64,
-        g.head_dim as u64,
-    );
-    // P of Q, K, V, O heads; S = attention input and O output gradient.
-    let mut per_n = l * ((2 * h + 2 * kv) * hd + 2 * d);
-    if params != "attn" {
-        let inter = get(cfg, &["intermediate_size", "n_inner"]).unwrap_or(4 * d);
-        per_n += l * match (g.layout, g.model_type.as_str()) {
-            // Two projections: P and S are d and inter wide each.
-            (Layout::SplitLinear, "bert")
-            | (Layout::Gpt2Conv1d, _)
-            | (Layout::NeoxInterleaved, _) => 2 * (d + inter),
-            // gate and up (P inter each, one shared input d), down (P d, S inter).
-            _ => 3 * inter + 2 * d,
-        };
-    }
-    if params == "all-2d" {
-        let vocab = get(cfg, &["vocab_size"])
-            .context("config.json has no vocab_size (needed for all-2d)")?;
-        let tied = cfg
-            .get("tie_word_embeddings")
-            .and_then(Value::as_bool)
-            .unwrap_or(g.layout == Layout::Gpt2Conv1d);
-        // Embedding: one-hot P (vocab) and S (d); lm_head: P (vocab) and S (d); tied = one
-        // tensor with both uses stacked (the same values).
-        per_n += 2 * (vocab + d);
-        if let Some(pos) = get(cfg, &["n_positions"]).filter(|_| g.layout == Layout::Gpt2Conv1d) {
-            per_n += pos + d;
-        }
-        let _ = tied;
-    }
-    Ok(per_n * n)
+    Ok(SampleSizes {
+        full,
+        factored_per_position,
+        parts,
+    })
 }
 
 /// Free bytes on the file system holding `p` (or its nearest existing ancestor).
@@ -170,6 +132,15 @@ pub fn free_bytes(p: &Path) -> Result<u64> {
     Ok(s.f_bavail as u64 * s.f_frsize as u64)
 }
 
+/// The compression ratio assumed for `dtype` when none is measured: what this
+/// repository's benchmarks measured (README).
+fn default_ratio(dtype: DType) -> f64 {
+    match dtype {
+        DType::Bf16 => 1.25,
+        DType::F32 => 1.06,
+    }
+}
+
 pub fn plan(a: PlanArgs) -> Result<ExitCode> {
     let g = Geometry::from_config_path(&a.model)?;
     let file = if a.model.is_dir() {
@@ -177,10 +148,6 @@ pub fn plan(a: PlanArgs) -> Result<ExitCode> {
     } else {
         a.model.clone()
     };
-    let cfg: Value = serde_json::from_str(
-        &std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?,
-    )
-    .with_context(|| format!("{}: invalid JSON", file.display()))?;
     // Predicted positions of every sample: from the task files, else --samples × --tokens.
     let lengths: Vec<u64> = if a.tasks.is_empty() {
         let samples = a.samples.unwrap_or(0);
@@ -198,12 +165,14 @@ pub fn plan(a: PlanArgs) -> Result<ExitCode> {
         bail!("the task files hold no sample of at least 2 tokens");
     }
     let samples = lengths.len() as u64;
-    let (values, parts) = values_per_sample(&g, &cfg, &a.params)?;
+    let sizes = sample_sizes(&a.model, &a.params, a.dtype)?;
+    let (values, parts) = (sizes.full, sizes.parts);
     let (ratio, ratio_source) = match (&a.ratio, &a.like) {
         (Some(r), _) => (*r, "given with --ratio".to_string()),
         (None, Some(dir)) => {
             let store = gradshard_store::Store::open(dir)
                 .with_context(|| format!("--like {}", dir.display()))?;
+            let like_dtype = store.manifest().spec.dtype;
             let (mut raw, mut stored) = (0u64, 0u64);
             store.prefetch_tables();
             for r in store.index().records() {
@@ -217,16 +186,28 @@ pub fn plan(a: PlanArgs) -> Result<ExitCode> {
                     dir.display()
                 );
             }
-            (
-                raw as f64 / stored as f64,
-                format!("measured on {}", dir.display()),
-            )
+            let measured = raw as f64 / stored as f64;
+            if like_dtype == a.dtype {
+                (measured, format!("measured on {}", dir.display()))
+            } else {
+                // A ratio does not carry over between dtypes (f32 mantissas compress
+                // worse than bf16's): assume the requested dtype's and say so.
+                let assumed = default_ratio(a.dtype);
+                (
+                    assumed,
+                    format!(
+                        "assumed for {}: --like {} holds {} samples, whose measured ratio {measured:.2}x does not apply to {} (measure on a {} store)",
+                        a.dtype,
+                        dir.display(),
+                        like_dtype,
+                        a.dtype,
+                        a.dtype
+                    ),
+                )
+            }
         }
         (None, None) => (
-            match a.dtype {
-                DType::Bf16 => 1.25,
-                DType::F32 => 1.06,
-            },
+            default_ratio(a.dtype),
             format!(
                 "assumed for {} (pass --like STORE to measure it on your data)",
                 a.dtype
@@ -240,8 +221,9 @@ pub fn plan(a: PlanArgs) -> Result<ExitCode> {
     let per_sample = values * size;
     let raw = per_sample * samples;
     let (mut factored, mut auto, mut auto_factored) = (0u64, 0u64, 0u64);
+    let per_n = sizes.factored_per_position;
     for n in &lengths {
-        let fv = factored_values_per_sample(&g, &cfg, &a.params, *n)?;
+        let fv = per_n * n;
         factored += fv * size;
         if fv < values {
             auto += fv * size;
@@ -251,7 +233,6 @@ pub fn plan(a: PlanArgs) -> Result<ExitCode> {
         }
     }
     // Break-even: the largest n at which factors are still smaller.
-    let per_n = factored_values_per_sample(&g, &cfg, &a.params, 1)?;
     let break_even = values.div_ceil(per_n.max(1)).saturating_sub(1);
     // Frame headers and sample tables: 48 bytes per head slice at most, negligible.
     let estimate = |b: u64| (b as f64 / ratio) as u64;
@@ -351,15 +332,17 @@ mod tests {
 
     #[test]
     fn llama2_7b_is_4_3_gb_per_sample_in_bf16() {
+        let dir = tempfile::tempdir().unwrap();
         let cfg = json!({"model_type":"llama","num_hidden_layers":32,"hidden_size":4096,
             "num_attention_heads":32,"num_key_value_heads":32,"intermediate_size":11008,"vocab_size":32000});
-        let g = Geometry::from_config(&cfg).unwrap();
-        let (v, _) = values_per_sample(&g, &cfg, "attn").unwrap();
+        let model = dir.path().join("config.json");
+        std::fs::write(&model, cfg.to_string()).unwrap();
+        let v = sample_sizes(&model, "attn", DType::Bf16).unwrap().full;
         assert_eq!(v, 32 * 4 * 4096 * 4096);
         // docs/design.md §1: 4.3 GB per sample in bf16.
         assert!(((v * 2) as f64 / 1e9 - 4.3).abs() < 0.05);
-        let (v2, _) = values_per_sample(&g, &cfg, "attn,mlp").unwrap();
+        let v2 = sample_sizes(&model, "attn,mlp", DType::Bf16).unwrap().full;
         assert_eq!(v2 - v, 32 * 3 * 4096 * 11008);
-        assert!(values_per_sample(&g, &cfg, "bogus").is_err());
+        assert!(sample_sizes(&model, "bogus", DType::Bf16).is_err());
     }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use gradshard_core::{Geometry, TaskName};
+use gradshard_core::TaskName;
 use gradshard_store::ingest::{ingest as run_ingest, IngestOptions};
 use gradshard_store::synth::{preset, synth as run_synth, SynthOptions, PRESETS};
 use gradshard_store::{
@@ -254,18 +254,9 @@ pub fn synth(a: SynthArgs) -> Result<ExitCode> {
     guard_store_outputs(&a.store, a.write.report_json.as_deref())?;
     let (geometry, intermediate) = match &a.config {
         Some(p) => {
-            let g = Geometry::from_config_path(p)?;
-            let file = if p.is_dir() {
-                p.join("config.json")
-            } else {
-                p.clone()
-            };
-            let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&file)?)?;
-            let inter = ["intermediate_size", "n_inner"]
-                .iter()
-                .find_map(|k| cfg.get(*k).and_then(|v| v.as_u64()))
-                .map(|v| v as usize)
-                .unwrap_or(4 * g.hidden);
+            let shape = gradshard_core::ModelShape::from_path(p)?;
+            let g = shape.geometry()?;
+            let inter = shape.intermediate.unwrap_or(4 * g.hidden);
             (g, inter)
         }
         None => preset(&a.preset)?,

@@ -1156,7 +1156,7 @@ mod memory_tests {
     fn a_sample_too_long_for_memory_is_refused_naming_the_longest_that_fits() {
         let cfg = serde_json::json!({"model_type":"llama","num_hidden_layers":32,"hidden_size":4096,
             "num_attention_heads":32,"num_key_value_heads":8});
-        let g = Geometry::from_config(&cfg).unwrap();
+        let g = gradshard_core::ModelShape::geometry_of(&cfg).unwrap();
         let avail = 24u64 << 30;
         let guard = MemoryGuard::new(&g, 1, Some(avail));
         let t = TaskName::new("math").unwrap();

@@ -16,6 +16,24 @@ pub enum Error {
         #[source]
         source: serde_json::Error,
     },
+    /// `config.json` is not valid JSON, lacks a field, or has one out of range.
+    #[error("{path}: invalid config: {msg}")]
+    Config { path: PathBuf, msg: String },
+    /// `model_type` names an architecture gradshard does not know.
+    #[error(
+        "{path}: unsupported model_type {model_type:?} (supported: {supported})"
+    )]
+    UnsupportedModel {
+        path: PathBuf,
+        model_type: String,
+        supported: String,
+    },
+    /// A config feature gradshard does not implement (e.g. a RoPE scaling type).
+    #[error("{path}: unsupported configuration: {what}")]
+    Unsupported { path: PathBuf, what: String },
+    /// A named model shape (`synth --preset`, `make-model --preset`) that does not exist.
+    #[error("unknown preset `{name}` (known: {known})")]
+    UnknownPreset { name: String, known: String },
     #[error("config: field `{field}` is {problem}")]
     ConfigField { field: String, problem: String },
     #[error("config: unsupported model_type `{model_type}` (supported: {supported})")]

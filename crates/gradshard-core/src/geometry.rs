@@ -8,85 +8,9 @@
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::ids::Block;
-
-/// `model_type` values of `config.json` that gradshard knows.
-pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
-    "llama",
-    "mistral",
-    "qwen2",
-    "qwen3",
-    "gemma",
-    "gemma2",
-    "gemma3_text",
-    "gemma3",
-    "olmo2",
-    "phi3",
-    "gpt2",
-    "gpt_neox",
-    "bert",
-];
-
-/// Defaults of transformers' `Gemma3TextConfig`. A `gemma3` checkpoint's
-/// `config.json` nests its language model under `text_config`, written as a
-/// diff against these, so a field left out there has exactly this value.
-pub const GEMMA3_TEXT_DEFAULTS: &[(&str, f64)] = &[
-    ("vocab_size", 262_208.0),
-    ("hidden_size", 2304.0),
-    ("intermediate_size", 9216.0),
-    ("num_hidden_layers", 26.0),
-    ("num_attention_heads", 8.0),
-    ("num_key_value_heads", 4.0),
-    ("head_dim", 256.0),
-    ("rms_norm_eps", 1e-6),
-    ("rope_theta", 1_000_000.0),
-    ("rope_local_base_freq", 10_000.0),
-    ("query_pre_attn_scalar", 256.0),
-    ("sliding_window", 4096.0),
-    ("sliding_window_pattern", 6.0),
-    ("max_position_embeddings", 131_072.0),
-];
-
-/// The text model's config of a checkpoint that nests it (`gemma3`:
-/// `text_config`, completed with [`GEMMA3_TEXT_DEFAULTS`] and its
-/// non-numeric defaults); `Ok(None)` for every other `model_type`.
-pub fn nested_text_config(cfg: &Value) -> Result<Option<Value>> {
-    if cfg.get("model_type").and_then(Value::as_str) != Some("gemma3") {
-        return Ok(None);
-    }
-    let mut text = match cfg.get("text_config") {
-        Some(t @ Value::Object(_)) => t.clone(),
-        _ => {
-            return Err(Error::ConfigField {
-                field: "text_config".into(),
-                problem:
-                    "a `gemma3` config nests its language model there; missing or not an object"
-                        .into(),
-            })
-        }
-    };
-    let obj = text.as_object_mut().expect("checked above");
-    for (k, v) in GEMMA3_TEXT_DEFAULTS {
-        let v = if v.fract() == 0.0 && *v >= 1.0 {
-            Value::from(*v as u64)
-        } else {
-            Value::from(*v)
-        };
-        obj.entry(*k).or_insert(v);
-    }
-    for (k, v) in [
-        ("model_type", Value::from("gemma3_text")),
-        ("hidden_activation", Value::from("gelu_pytorch_tanh")),
-        ("attn_logit_softcapping", Value::Null),
-        ("final_logit_softcapping", Value::Null),
-    ] {
-        obj.entry(k).or_insert(v);
-    }
-    Ok(Some(text))
-}
 
 /// How the attention weights of one layer are laid out in the checkpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -273,161 +197,17 @@ pub struct Geometry {
     pub root: String,
 }
 
-fn field_usize(cfg: &Value, names: &[&str]) -> Result<Option<usize>> {
-    for n in names {
-        match cfg.get(*n) {
-            None | Some(Value::Null) => continue,
-            Some(v) => {
-                return v
-                    .as_u64()
-                    .filter(|x| *x > 0)
-                    .map(|x| Some(x as usize))
-                    .ok_or_else(|| Error::ConfigField {
-                        field: (*n).to_string(),
-                        problem: format!("not a positive integer: {v}"),
-                    })
-            }
-        }
-    }
-    Ok(None)
-}
-
-fn required(cfg: &Value, names: &[&str]) -> Result<usize> {
-    field_usize(cfg, names)?.ok_or_else(|| Error::ConfigField {
-        field: names.join(" or "),
-        problem: "missing".to_string(),
-    })
-}
-
 impl Geometry {
     /// Upper bounds that keep every derived size far from overflow.
-    pub const MAX_LAYERS: usize = 1 << 12;
-    pub const MAX_HEADS: usize = 1 << 12;
-    pub const MAX_HIDDEN: usize = 1 << 20;
+    pub const MAX_LAYERS: usize = crate::model::limits::LAYERS;
+    pub const MAX_HEADS: usize = crate::model::limits::HEADS;
+    pub const MAX_HIDDEN: usize = crate::model::limits::HIDDEN;
 
-    /// Reads `config.json` (or a directory holding one).
+    /// The geometry of the model whose `config.json` is at `path` (or in the
+    /// directory `path`), read through the model description
+    /// ([`ModelShape`](crate::model::ModelShape)).
     pub fn from_config_path(path: &Path) -> Result<Geometry> {
-        let file = if path.is_dir() {
-            path.join("config.json")
-        } else {
-            path.to_path_buf()
-        };
-        let text = std::fs::read_to_string(&file).map_err(|source| Error::Io {
-            path: file.clone(),
-            source,
-        })?;
-        let cfg: Value = serde_json::from_str(&text).map_err(|source| Error::Json {
-            path: file.clone(),
-            source,
-        })?;
-        Geometry::from_config(&cfg)
-    }
-
-    /// Derives the geometry from a parsed Hugging Face `config.json`.
-    pub fn from_config(cfg: &Value) -> Result<Geometry> {
-        if let Some(text) = nested_text_config(cfg)? {
-            // Weights of the nested model live under a longer prefix
-            // (`model.language_model.` in transformers 5): see `detect_root`.
-            let mut g = Geometry::from_config(&text)?;
-            g.root = "model.language_model.".into();
-            return Ok(g);
-        }
-        let model_type = cfg
-            .get("model_type")
-            .and_then(Value::as_str)
-            .ok_or_else(|| Error::ConfigField {
-                field: "model_type".into(),
-                problem: "missing or not a string".into(),
-            })?
-            .to_string();
-        let (layout, root, layers, hidden, heads, kv_heads, head_dim) = match model_type.as_str() {
-            "llama" | "mistral" | "qwen2" | "qwen3" | "gemma" | "gemma2" | "gemma3_text"
-            | "olmo2" | "phi3" => {
-                let layers = required(cfg, &["num_hidden_layers"])?;
-                let hidden = required(cfg, &["hidden_size"])?;
-                let heads = required(cfg, &["num_attention_heads"])?;
-                let kv = field_usize(cfg, &["num_key_value_heads"])?.unwrap_or(heads);
-                let hd = field_usize(cfg, &["head_dim"])?;
-                let layout = if model_type == "phi3" {
-                    Layout::FusedQkv
-                } else {
-                    Layout::SplitLinear
-                };
-                (layout, "model.", layers, hidden, heads, kv, hd)
-            }
-            "gpt2" => {
-                let layers = required(cfg, &["n_layer", "num_hidden_layers"])?;
-                let hidden = required(cfg, &["n_embd", "hidden_size"])?;
-                let heads = required(cfg, &["n_head", "num_attention_heads"])?;
-                (
-                    Layout::Gpt2Conv1d,
-                    "transformer.",
-                    layers,
-                    hidden,
-                    heads,
-                    heads,
-                    None,
-                )
-            }
-            "gpt_neox" => {
-                let layers = required(cfg, &["num_hidden_layers"])?;
-                let hidden = required(cfg, &["hidden_size"])?;
-                let heads = required(cfg, &["num_attention_heads"])?;
-                (
-                    Layout::NeoxInterleaved,
-                    "gpt_neox.",
-                    layers,
-                    hidden,
-                    heads,
-                    heads,
-                    None,
-                )
-            }
-            "bert" => {
-                let layers = required(cfg, &["num_hidden_layers"])?;
-                let hidden = required(cfg, &["hidden_size"])?;
-                let heads = required(cfg, &["num_attention_heads"])?;
-                (
-                    Layout::SplitLinear,
-                    "bert.",
-                    layers,
-                    hidden,
-                    heads,
-                    heads,
-                    None,
-                )
-            }
-            other => {
-                return Err(Error::UnsupportedModelType {
-                    model_type: other.to_string(),
-                    supported: SUPPORTED_MODEL_TYPES.join(", "),
-                })
-            }
-        };
-        let head_dim = match head_dim {
-            Some(d) => d,
-            None => {
-                if hidden % heads != 0 {
-                    return Err(Error::ConfigField {
-                        field: "hidden_size".into(),
-                        problem: format!(
-                            "{hidden} is not divisible by {heads} heads and no head_dim is given"
-                        ),
-                    });
-                }
-                hidden / heads
-            }
-        };
-        Geometry::new(
-            &model_type,
-            layout,
-            root,
-            layers,
-            hidden,
-            heads,
-            kv_heads,
-            head_dim,
-        )
+        crate::model::ModelShape::from_path(path)?.geometry()
     }
 
     /// Builds and validates a geometry directly.
@@ -665,10 +445,15 @@ impl Geometry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use crate::model::ModelShape;
+    use serde_json::{json, Value};
+
+    fn from_config(cfg: &Value) -> Result<Geometry> {
+        ModelShape::from_value(Path::new("config.json"), cfg)?.geometry()
+    }
 
     fn geom(cfg: Value) -> Geometry {
-        Geometry::from_config(&cfg).unwrap()
+        from_config(&cfg).unwrap()
     }
 
     #[test]
@@ -772,21 +557,21 @@ mod tests {
         );
         g.detect_root(["language_model.model.layers.0.self_attn.q_proj.weight"]);
         assert_eq!(g.root, "language_model.model.");
-        let e = Geometry::from_config(&json!({"model_type":"gemma3"})).unwrap_err();
+        let e = from_config(&json!({"model_type":"gemma3"})).unwrap_err();
         assert!(e.to_string().contains("text_config"), "{e}");
     }
 
     #[test]
     fn errors_name_the_field() {
-        let e = Geometry::from_config(&json!({"model_type":"t5"})).unwrap_err();
+        let e = from_config(&json!({"model_type":"t5"})).unwrap_err();
         assert!(e.to_string().contains("t5"), "{e}");
-        let e = Geometry::from_config(
+        let e = from_config(
             &json!({"model_type":"llama","num_hidden_layers":2,"hidden_size":64,
             "num_attention_heads":4,"num_key_value_heads":3}),
         )
         .unwrap_err();
         assert!(e.to_string().contains("num_key_value_heads"), "{e}");
-        let e = Geometry::from_config(&json!({"model_type":"llama","hidden_size":64})).unwrap_err();
+        let e = from_config(&json!({"model_type":"llama","hidden_size":64})).unwrap_err();
         assert!(e.to_string().contains("num_hidden_layers"), "{e}");
     }
 

@@ -16,7 +16,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 
 use crate::error::{Error, Result};
-use crate::families::{
+use gradshard_core::model::{
     roles, DecoderConfig, HeadKind, MlpKind, NormKind, Positions, QkNorm, QkvLayout, Roles,
 };
 use crate::model::{
@@ -78,7 +78,7 @@ pub(crate) fn rope_tables(c: &DecoderConfig) -> RopeTables {
         Positions::Rotary { rotary_dim } => rotary_dim,
         Positions::Learned { .. } => 0,
     };
-    let mut cfgs: Vec<&crate::config::RopeConfig> = vec![];
+    let mut cfgs: Vec<&gradshard_core::model::RopeConfig> = vec![];
     let mut ropes = vec![];
     let per_layer = c
         .layer_kinds
@@ -254,15 +254,15 @@ pub(crate) fn spec_for_checkpoint(
     let ignorable: Ignorable = Box::new(move |n: &str| {
         let buffer = n.ends_with(".rotary_emb.inv_freq")
             || n.ends_with("embeddings.position_ids")
-            || (arch == crate::config::Arch::GptNeox
+            || (arch == gradshard_core::model::Arch::GptNeox
                 && (n.ends_with(".attention.bias") || n.ends_with(".attention.masked_bias")));
         let tied_copy = tied
             && (n == lm_head
                 || (nested && n == "language_model.lm_head.weight")
-                || (arch == crate::config::Arch::Bert && n == "cls.predictions.decoder.bias"));
+                || (arch == gradshard_core::model::Arch::Bert && n == "cls.predictions.decoder.bias"));
         // BERT checkpoints often carry a pooler (unused by the LM head); a
         // Gemma 3 checkpoint carries its vision tower.
-        let other_model = (arch == crate::config::Arch::Bert && n.starts_with("bert.pooler."))
+        let other_model = (arch == gradshard_core::model::Arch::Bert && n.starts_with("bert.pooler."))
             || (nested
                 && [
                     "vision_tower.",
@@ -558,7 +558,7 @@ pub(crate) fn forward<A: AutodiffBackend>(
         };
         let rope = l.rope.map(|k| &tables[k]);
         let [n_ai, n_ao, n_mi, n_mo] = &l.norms;
-        if c.placement == crate::families::NormPlacement::PostAdd {
+        if c.placement == gradshard_core::model::NormPlacement::PostAdd {
             let a = attention(c, l, x.clone(), ctx, &mask, rope);
             x = opt_norm(c, x + a, n_ao);
             let m = mlp(c, l, x.clone(), ctx);

@@ -16,7 +16,7 @@ use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
 
-use crate::config::ModelConfig;
+use gradshard_core::model::ModelConfig;
 use crate::data::TokenSample;
 use crate::error::{Error, Result};
 use crate::grads::{Engine, SampleFactors, SampleGrads, SampleLoss};

@@ -102,6 +102,26 @@ pub enum Error {
     /// An invalid argument (e.g. batch size 0).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+
+    /// Any other error of the model description or geometry.
+    #[error(transparent)]
+    Core(gradshard_core::Error),
+}
+
+/// The description's config errors keep this crate's variants (each names the file).
+impl From<gradshard_core::Error> for Error {
+    fn from(e: gradshard_core::Error) -> Self {
+        use gradshard_core::Error as C;
+        match e {
+            C::Io { path, source } => Error::Io { path, source },
+            C::Config { path, msg } => Error::Config { path, msg },
+            C::UnsupportedModel {
+                path, model_type, ..
+            } => Error::UnsupportedModel { path, model_type },
+            C::Unsupported { path, what } => Error::Unsupported { path, what },
+            other => Error::Core(other),
+        }
+    }
 }
 
 impl Error {

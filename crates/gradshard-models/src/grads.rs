@@ -127,7 +127,7 @@ impl<A: AutodiffBackend> Engine<A> {
     }
 
     /// The loaded config.
-    pub fn config(&self) -> &crate::config::ModelConfig {
+    pub fn config(&self) -> &gradshard_core::model::ModelConfig {
         &self.model.config
     }
 

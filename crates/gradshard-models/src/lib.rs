@@ -2,7 +2,7 @@
 //!
 //! - Architectures, all computing in f32 (f32/bf16/f16 checkpoints are
 //!   widened on load): one generic decoder (`decoder.rs`) assembled from a
-//!   [`DecoderConfig`] that [`families`] derives from `config.json` — `llama`,
+//!   [`DecoderConfig`] that `gradshard_core::model` derives from `config.json` — `llama`,
 //!   `mistral`, `qwen2`, `gpt_neox`, `phi3`, `bert` (`is_decoder`), `qwen3`,
 //!   `gemma2`, `gemma3_text` / `gemma3`, `olmo2` (docs/models.md) — and `gpt2`
 //!   (learned positions, LayerNorm, Conv1D in the checkpoint's [in, out]
@@ -18,12 +18,10 @@
 //! Entry points: [`GradModel::load`], [`SampleReader`], [`GradModel::for_each_grads`],
 //! [`write_grads`].
 
-pub mod config;
 pub mod data;
 mod decoder;
 pub mod device;
 pub mod error;
-pub mod families;
 pub mod grads;
 pub mod model;
 mod native;
@@ -31,7 +29,11 @@ pub mod random;
 pub mod weights;
 pub mod write;
 
-pub use config::{Arch, ModelConfig};
+/// The model description lives in `gradshard-core` (config.json is parsed there
+/// once); re-exported here for the forward passes' users.
+pub use gradshard_core::model::{
+    Activation, Arch, DecoderConfig, Gpt2Config, ModelConfig, ModelShape, RopeConfig, RopeScaling,
+};
 pub use data::{
     encode, load_tokenizer, ReaderOptions, SampleId, SampleReader, Skipped, TokenSample,
 };
@@ -39,8 +41,9 @@ pub use data::{
 pub use device::CudaBackend;
 pub use device::{cuda_available, CpuBackend, CpuEngine, Device, GradModel};
 pub use error::{Error, Result};
-pub use families::DecoderConfig;
 pub use grads::{Engine, SampleFactors, SampleGrads, SampleLoss, TensorFactors, TensorGrad};
-pub use model::{checkpoint_spec, ParamInfo, ParamKind, ParamSet};
-pub use random::{write_random_checkpoint, write_random_tasks, RandomCheckpoint, WeightDtype};
+pub use model::{checkpoint_spec, config_params, ParamInfo, ParamKind, ParamSet};
+pub use random::{
+    checkpoint_bytes, write_random_checkpoint, write_random_tasks, RandomCheckpoint, WeightDtype,
+};
 pub use write::{write_grads, write_sample, GradsOptions, GradsReport, Progress};

@@ -25,7 +25,7 @@ use burn::tensor::activation;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 
-use crate::config::{Activation, Gpt2Config, ModelConfig, RopeScaling};
+use gradshard_core::model::{Activation, Gpt2Config, ModelConfig, RopeScaling};
 use crate::error::{Error, Result};
 use crate::weights::{Checkpoint, WeightSpec};
 
@@ -249,6 +249,24 @@ pub fn checkpoint_spec(config: &ModelConfig) -> Vec<WeightSpec> {
         .collect()
 }
 
+/// Every weight of a model of `config` (Hugging Face names with the default
+/// prefix, shapes, roles), as a loaded model lists them in
+/// [`GradModel::params`](crate::GradModel::params), without reading a checkpoint.
+pub fn config_params(config: &ModelConfig) -> Vec<ParamInfo> {
+    let s = match config {
+        ModelConfig::Gpt2(c) => gpt2_spec(c, false),
+        ModelConfig::Decoder(c) => crate::decoder::spec(c, &crate::decoder::default_root(c)),
+    };
+    s.entries
+        .into_iter()
+        .map(|e| ParamInfo {
+            name: e.name,
+            shape: e.shape,
+            kind: e.kind,
+        })
+        .collect()
+}
+
 fn gpt2_spec(c: &Gpt2Config, legacy_names: bool) -> SpecBuilder {
     use ParamKind::*;
     let mut s = SpecBuilder {
@@ -290,7 +308,7 @@ fn gpt2_spec(c: &Gpt2Config, legacy_names: bool) -> SpecBuilder {
 
 /// RoPE inverse frequencies for `dim` rotated values of a head (per `rope`),
 /// and the position divisor of linear scaling.
-pub(crate) fn rope_freqs(rope: &crate::config::RopeConfig, dim: usize) -> (Vec<f64>, f64) {
+pub(crate) fn rope_freqs(rope: &gradshard_core::model::RopeConfig, dim: usize) -> (Vec<f64>, f64) {
     let d = dim as f64;
     let base: Vec<f64> = (0..dim / 2)
         .map(|i| 1.0 / rope.theta.powf(2.0 * i as f64 / d))

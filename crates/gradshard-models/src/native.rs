@@ -32,11 +32,11 @@
 
 use rayon::prelude::*;
 
-use crate::config::{Activation, ModelConfig};
+use gradshard_core::model::{Activation, ModelConfig};
 use crate::data::TokenSample;
 use crate::error::{Error, Result};
-use crate::families::{DecoderConfig, HeadKind, MlpKind, NormKind, NormPlacement, Positions};
-use crate::families::{QkNorm, QkvLayout};
+use gradshard_core::model::{DecoderConfig, HeadKind, MlpKind, NormKind, NormPlacement, Positions};
+use gradshard_core::model::{QkNorm, QkvLayout};
 use crate::grads::{SampleFactors, SampleGrads, SampleLoss, TensorFactors, TensorGrad};
 use crate::model::{open_checked, ParamInfo, ParamSet};
 
@@ -656,7 +656,7 @@ impl NativeEngine {
                 .ok_or_else(|| Error::InvalidArgument(format!("internal: {name} not in spec")))?;
             Ok((i, opened.ckpt.read_f32(&spec[i].stored)?))
         };
-        let r = crate::families::roles(c.arch);
+        let r = gradshard_core::model::roles(c.arch);
         let small = Self::small(&c);
         let nm = |t: &str, i: usize| format!("{}.weight", crate::decoder::name(t, i, "model."));
         let scale = |w: Vec<f32>| -> Vec<f32> {

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Map, Value};
 
-use crate::config::ModelConfig;
+use gradshard_core::model::ModelConfig;
 use crate::error::{Error, Result};
 use crate::model::checkpoint_spec;
 use crate::weights::SINGLE_FILE;
@@ -79,6 +79,20 @@ fn out_err(path: &Path, msg: impl Into<String>) -> Error {
     }
 }
 
+/// Bytes of the `model.safetensors` that [`write_random_checkpoint`] writes for
+/// `config` (tensor bytes plus an upper bound of the header), computed without
+/// allocating or writing anything.
+pub fn checkpoint_bytes(config: &ModelConfig, dtype: WeightDtype) -> u64 {
+    let spec = checkpoint_spec(config);
+    let data: u64 = spec
+        .iter()
+        .map(|w| w.shape.iter().map(|&d| d as u64).product::<u64>() * dtype.bytes() as u64)
+        .sum();
+    // Each header entry is its name plus well under 200 bytes of dtype, shape and offsets.
+    let header: u64 = spec.iter().map(|w| w.name.len() as u64 + 200).sum::<u64>() + 256;
+    8 + header + data
+}
+
 /// Writes `dir/config.json` (`config` as given) and `dir/model.safetensors` with
 /// random weights for every tensor the loader expects from that config. `dir` is
 /// created if absent; an existing `model.safetensors` is an error (nothing is
@@ -102,8 +116,28 @@ pub fn write_random_checkpoint(
     if !(std.is_finite() && std >= 0.0) {
         return Err(out_err(dir, format!("std {std} must be finite and >= 0")));
     }
+    let created = !dir.exists();
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let spec = checkpoint_spec(&parsed);
+    let result = write_files(dir, config, &parsed, seed, dtype, std);
+    if result.is_err() && created {
+        // Every file of this call is removed on its failure paths; the directory
+        // it created goes too (remove_dir only removes an empty one).
+        let _ = std::fs::remove_dir(dir);
+    }
+    result
+}
+
+fn write_files(
+    dir: &Path,
+    config: &Value,
+    parsed: &ModelConfig,
+    seed: u64,
+    dtype: WeightDtype,
+    std: f32,
+) -> Result<RandomCheckpoint> {
+    let cfg_path = dir.join("config.json");
+    let st_path = dir.join(SINGLE_FILE);
+    let spec = checkpoint_spec(parsed);
 
     // Header: every tensor's dtype, shape and byte range, in spec order.
     let mut header = Map::new();
@@ -171,11 +205,18 @@ pub fn write_random_checkpoint(
         let _ = std::fs::remove_file(&tmp);
         return Err(Error::io(&st_path, e));
     }
-    write_atomically(
+    if let Err(e) = write_atomically(
         &cfg_path,
         serde_json::to_vec_pretty(config).expect("a JSON value serialises"),
-    )?;
-    std::fs::rename(&tmp, &st_path).map_err(|e| Error::io(&st_path, e))?;
+    ) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    if let Err(e) = std::fs::rename(&tmp, &st_path) {
+        let _ = std::fs::remove_file(&tmp);
+        let _ = std::fs::remove_file(&cfg_path);
+        return Err(Error::io(&st_path, e));
+    }
     Ok(RandomCheckpoint {
         tensors: spec.len(),
         params,
@@ -185,8 +226,13 @@ pub fn write_random_checkpoint(
 
 fn write_atomically(path: &Path, bytes: Vec<u8>) -> Result<()> {
     let tmp: PathBuf = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    let done = std::fs::write(&tmp, bytes)
+        .map_err(|e| Error::io(&tmp, e))
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
+    if done.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    done
 }
 
 /// Writes `dir/<task>.jsonl` for each task: `samples` lines

@@ -3,7 +3,7 @@
 //! at-a-time pass, in every variant and pool, with sample subsets, permutation rows and
 //! kept pair matrices.
 
-use gradshard_core::{Block, DType, Geometry, SampleId, TaskName};
+use gradshard_core::{Block, DType, SampleId, TaskName};
 use gradshard_score::{
     score_with_backend, CpuBackend, FisherPool, ScoreOptions, ScoreProgress, ScoreResult,
     StoreSource, Variant,
@@ -13,7 +13,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::json;
 
 fn write_store(dir: &std::path::Path, dtype: DType) {
-    let g = Geometry::from_config(
+    let g = gradshard_core::ModelShape::geometry_of(
         &json!({"model_type":"llama","num_hidden_layers":2,"hidden_size":48,
         "num_attention_heads":4,"num_key_value_heads":2,"head_dim":16}),
     )

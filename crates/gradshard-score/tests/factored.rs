@@ -15,7 +15,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::json;
 
 fn geometry() -> Geometry {
-    Geometry::from_config(
+    gradshard_core::ModelShape::geometry_of(
         &json!({"model_type":"llama","num_hidden_layers":2,"hidden_size":32,
         "num_attention_heads":4,"num_key_value_heads":2,"head_dim":8}),
     )

@@ -12,45 +12,16 @@ use crate::error::{Error, Result};
 use crate::manifest::{CodecSpec, StoreSpec};
 use crate::writer::{SampleMeta, StoreWriter, WriteReport, WriterOptions};
 
-/// A named geometry: (name, model_type, layers, hidden, heads, kv_heads, head_dim, intermediate).
-pub type Preset = (
-    &'static str,
-    &'static str,
-    usize,
-    usize,
-    usize,
-    usize,
-    usize,
-    usize,
-);
-
-/// Named geometries for `synth --preset` (attention shapes of public checkpoints).
-pub const PRESETS: &[Preset] = &[
-    ("tiny", "llama", 2, 64, 4, 2, 16, 96),
-    ("small", "llama", 4, 512, 8, 4, 64, 1376),
-    ("llama-0.9b", "llama", 16, 2048, 16, 16, 128, 5632),
-    ("llama-2-7b", "llama", 32, 4096, 32, 32, 128, 11008),
-    ("llama-3-8b", "llama", 32, 4096, 32, 8, 128, 14336),
-    ("gpt2", "gpt2", 12, 768, 12, 12, 64, 3072),
-];
+/// Named shapes for `synth --preset`: the model description's presets.
+pub use gradshard_core::model::{Preset, PRESETS};
 
 /// Looks up a preset: (geometry, intermediate size).
 pub fn preset(name: &str) -> Result<(Geometry, usize)> {
-    let p = PRESETS.iter().find(|p| p.0 == name).ok_or_else(|| {
-        Error::Invalid(format!(
-            "unknown preset `{name}` (known: {})",
-            PRESETS.iter().map(|p| p.0).collect::<Vec<_>>().join(", ")
-        ))
-    })?;
-    let (layout, root) = if p.1 == "gpt2" {
-        (Layout::Gpt2Conv1d, "transformer.")
-    } else {
-        (Layout::SplitLinear, "model.")
-    };
-    Ok((
-        Geometry::new(p.1, layout, root, p.2, p.3, p.4, p.5, p.6)?,
-        p.7,
-    ))
+    let shape = gradshard_core::model::preset_shape(name)?;
+    let ff = shape
+        .intermediate
+        .ok_or_else(|| Error::Invalid(format!("preset `{name}` declares no MLP width")))?;
+    Ok((shape.geometry()?, ff))
 }
 
 /// MLP tensors of a geometry (LLaMA-family SwiGLU or GPT-2 Conv1D) for `--mlp`.

@@ -1245,13 +1245,13 @@ fn recover(dir: &Path, manifest: &Manifest) -> Result<(Vec<LogRecord>, u32)> {
 mod tests {
     use super::*;
     use crate::manifest::CodecSpec;
-    use gradshard_core::{Block, Geometry};
+    use gradshard_core::Block;
 
     fn spec() -> StoreSpec {
         let cfg = serde_json::json!({"model_type":"llama","num_hidden_layers":2,"hidden_size":64,
             "num_attention_heads":4,"num_key_value_heads":2});
         StoreSpec {
-            geometry: Geometry::from_config(&cfg).unwrap(),
+            geometry: gradshard_core::ModelShape::geometry_of(&cfg).unwrap(),
             dtype: DType::F32,
             codec: CodecSpec::DEFAULT,
             blocks: Block::ALL.to_vec(),

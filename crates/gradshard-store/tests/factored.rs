@@ -18,7 +18,7 @@ fn geometries() -> Vec<Geometry> {
         json!({"model_type":"gpt_neox","num_hidden_layers":1,"hidden_size":32,"num_attention_heads":4}),
     ]
     .iter()
-    .map(|c| Geometry::from_config(c).unwrap())
+    .map(|c| gradshard_core::ModelShape::geometry_of(c).unwrap())
     .collect()
 }
 

@@ -43,7 +43,7 @@ fn layouts() -> Vec<Geometry> {
         json!({"model_type":"bert","num_hidden_layers":1,"hidden_size":32,"num_attention_heads":2}),
     ]
     .iter()
-    .map(|c| Geometry::from_config(c).unwrap())
+    .map(|c| gradshard_core::ModelShape::geometry_of(c).unwrap())
     .collect()
 }
 
