@@ -76,7 +76,7 @@ pub fn merge(
     }
     let stores = inputs
         .iter()
-        .map(|p| Store::open(p).map_err(Error::from))
+        .map(|p| Store::open(p))
         .collect::<Result<Vec<_>>>()?;
     let spec0 = stores[0].manifest().spec.clone();
     for (s, p) in stores.iter().zip(inputs).skip(1) {

@@ -9,7 +9,6 @@ use gradshard_store::{stats, CodecSpec, WriteReport, WriterOptions};
 pub use gradshard_store::{NanPolicy, RepresentationChoice, SkippedSample};
 
 /// `k/N`: this worker takes the samples whose 0-based index in their task file
-
 /// (among the samples the reader yields) is ≡ k mod N.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WorkerSplit {

@@ -480,7 +480,6 @@ impl SampleSink {
                 let why = format!(
                     "non-finite gradient {value} in tensor `{tensor}` at flat index {index}"
                 );
-                tracing::warn!("task `{task}` sample {id}: skipped: {why}");
                 self.skipped.push(SkippedSample {
                     task: task.clone(),
                     id: id.clone(),

@@ -102,8 +102,8 @@ pub fn load_or_compute(store: &Store, task: &TaskName) -> Result<TaskStats> {
     let path = task_stats_path(store.dir(), task);
     if path.exists() {
         let s = match TaskStats::load(&path) {
-            Err(e @ Error::StatsWithoutChecksum { .. }) => {
-                tracing::warn!("{e}; recomputing");
+            // Version 1 (no checksum): recomputed (`verify` warns about the file).
+            Err(Error::StatsWithoutChecksum { .. }) => {
                 return compute(store, task, &layout, recs, digest);
             }
             r => r?,
@@ -112,10 +112,7 @@ pub fn load_or_compute(store: &Store, task: &TaskName) -> Result<TaskStats> {
             s.to_welford(&layout, &path)?;
             return Ok(s);
         }
-        tracing::warn!(
-            "{} does not describe the store's committed samples; recomputing",
-            path.display()
-        );
+        // Out of date (it does not describe the committed samples): recomputed.
     }
     compute(store, task, &layout, recs, digest)
 }

@@ -177,12 +177,8 @@ impl SideLog {
                 bytes: len - pos,
             },
         };
+        // Cut what follows the last good record (`tail` says what it was).
         if writable && pos < len {
-            tracing::warn!(
-                "{}: cutting {} bytes of torn or damaged records",
-                path.display(),
-                len - pos
-            );
             file.set_len(pos).map_err(io(&path))?;
             file.sync_all().map_err(io(&path))?;
         }
