@@ -20,10 +20,10 @@ use std::path::{Path, PathBuf};
 
 pub use error::{Error, Result};
 pub use manifest::{CodecName, CodecSpec, Manifest, StoreSpec, MANIFEST_FILE};
+pub use merge::{merge, MergeEvent, MergeReport};
 pub use reader::{
     Factor, FactorTile, Footprint, IoStats, SliceFactors, Store, DEFAULT_SHARED_CACHE_BYTES,
 };
-pub use merge::{merge, MergeEvent, MergeReport};
 pub use salvage::SalvageReport;
 pub use sink::{
     FactorSample, Factors, GradSample, Gradient, NanPolicy, RepresentationChoice, SampleSink,

@@ -84,7 +84,6 @@ fn count_lines(path: &Path) -> Result<u64> {
     Ok(n)
 }
 
-
 /// Bytes of memory available to this process (MemAvailable), where /proc says.
 fn available_memory() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/meminfo").ok()?;
@@ -503,5 +502,4 @@ mod memory_tests {
             .check(&t, &SampleId::Int(7), 1_000_000)
             .unwrap();
     }
-
 }

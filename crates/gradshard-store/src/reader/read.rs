@@ -123,7 +123,12 @@ impl Store {
     }
 
     /// A shared factor of a sample, from the cache or decoded (and cached).
-    pub(super) fn shared_factor(&self, r: &LogRecord, j: usize, entry: TableEntry) -> Result<Factor> {
+    pub(super) fn shared_factor(
+        &self,
+        r: &LogRecord,
+        j: usize,
+        entry: TableEntry,
+    ) -> Result<Factor> {
         let key = (r.shard, entry.offset);
         if let Some(f) = self.shared_cache.lock().expect("cache lock").get(key) {
             self.stats.shared_hits.fetch_add(1, Ordering::Relaxed);
@@ -152,7 +157,11 @@ impl Store {
     }
 
     /// The factors of one planned frame of a factored sample: (P, S).
-    pub(super) fn planned_factors(&self, r: &LogRecord, p: &PlannedRead) -> Result<(Factor, Factor)> {
+    pub(super) fn planned_factors(
+        &self,
+        r: &LogRecord,
+        p: &PlannedRead,
+    ) -> Result<(Factor, Factor)> {
         let (j, se) = p.shared.expect("a factored read");
         let (_, width, _) = self.order.factor_of(p.frame).expect("planned frame");
         let what = || format!("{} (factor P)", self.order.describe(p.frame));
@@ -193,7 +202,12 @@ impl Store {
 
     /// Reads one planned frame as f32 values into `out` (`frame_numel` long), decoding
     /// a full frame in place or reconstructing Pᵀ S for a factored sample.
-    pub(super) fn read_planned(&self, r: &LogRecord, p: &PlannedRead, out: &mut [f32]) -> Result<()> {
+    pub(super) fn read_planned(
+        &self,
+        r: &LogRecord,
+        p: &PlannedRead,
+        out: &mut [f32],
+    ) -> Result<()> {
         let numel = self.order.frame_numel(p.frame).expect("planned frame");
         if out.len() != numel {
             return Err(Error::Invalid(format!(

@@ -6,7 +6,10 @@ use std::time::Instant;
 
 use gradshard_core::{Axis, DType, SampleId, TaskName};
 
-use super::{cut_cols, factored_values, full_values, same_bits, FactorSample, RepresentationChoice, SampleSink, Target};
+use super::{
+    cut_cols, factored_values, full_values, same_bits, FactorSample, RepresentationChoice,
+    SampleSink, Target,
+};
 use crate::error::{Error, Result};
 use crate::{Representation, SampleMeta};
 

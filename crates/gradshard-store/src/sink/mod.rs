@@ -57,7 +57,12 @@ impl Factors {
     /// When `shape` is not 2-D or `a`/`b` do not hold n × shape[0] / n × shape[1]
     /// values (the sink checks both before it calls this).
     pub fn gradient(&self) -> Vec<f32> {
-        assert_eq!(self.shape.len(), 2, "{}: factors need a 2-D shape", self.name);
+        assert_eq!(
+            self.shape.len(),
+            2,
+            "{}: factors need a 2-D shape",
+            self.name
+        );
         let (r, c, n) = (self.shape[0], self.shape[1], self.n);
         assert_eq!(self.a.len(), n * r, "{}: A must be n × shape[0]", self.name);
         assert_eq!(self.b.len(), n * c, "{}: B must be n × shape[1]", self.name);
@@ -186,7 +191,6 @@ pub fn full_values(order: &FrameOrder) -> u64 {
         .sum()
 }
 
-
 /// A sample that was not stored, and why.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SkippedSample {
@@ -194,7 +198,6 @@ pub struct SkippedSample {
     pub id: SampleId,
     pub why: String,
 }
-
 
 /// How the sink treats samples (the collector's flags).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -304,10 +307,13 @@ impl SampleSink {
         }
         let layout = StatsLayout::new(writer.order(), writer.manifest().spec.dtype);
         let side = SideLog::open(writer.dir(), layout.len(), true)?;
-        let mut sink = Self::build(layout, SinkOptions {
-            representation,
-            ..opts
-        });
+        let mut sink = Self::build(
+            layout,
+            SinkOptions {
+                representation,
+                ..opts
+            },
+        );
         sink.w = Some(writer);
         sink.side = Some(side);
         Ok(sink)
@@ -533,6 +539,20 @@ impl SampleSink {
         let order = self.layout.order().clone();
         self.check_count(task, &id, g.grads.len())?;
         let tokens = Self::tokens_u32(task, &id, g.tokens)?;
+        // Every tensor is placed (name, shape, each once) before the sample begins in the
+        // writer: a bad one fails the sample with nothing handed over, and the writer
+        // stays usable for the next.
+        let mut targets = Vec::with_capacity(g.grads.len());
+        for (i, t) in g.grads.iter().enumerate() {
+            if g.grads[..i].iter().any(|u| u.name == t.name) {
+                return Err(Error::SampleInput {
+                    task: task.clone(),
+                    id: id.clone(),
+                    what: format!("tensor `{}` is given twice", t.name),
+                });
+            }
+            targets.push(self.target(task, &id, &t.name, &t.shape)?);
+        }
         let mut sums = vec![0f64; self.layout.len()];
         let mut h = match &mut self.w {
             Some(w) => Some(w.begin_sample(SampleMeta {
@@ -543,8 +563,8 @@ impl SampleSink {
             })?),
             None => None,
         };
-        for t in g.grads {
-            match self.target(task, &id, &t.name, &t.shape)? {
+        for (t, target) in g.grads.into_iter().zip(targets) {
+            match target {
                 Target::Attn(at) => {
                     // Each head's slice is cut and its Σ g² taken in parallel; the
                     // frames then go to the writer in order. Each frame has its own

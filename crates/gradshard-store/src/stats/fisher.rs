@@ -56,12 +56,11 @@ pub fn write_full_fisher(store: &Store, task: &TaskName) -> Result<PathBuf> {
         );
         off += bytes;
     }
-    let mut hjson = serde_json::to_vec(&serde_json::Value::Object(header))
-        .map_err(|e| {
-            Error::Invalid(format!(
-                "invalid argument: full Fisher header of task `{task}`: {e}"
-            ))
-        })?;
+    let mut hjson = serde_json::to_vec(&serde_json::Value::Object(header)).map_err(|e| {
+        Error::Invalid(format!(
+            "invalid argument: full Fisher header of task `{task}`: {e}"
+        ))
+    })?;
     while hjson.len() % 8 != 0 {
         hjson.push(b' ');
     }

@@ -21,7 +21,6 @@
 //! C is computed from g *as stored* (bf16-rounded in a bf16 store), so the
 //! two sources agree bit for bit.
 
-
 use std::path::{Path, PathBuf};
 
 use gradshard_core::{DType, OtherTensor, TaskName};
@@ -38,8 +37,8 @@ mod salvage;
 mod sidelog;
 mod task;
 
-pub use check::{check_files, check_side_log, StatsCheck};
 pub(crate) use check::check_store;
+pub use check::{check_files, check_side_log, StatsCheck};
 pub use fisher::{fisher_file, write_full_fisher};
 pub use rebuild::{
     accumulate_store, load_or_compute, rebuild, RebuildReport, StoreAccum, TaskAccum,

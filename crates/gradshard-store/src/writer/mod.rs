@@ -39,11 +39,11 @@ mod recovery;
 #[cfg(test)]
 mod tests;
 
+use pipeline::compress_worker;
 #[cfg(test)]
 use pipeline::fault;
-use pipeline::compress_worker;
-pub(crate) use recovery::{acquire_lock, record_copy_len};
 use recovery::recover;
+pub(crate) use recovery::{acquire_lock, record_copy_len};
 
 /// Writer settings.
 #[derive(Debug, Clone)]
