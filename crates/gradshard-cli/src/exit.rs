@@ -92,7 +92,11 @@ fn store(e: &gradshard_store::Error) -> Category {
         },
         E::Refused { .. } => Category::Refused,
         E::Locked { .. } => Category::Busy,
-        E::Manifest { .. } | E::Corrupt { .. } | E::Format { .. } => Category::Damage,
+        E::Manifest { .. }
+        | E::Corrupt { .. }
+        | E::Format { .. }
+        | E::Stats { .. }
+        | E::StatsWithoutChecksum { .. } => Category::Damage,
         E::Io { source, .. } => io(source),
         E::Input { what, .. } if what == "no such store directory" => Category::NotFound,
         E::Input { what, .. } if what.contains("store is unfinished") => Category::Damage,
@@ -112,7 +116,6 @@ fn one(c: &(dyn std::error::Error + 'static)) -> Category {
         return match x {
             E::Store(s) => store(s),
             E::Io { source, .. } => io(source),
-            E::Stats { .. } | E::StatsWithoutChecksum { .. } => Category::Damage,
             _ => Category::Failure,
         };
     }

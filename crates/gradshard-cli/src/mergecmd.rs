@@ -6,8 +6,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use gradshard_collect::MergeEvent;
-use gradshard_store::{fsutil, LiveCounters, WriterOptions};
+use gradshard_store::{fsutil, LiveCounters, MergeEvent, WriterOptions};
 
 use crate::human;
 use crate::progress::WriteBar;
@@ -64,7 +63,7 @@ pub fn merge(a: MergeArgs) -> Result<ExitCode> {
         live: live.clone(),
     };
     let mut bar: Option<WriteBar> = None;
-    let r = gradshard_collect::merge_with(&a.out, &a.stores, wopts, a.snapshot, &mut |e| match e {
+    let r = gradshard_store::merge_with(&a.out, &a.stores, wopts, a.snapshot, &mut |e| match e {
         MergeEvent::Started { total } => bar = Some(WriteBar::new(total, "merge")),
         MergeEvent::Sample { done } => {
             if let Some(b) = &bar {

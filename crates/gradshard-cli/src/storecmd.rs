@@ -345,8 +345,7 @@ pub fn inspect(a: InspectArgs) -> Result<ExitCode> {
     }
     // Every frame of every sample, a factored sample's shared factors included: the
     // count `verify` checks and the rows of `--index-parquet`.
-    let frames_total =
-        n * order.n_frames() as u64 + by_repr[1].0 * order.n_shared() as u64;
+    let frames_total = n * order.n_frames() as u64 + by_repr[1].0 * order.n_shared() as u64;
     let repr_json = |e: (u64, u64, u64)| {
         json!({"samples": e.0, "frame_bytes": e.1, "decoded_bytes": e.2,
                "equivalent_full_bytes": e.0 * per_sample_values * m.spec.dtype.size() as u64})
@@ -523,14 +522,8 @@ pub fn verify(a: VerifyArgs) -> Result<ExitCode> {
         bar.set_position(done);
     });
     bar.finish_and_clear();
-    let mut rep = rep?;
-    // The statistics in stats/ are checked too (checksum, layout, up to date), when the
-    // store itself can be opened.
-    if let Ok(store) = Store::open(&a.store) {
-        let st = gradshard_collect::stats::check_files(&store);
-        rep.problems.extend(st.problems);
-        rep.warnings.extend(st.warnings);
-    }
+    // The library's verify checks stats/ too (task files and side log).
+    let rep = rep?;
     for w in &rep.warnings {
         println!("warning: {w}");
     }
@@ -564,6 +557,8 @@ pub fn verify(a: VerifyArgs) -> Result<ExitCode> {
 }
 
 pub fn salvage(a: SalvageArgs) -> Result<ExitCode> {
+    // Mends the samples, the log and (with --spec-from) the manifest, then rebuilds
+    // stats/ (its lines are among the actions).
     let rep = gradshard_store::salvage_with(
         &a.store,
         &gradshard_store::SalvageOptions {
@@ -580,37 +575,6 @@ pub fn salvage(a: SalvageArgs) -> Result<ExitCode> {
     }
     if let Some(old) = &rep.old_log {
         println!("the previous log is kept as {}", old.display());
-    }
-    // Statistics: rebuilt from the kept samples when the store has any (or any was damaged).
-    let stats_dir = gradshard_collect::stats::stats_dir(&a.store);
-    if stats_dir.is_dir() {
-        if a.dry_run {
-            println!(
-                "would do: rebuild {} from the kept samples",
-                stats_dir.display()
-            );
-        } else {
-            let side = stats_dir.join(gradshard_collect::stats::SIDE_LOG);
-            let rebuilt = match gradshard_collect::stats::rebuild(&a.store) {
-                Ok(r) => r,
-                Err(e) if side.exists() => {
-                    // A damaged side log: set it aside, recompute every sum from the frames.
-                    let aside = side.with_extension("bin.damaged");
-                    std::fs::rename(&side, &aside)
-                        .with_context(|| format!("{}: moving it aside", side.display()))?;
-                    println!(
-                        "did: {} could not be used ({e}); moved to {}, sums recomputed from the stored frames",
-                        side.display(),
-                        aside.display()
-                    );
-                    gradshard_collect::stats::rebuild(&a.store)?
-                }
-                Err(e) => return Err(e.into()),
-            };
-            for f in &rebuilt.files {
-                println!("did: rebuilt {}", f.display());
-            }
-        }
     }
     println!(
         "salvage: {} sample(s) kept; {}",

@@ -29,11 +29,6 @@ pub mod random;
 pub mod weights;
 pub mod write;
 
-/// The model description lives in `gradshard-core` (config.json is parsed there
-/// once); re-exported here for the forward passes' users.
-pub use gradshard_core::model::{
-    Activation, Arch, DecoderConfig, Gpt2Config, ModelConfig, ModelShape, RopeConfig, RopeScaling,
-};
 pub use data::{
     encode, load_tokenizer, ReaderOptions, SampleId, SampleReader, Skipped, TokenSample,
 };
@@ -42,6 +37,11 @@ pub use device::CudaBackend;
 pub use device::{cuda_available, CpuBackend, CpuEngine, Device, GradModel};
 pub use error::{Error, Result};
 pub use grads::{Engine, SampleFactors, SampleGrads, SampleLoss, TensorFactors, TensorGrad};
+/// The model description lives in `gradshard-core` (config.json is parsed there
+/// once); re-exported here for the forward passes' users.
+pub use gradshard_core::model::{
+    Activation, Arch, DecoderConfig, Gpt2Config, ModelConfig, ModelShape, RopeConfig, RopeScaling,
+};
 pub use model::{checkpoint_spec, config_params, ParamInfo, ParamKind, ParamSet};
 pub use random::{
     checkpoint_bytes, write_random_checkpoint, write_random_tasks, RandomCheckpoint, WeightDtype,

@@ -25,9 +25,9 @@ use burn::tensor::activation;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 
-use gradshard_core::model::{Activation, Gpt2Config, ModelConfig, RopeScaling};
 use crate::error::{Error, Result};
 use crate::weights::{Checkpoint, WeightSpec};
+use gradshard_core::model::{Activation, Gpt2Config, ModelConfig, RopeScaling};
 
 /// The inner (non-autodiff) backend of an autodiff backend.
 pub(crate) type Inner<B> = <B as AutodiffBackend>::InnerBackend;

@@ -9,8 +9,11 @@ pub mod guard;
 mod index_rows;
 pub mod ingest;
 mod manifest;
+mod merge;
 mod reader;
 mod salvage;
+pub mod sink;
+pub mod stats;
 pub mod synth;
 mod verify;
 mod writer;
@@ -20,14 +23,42 @@ use std::path::{Path, PathBuf};
 pub use error::{Error, NoStoreWhy, Result};
 pub use index_rows::{FrameKind, FrameRow};
 pub use manifest::{CodecName, CodecSpec, Manifest, StoreSpec, MANIFEST_FILE};
+pub use merge::{merge, merge_with, MergeEvent, MergeReport};
 pub use reader::{
     Factor, FactorTile, Footprint, IoStats, SliceFactors, Store, DEFAULT_SHARED_CACHE_BYTES,
 };
-pub use salvage::{salvage, salvage_with, SalvageOptions, SalvageReport};
+pub use salvage::{SalvageOptions, SalvageReport};
+pub use sink::{
+    FactorSample, Factors, GradSample, Gradient, NanPolicy, RepresentationChoice, SampleSink,
+    SinkOptions, SinkReport, SkippedSample,
+};
 pub use verify::{verify, VerifyReport};
 pub use writer::{
     LiveCounters, Representation, SampleHandle, SampleMeta, StoreWriter, WriteReport, WriterOptions,
 };
+
+/// Salvages the store at `dir`: rebuilds a damaged commit log from what reads whole
+/// (the samples, the log, the shard footers), then rebuilds `stats/` from the kept
+/// samples (a side log that cannot be used is set aside or cut; see
+/// [`stats::salvage_stats`]). With `dry_run`, says what it would do and changes
+/// nothing. The report's `actions` list both parts in order.
+pub fn salvage(dir: &Path, dry_run: bool) -> Result<SalvageReport> {
+    salvage_with(
+        dir,
+        &SalvageOptions {
+            dry_run,
+            spec_from: None,
+        },
+    )
+}
+
+/// [`salvage`] with options: `spec_from` names where a missing or unreadable
+/// manifest's description comes from (see [`SalvageOptions`]).
+pub fn salvage_with(dir: &Path, opts: &SalvageOptions) -> Result<SalvageReport> {
+    let mut rep = salvage::salvage_with(dir, opts)?;
+    rep.actions.extend(stats::salvage_stats(dir, opts.dry_run)?);
+    Ok(rep)
+}
 
 pub(crate) fn shards_dir(dir: &Path) -> PathBuf {
     dir.join("shards")

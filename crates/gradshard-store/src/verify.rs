@@ -59,7 +59,12 @@ pub fn verify(dir: &Path, progress: &(dyn Fn(u64, u64) + Sync)) -> Result<Verify
             ));
             return Ok(rep);
         }
-        Err(e) => return Err(crate::Error::Io { path: lp, source: e }),
+        Err(e) => {
+            return Err(crate::Error::Io {
+                path: lp,
+                source: e,
+            })
+        }
     };
     let records = match decode_log(&log) {
         Ok(s) => {
@@ -256,6 +261,7 @@ pub fn verify(dir: &Path, progress: &(dyn Fn(u64, u64) + Sync)) -> Result<Verify
         rep.unreferenced_bytes += (data.len() as u64).saturating_sub(used);
     }
     let _ = TRAILER_LEN;
+    crate::stats::check_store(dir, &mut rep);
     Ok(rep)
 }
 

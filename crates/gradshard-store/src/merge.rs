@@ -16,7 +16,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use gradshard_core::{SampleId, TaskName};
-use gradshard_store::{Representation, SampleMeta, Store, StoreWriter, WriteReport, WriterOptions};
+
+use crate::{Representation, SampleMeta, Store, StoreWriter, WriteReport, WriterOptions};
+// `gradshard_store::` in the code below names this crate.
+use crate as gradshard_store;
 
 use crate::error::{Error, Result};
 use crate::stats::{self, SideLog, StatsLayout, TaskStats, Welford};
@@ -71,18 +74,18 @@ pub fn merge_with(
     if inputs.is_empty() {
         return Err(Error::Merge("no input stores".into()));
     }
-    gradshard_store::guard::check_store_target("--out", out)?;
+    crate::guard::check_store_target("--out", out)?;
     for p in inputs {
-        gradshard_store::guard::require_store_dir(p)?;
+        crate::guard::require_store_dir(p)?;
         if snapshot {
             continue;
         }
-        if let Some(holder) = gradshard_store::guard::lock_holder(p)? {
-            return Err(Error::Store(Box::new(gradshard_store::Error::Locked {
+        if let Some(holder) = crate::guard::lock_holder(p)? {
+            return Err(Error::Locked {
                 store: p.clone(),
                 lock: p.join("LOCK"),
                 holder,
-            })));
+            });
         }
     }
     for (i, p) in inputs.iter().enumerate() {
@@ -101,7 +104,7 @@ pub fn merge_with(
     }
     let stores = inputs
         .iter()
-        .map(|p| Store::open(p).map_err(Error::from))
+        .map(|p| Store::open(p))
         .collect::<Result<Vec<_>>>()?;
     let spec0 = stores[0].manifest().spec.clone();
     for (s, p) in stores.iter().zip(inputs).skip(1) {
