@@ -223,3 +223,48 @@ def test_resume_after_sigkill_stores_every_sample_once(tmp_path):
     assert counts == {t: list(range(8)) for t in TASKS}
     assert r["stored"] + r["resumed"] == 16 and r["resumed"] >= 3
     cli("verify", "--store", store)
+
+
+def score_vs_oracle(family: str, store: Path, out: Path) -> float:
+    """`gradshard score` (default setting) of math vs general against the fixture's
+    float64 oracle: every pair score and heatmap cell; returns the worst relative error."""
+    pq = pytest.importorskip("pyarrow.parquet", reason="pyarrow reads the score tables")
+    cfg = gradshard.open(store).geometry
+    L, H, Hkv = cfg["layers"], cfg["heads"], cfg["kv_heads"]
+    pairs = ",".join(f"{l}:{h}" for l in range(L) for h in range(H))
+    cli("score", "--store", store, "--task-a", "math", "--task-b", "general", "--out", out,
+        "--n-boot", "0", "--n-perm", "0", "--min-samples", "0", "--no-pictures", "--pairs-for", pairs)
+    oracle = json.loads((FIXTURES / family / "oracle.json").read_text())
+    p = pq.read_table(out / "pairs.parquet").to_pydict()
+    got = {(b, int(l), int(h), int(a), int(c)): s for b, l, h, a, c, s in
+           zip(p["block"], p["layer"], p["head"], p["sample_a"], p["sample_b"], p["score"])}
+    c = pq.read_table(out / "heatmap.parquet").to_pydict()
+    cells = {(b, int(l), int(h)): s for b, l, h, s in zip(c["block"], c["layer"], c["head"], c["score_mean"])}
+    worst, n = 0.0, 0
+    for blk in ("Q", "K", "V", "O"):
+        ob = oracle["settings"]["default"]["math_vs_general"][blk]
+        for i, row in enumerate(ob["scores"]):
+            for j, lh in enumerate(row):
+                for l, hs in enumerate(lh):
+                    for h, want in enumerate(hs):
+                        sh = h * Hkv // H if blk in ("K", "V") else h
+                        v = got[(blk, l, sh, i, j)]
+                        worst = max(worst, abs(v - want) / max(abs(want), 1e-30))
+                        n += 1
+        for l, hs in enumerate(ob["layer_head_avg"]):
+            for h, want in enumerate(hs):
+                v = cells[(blk, l, h)]
+                worst = max(worst, abs(v - want) / max(abs(want), 1e-30))
+                n += 1
+    assert n == 4 * (64 * L * H + L * H)
+    return worst
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "gpt2", "neox", "phi3", "qwen3", "gemma3"])
+def test_score_of_a_torch_collected_store_matches_the_oracle(tmp_path, family):
+    store = tmp_path / "s"
+    collect(load(family), tasks_of(family), store, dtype="f32", representation="auto",
+            batch_size=8, progress=False)
+    worst = score_vs_oracle(family, store, tmp_path / "scores")
+    print(f"{family}: score vs float64 oracle, worst relative error {worst:.2e}")
+    assert worst <= 1e-4, f"{family}: {worst:.2e}"

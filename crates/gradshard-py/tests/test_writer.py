@@ -60,27 +60,31 @@ def test_full_gradients_round_trip_exactly_in_f32(tmp_path):
 @pytest.mark.parametrize("representation", ["factored", "full", "auto"])
 def test_factors_are_oriented_and_cut_as_the_weights(tmp_path, model, representation):
     """Linear [out, in]: grad = bpᵀ @ act; GPT-2 Conv1D [in, out]: grad = actᵀ @ bp.
-    Two samples, n = 3 and n = 40: `auto` stores the short one as factors and
+    Two samples, n = 3 and n = 80: `auto` stores the short one as factors and
     multiplies the long one out."""
     rng = np.random.default_rng(7)
     store = tmp_path / "s"
     want = {}
     with gradshard.create(store, config=FIXTURES / model / "model", dtype="f32",
                           representation=representation) as w:
-        for sid, n in ((1, 3), (2, 40)):
-            fac = {}
+        for sid, n in ((1, 3), (2, 80)):
+            fac, shared = {}, {}
             for name, shape, kind, attn in w.tensors:
                 assert attn
                 out_f, in_f = (shape[1], shape[0]) if kind == "conv1d" else (shape[0], shape[1])
                 bp = rng.standard_normal((n, out_f), dtype=np.float32)
-                act = rng.standard_normal((n, in_f), dtype=np.float32)
+                # q, k and v of a layer read the same input (one shared factor).
+                key = name.replace("k_proj", "q_proj").replace("v_proj", "q_proj")
+                if key not in shared:
+                    shared[key] = rng.standard_normal((n, in_f), dtype=np.float32)
+                act = shared[key]
                 fac[name] = (bp, act)
                 g = act.T.astype(np.float64) @ bp if kind == "conv1d" else bp.T.astype(np.float64) @ act
                 assert list(g.shape) == list(shape)
                 want[(sid, name)] = g
             assert w.add_factors("general", sid, fac, tokens=n - 1, loss_sum=1.5 * n)
     s = gradshard.open(store)
-    for sid, n in ((1, 3), (2, 40)):
+    for sid, n in ((1, 3), (2, 80)):
         r = s.representation("general", sid)
         if representation == "auto":
             assert r == ("factored" if n == 3 else "full"), (sid, r)
