@@ -76,9 +76,7 @@ fn value_err(msg: String) -> PyErr {
 fn sink_err(e: gradshard_store::Error) -> PyErr {
     use gradshard_store::Error as E;
     match e {
-        E::SampleInput { .. } | E::NonFinite { .. } | E::Sample { .. } => {
-            value_err(render(&e))
-        }
+        E::SampleInput { .. } | E::NonFinite { .. } | E::Sample { .. } => value_err(render(&e)),
         other => store_err(other),
     }
 }
@@ -152,7 +150,13 @@ impl Open {
         Ok(())
     }
 
-    fn check_new(&self, task: &TaskName, id: &SampleId, tokens: i64, loss_sum: f64) -> PyResult<u32> {
+    fn check_new(
+        &self,
+        task: &TaskName,
+        id: &SampleId,
+        tokens: i64,
+        loss_sum: f64,
+    ) -> PyResult<u32> {
         if self.known.contains(&(task.clone(), id.clone())) {
             return Err(value_err(format!(
                 "{}: duplicate: already in the store (or handed to this writer)",
@@ -186,8 +190,12 @@ fn task_name(task: &str) -> PyResult<TaskName> {
 }
 
 fn key_str(k: &Bound<'_, PyAny>) -> PyResult<String> {
-    k.extract::<String>()
-        .map_err(|_| value_err(format!("tensor names are str, not {}", k.repr().map_or_else(|_| "?".into(), |r| r.to_string()))))
+    k.extract::<String>().map_err(|_| {
+        value_err(format!(
+            "tensor names are str, not {}",
+            k.repr().map_or_else(|_| "?".into(), |r| r.to_string())
+        ))
+    })
 }
 
 fn array<'py>(
@@ -198,7 +206,9 @@ fn array<'py>(
         value_err(format!(
             "{}: expected a float32 array, got {}",
             what(),
-            v.get_type().name().map_or_else(|_| "?".into(), |n| n.to_string())
+            v.get_type()
+                .name()
+                .map_or_else(|_| "?".into(), |n| n.to_string())
         ))
     })
 }
@@ -270,7 +280,9 @@ impl PyWriter {
                 )));
             };
             if r == 0 || c == 0 {
-                return Err(value_err(format!("tensor `{name}`: shape {shape:?} is empty")));
+                return Err(value_err(format!(
+                    "tensor `{name}`: shape {shape:?} is empty"
+                )));
             }
             if other_tensors.iter().any(|t: &OtherTensor| t.name == name) {
                 return Err(value_err(format!("tensor `{name}` is listed twice")));
@@ -291,8 +303,9 @@ impl PyWriter {
             wopts.memory_budget = b;
         }
         wopts.source = match source_json {
-            Some(s) => serde_json::from_str(s)
-                .map_err(|e| value_err(format!("source: not JSON: {e}")))?,
+            Some(s) => {
+                serde_json::from_str(s).map_err(|e| value_err(format!("source: not JSON: {e}")))?
+            }
             None => serde_json::json!({"kind": "python"}),
         };
         let p = path.clone();
@@ -499,16 +512,26 @@ impl PyWriter {
             let name = key_str(&k)?;
             let info = o.info(&t, &id, &name)?.clone();
             let at = || format!("{}: tensor `{name}`", Open::what(&t, &id));
-            let pair = v.cast::<PyTuple>().ok().filter(|p| p.len() == 2).ok_or_else(|| {
-                value_err(format!("{}: expected a (backprop, activation) pair", at()))
-            })?;
+            let pair = v
+                .cast::<PyTuple>()
+                .ok()
+                .filter(|p| p.len() == 2)
+                .ok_or_else(|| {
+                    value_err(format!("{}: expected a (backprop, activation) pair", at()))
+                })?;
             let bp = array(&pair.get_item(0)?, || format!("{} backprop", at()))?;
             let act = array(&pair.get_item(1)?, || format!("{} activation", at()))?;
             let (out_f, in_f) = info.out_in();
             let kind = if info.conv1d {
-                format!("Conv1D [in, out] = {:?}: grad = activationᵀ @ backprop", info.shape)
+                format!(
+                    "Conv1D [in, out] = {:?}: grad = activationᵀ @ backprop",
+                    info.shape
+                )
             } else {
-                format!("nn.Linear [out, in] = {:?}: grad = backpropᵀ @ activation", info.shape)
+                format!(
+                    "nn.Linear [out, in] = {:?}: grad = backpropᵀ @ activation",
+                    info.shape
+                )
             };
             let n = bp.shape().first().copied().unwrap_or(0);
             if bp.ndim() != 2 || bp.shape()[1] != out_f {

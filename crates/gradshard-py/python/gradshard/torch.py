@@ -266,12 +266,15 @@ def collect(
                     continue
                 plan.append((task, sid, ids))
         report = _run(model, w, modules, kinds, full, plan, batch_size, progress, pad_id, resumed)
-    except BaseException:
+    except BaseException as first:
+        # Samples handed over in full still commit; the first error is the one raised,
+        # with the writer's own failure (if any) attached to it.
         if not w.closed:
             try:
                 w.close()
-            except Exception:  # noqa: BLE001 - the first error is the one raised
-                pass
+            except Exception as e:  # noqa: BLE001 - reported on the first error
+                if hasattr(first, "add_note"):
+                    first.add_note(f"closing the store writer also failed: {e}")
         raise
     report["skipped"] = skipped + report["skipped"]
     report["resumed"] = resumed
