@@ -268,3 +268,28 @@ def test_score_of_a_torch_collected_store_matches_the_oracle(tmp_path, family):
     worst = score_vs_oracle(family, store, tmp_path / "scores")
     print(f"{family}: score vs float64 oracle, worst relative error {worst:.2e}")
     assert worst <= 1e-4, f"{family}: {worst:.2e}"
+
+
+def test_worker_shares_merge_into_the_single_run_store(tmp_path):
+    """worker=(rank, world): each rank takes every world-th sample into its own store;
+    `gradshard merge` of the ranks holds every sample once, slices as one run's."""
+    model, tasks = load("gpt2"), tasks_of("gpt2")
+    ranks = []
+    for rank in range(3):
+        st = tmp_path / f"rank{rank}"
+        r = collect(model, tasks, st, dtype="f32", representation="factored", worker=(rank, 3),
+                    batch_size=2, progress=False)
+        assert r["stored"] == sum(len(range(rank, 8, 3)) for _ in TASKS)
+        assert [x[0] for x in gradshard.open(st).samples("math")] == list(range(rank, 8, 3))
+        ranks.append(st)
+    merged = tmp_path / "merged"
+    cli("merge", "--out", merged, *ranks)
+    one = tmp_path / "one"
+    collect(model, tasks, one, dtype="f32", representation="factored", batch_size=8, progress=False)
+    a, b = gradshard.open(one), gradshard.open(merged)
+    for task in TASKS:
+        assert [x[:2] for x in a.samples(task)] == [x[:2] for x in b.samples(task)]
+        for name in a.tensors:
+            for sid in range(8):
+                assert rel(b.tensor(task, sid, name), a.tensor(task, sid, name)) <= 1e-5
+    cli("verify", "--store", merged)
