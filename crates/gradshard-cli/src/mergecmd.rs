@@ -6,8 +6,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use gradshard_collect::MergeEvent;
-use gradshard_store::{fsutil, LiveCounters, WriterOptions};
+use gradshard_store::{fsutil, LiveCounters, MergeEvent, WriterOptions};
 
 use crate::human;
 use crate::progress::WriteBar;
@@ -44,7 +43,7 @@ pub fn merge(a: MergeArgs) -> Result<ExitCode> {
         live: live.clone(),
     };
     let mut bar: Option<WriteBar> = None;
-    let r = gradshard_collect::merge(&a.out, &a.stores, wopts, &mut |e| match e {
+    let r = gradshard_store::merge(&a.out, &a.stores, wopts, &mut |e| match e {
         MergeEvent::Started { total } => bar = Some(WriteBar::new(total, "merge")),
         MergeEvent::Sample { done } => {
             if let Some(b) = &bar {

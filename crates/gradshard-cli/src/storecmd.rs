@@ -490,14 +490,8 @@ pub fn verify(a: VerifyArgs) -> Result<ExitCode> {
         bar.set_position(done);
     });
     bar.finish_and_clear();
-    let mut rep = rep?;
-    // The statistics in stats/ are checked too (checksum, layout, up to date), when the
-    // store itself can be opened.
-    if let Ok(store) = Store::open(&a.store) {
-        let st = gradshard_collect::stats::check_files(&store);
-        rep.problems.extend(st.problems);
-        rep.warnings.extend(st.warnings);
-    }
+    // The library's verify checks stats/ too (task files and side log).
+    let rep = rep?;
     for w in &rep.warnings {
         println!("warning: {w}");
     }
@@ -532,6 +526,7 @@ pub fn salvage(a: SalvageArgs) -> Result<ExitCode> {
             gradshard_store::MANIFEST_FILE
         );
     }
+    // Mends the samples and the log, then rebuilds stats/ (its lines are among the actions).
     let rep = gradshard_store::salvage(&a.store, a.dry_run)?;
     let verb = if a.dry_run { "would do" } else { "did" };
     for act in &rep.actions {
@@ -542,37 +537,6 @@ pub fn salvage(a: SalvageArgs) -> Result<ExitCode> {
     }
     if let Some(old) = &rep.old_log {
         println!("the previous log is kept as {}", old.display());
-    }
-    // Statistics: rebuilt from the kept samples when the store has any (or any was damaged).
-    let stats_dir = gradshard_collect::stats::stats_dir(&a.store);
-    if stats_dir.is_dir() {
-        if a.dry_run {
-            println!(
-                "would do: rebuild {} from the kept samples",
-                stats_dir.display()
-            );
-        } else {
-            let side = stats_dir.join(gradshard_collect::stats::SIDE_LOG);
-            let rebuilt = match gradshard_collect::stats::rebuild(&a.store) {
-                Ok(r) => r,
-                Err(e) if side.exists() => {
-                    // A damaged side log: set it aside, recompute every sum from the frames.
-                    let aside = side.with_extension("bin.damaged");
-                    std::fs::rename(&side, &aside)
-                        .with_context(|| format!("{}: moving it aside", side.display()))?;
-                    println!(
-                        "did: {} could not be used ({e}); moved to {}, sums recomputed from the stored frames",
-                        side.display(),
-                        aside.display()
-                    );
-                    gradshard_collect::stats::rebuild(&a.store)?
-                }
-                Err(e) => return Err(e.into()),
-            };
-            for f in &rebuilt.files {
-                println!("did: rebuilt {}", f.display());
-            }
-        }
     }
     println!(
         "salvage: {} sample(s) kept; {}",

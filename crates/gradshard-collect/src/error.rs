@@ -26,36 +26,13 @@ pub enum Error {
         source: std::io::Error,
     },
 
-    /// A gradient value is NaN or infinite (`--nan-policy error`).
-    #[error("task `{task}` sample {id}: tensor `{tensor}` has a non-finite gradient {value} at flat index {index} (use --nan-policy skip to leave such samples out)")]
-    NonFinite {
-        task: TaskName,
-        id: SampleId,
-        tensor: String,
-        index: usize,
-        value: f32,
-    },
-
-    /// The model's gradients do not match what the store holds.
+    /// A sample cannot be computed (e.g. too long for the memory available).
     #[error("task `{task}` sample {id}: {what}")]
     Sample {
         task: TaskName,
         id: SampleId,
         what: String,
     },
-
-    /// A statistics side file is malformed.
-    #[error("{path}: {what}")]
-    Stats { path: PathBuf, what: String },
-
-    /// A statistics file of version 1 (no checksum): recomputed where it is needed,
-    /// reported by `verify` as a warning.
-    #[error("{path}: statistics version 1, written by an older gradshard without a checksum; `gradshard salvage --store {store}` rebuilds it from the samples")]
-    StatsWithoutChecksum { path: PathBuf, store: PathBuf },
-
-    /// Stores that cannot be merged, with the reason.
-    #[error("merge: {0}")]
-    Merge(String),
 
     #[error("invalid argument: {0}")]
     InvalidArgument(String),

@@ -1,19 +1,22 @@
 //! Phase 1 of gradshard: per-sample gradients of a Hugging Face model (computed
-//! with burn by `gradshard-models`) streamed into a store through its bounded
-//! writer pipeline, with running Fisher statistics per task, resume after a
-//! crash, deterministic worker shares and the merge of worker stores.
+//! with burn or the native engine by `gradshard-models`) streamed into a store
+//! through the store's per-sample sink and writer pipeline, with resume after a
+//! crash and deterministic worker shares.
 //!
-//! Entry points: [`collect`], [`merge`], [`stats::rebuild`].
+//! What is about the store's own files lives in `gradshard-store`: the per-sample
+//! sink ([`gradshard_store::SampleSink`]), the statistics (`gradshard_store::stats`),
+//! the full Fisher and `merge`.
+//!
+//! Entry point: [`collect`].
 
 mod collect;
 mod error;
-pub mod fisher;
-mod merge;
-pub mod stats;
 
 pub use collect::{
-    collect, factored_values, full_values, spec_from_params, CollectEvent, CollectOptions,
-    CollectReport, NanPolicy, RepresentationChoice, SkippedSample, WorkerSplit,
+    collect, spec_from_params, CollectEvent, CollectOptions, CollectReport, NanPolicy,
+    RepresentationChoice, SkippedSample, WorkerSplit,
 };
 pub use error::{Error, Result};
-pub use merge::{merge, MergeEvent, MergeReport};
+pub use gradshard_store::sink::{factored_values, full_values};
+/// The statistics of a store (`stats/`), owned by `gradshard-store`.
+pub use gradshard_store::stats;

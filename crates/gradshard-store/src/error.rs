@@ -69,9 +69,42 @@ pub enum Error {
     Invalid(String),
     #[error("the writer pipeline stopped: {0}")]
     Pipeline(String),
+    /// A statistics file (`stats/<task>.json`, `stats/samples.bin`) is malformed.
+    #[error("{path}: {what}")]
+    Stats { path: PathBuf, what: String },
+    /// A statistics file of version 1 (no checksum): recomputed where it is needed,
+    /// reported by `verify` as a warning.
+    #[error("{path}: statistics version 1, written by an older gradshard without a checksum; `gradshard salvage --store {store}` rebuilds it from the samples")]
+    StatsWithoutChecksum { path: PathBuf, store: PathBuf },
+    /// Stores that cannot be merged, with the reason.
+    #[error("merge: {0}")]
+    Merge(String),
+    /// A gradient value is NaN or infinite (`NanPolicy::Error`).
+    #[error("task `{task}` sample {id}: tensor `{tensor}` has a non-finite gradient {value} at flat index {index} (use --nan-policy skip to leave such samples out)")]
+    NonFinite {
+        task: TaskName,
+        id: SampleId,
+        tensor: String,
+        index: usize,
+        value: f32,
+    },
+    /// A sample handed to the per-sample sink does not fit the store (tensor names,
+    /// shapes, factor sizes, T).
+    #[error("task `{task}` sample {id}: {what}")]
+    SampleInput {
+        task: TaskName,
+        id: SampleId,
+        what: String,
+    },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// `map_err` helper: an I/O error on `path`.
+pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
+    let path = path.into();
+    move |source| Error::Io { path, source }
+}
 
 pub(crate) trait IoContext<T> {
     fn at(self, path: &std::path::Path) -> Result<T>;

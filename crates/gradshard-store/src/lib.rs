@@ -7,8 +7,11 @@ mod error;
 pub mod fsutil;
 pub mod ingest;
 mod manifest;
+mod merge;
 mod reader;
 mod salvage;
+pub mod sink;
+pub mod stats;
 pub mod synth;
 mod verify;
 mod writer;
@@ -20,11 +23,27 @@ pub use manifest::{CodecName, CodecSpec, Manifest, StoreSpec, MANIFEST_FILE};
 pub use reader::{
     Factor, FactorTile, Footprint, IoStats, SliceFactors, Store, DEFAULT_SHARED_CACHE_BYTES,
 };
-pub use salvage::{salvage, SalvageReport};
+pub use merge::{merge, MergeEvent, MergeReport};
+pub use salvage::SalvageReport;
+pub use sink::{
+    FactorSample, Factors, GradSample, Gradient, NanPolicy, RepresentationChoice, SampleSink,
+    SinkOptions, SinkReport, SkippedSample,
+};
 pub use verify::{verify, VerifyReport};
 pub use writer::{
     LiveCounters, Representation, SampleHandle, SampleMeta, StoreWriter, WriteReport, WriterOptions,
 };
+
+/// Salvages the store at `dir`: rebuilds a damaged commit log from what reads whole
+/// (the samples, the log, the shard footers), then rebuilds `stats/` from the kept
+/// samples (a side log that cannot be used is set aside or cut; see
+/// [`stats::salvage_stats`]). With `dry_run`, says what it would do and changes
+/// nothing. The report's `actions` list both parts in order.
+pub fn salvage(dir: &Path, dry_run: bool) -> Result<SalvageReport> {
+    let mut rep = salvage::salvage(dir, dry_run)?;
+    rep.actions.extend(stats::salvage_stats(dir, dry_run)?);
+    Ok(rep)
+}
 
 pub(crate) fn shards_dir(dir: &Path) -> PathBuf {
     dir.join("shards")

@@ -245,6 +245,7 @@ pub fn verify(dir: &Path, progress: &(dyn Fn(u64, u64) + Sync)) -> Result<Verify
         rep.unreferenced_bytes += (data.len() as u64).saturating_sub(used);
     }
     let _ = TRAILER_LEN;
+    crate::stats::check_store(dir, &mut rep);
     Ok(rep)
 }
 

@@ -10,17 +10,17 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use gradshard_core::TaskName;
-use gradshard_store::{fsutil, Store};
 
 use crate::error::{io, Error, Result};
 use crate::stats::{full_fisher_path, stats_dir};
+use crate::{fsutil, Store};
 
 /// Writes the full Fisher of `task`; returns its path.
 pub fn write_full_fisher(store: &Store, task: &TaskName) -> Result<PathBuf> {
     let recs = store.samples(task.as_str())?;
     if recs.is_empty() {
-        return Err(Error::InvalidArgument(format!(
-            "task `{task}` has no samples; no Fisher to write"
+        return Err(Error::Invalid(format!(
+            "invalid argument: task `{task}` has no samples; no Fisher to write"
         )));
     }
     let g = store.order().geometry();
@@ -57,7 +57,11 @@ pub fn write_full_fisher(store: &Store, task: &TaskName) -> Result<PathBuf> {
         off += bytes;
     }
     let mut hjson = serde_json::to_vec(&serde_json::Value::Object(header))
-        .map_err(|e| Error::InvalidArgument(format!("full Fisher header of task `{task}`: {e}")))?;
+        .map_err(|e| {
+            Error::Invalid(format!(
+                "invalid argument: full Fisher header of task `{task}`: {e}"
+            ))
+        })?;
     while hjson.len() % 8 != 0 {
         hjson.push(b' ');
     }

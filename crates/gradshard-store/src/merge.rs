@@ -16,7 +16,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use gradshard_core::{SampleId, TaskName};
-use gradshard_store::{Representation, SampleMeta, Store, StoreWriter, WriteReport, WriterOptions};
+
+use crate::{Representation, SampleMeta, Store, StoreWriter, WriteReport, WriterOptions};
+// `gradshard_store::` in the code below names this crate.
+use crate as gradshard_store;
 
 use crate::error::{Error, Result};
 use crate::stats::{self, SideLog, StatsLayout, TaskStats, Welford};
