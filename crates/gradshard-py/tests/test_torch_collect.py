@@ -110,6 +110,15 @@ def test_attn_mlp_and_bf16_model(tmp_path):
     rep = collect(model, tasks, store, params="attn,mlp", dtype="f32", representation="factored",
                   batch_size=4, progress=False)
     assert rep["stored"] == 16
+    # The keys of `gradshard collect --report-json`.
+    cli_keys = {"stored", "resumed", "skipped", "samples_per_s", "model_only", "representation",
+                "factored_samples", "full_samples", "values_stored", "gradient_bytes",
+                "gradient_gb_per_s", "raw_bytes", "stored_bytes", "ratio", "seconds", "raw_gb_per_s",
+                "disk_gb_per_s", "engine", "model_seconds", "prepare_seconds",
+                "blocked_on_writer_seconds", "compress_seconds", "io_seconds", "peak_rss_bytes",
+                "stats_files"}
+    assert cli_keys <= set(rep), sorted(cli_keys - set(rep))
+    assert rep["raw_bytes"] > 0 and rep["stored_bytes"] > 0 and len(rep["stats_files"]) == 2
     s = gradshard.open(store)
     refs = references("llama-gqa")
     for (task, sid), (tensors, _meta) in list(refs.items())[:4]:
