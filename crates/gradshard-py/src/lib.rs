@@ -8,6 +8,7 @@
 //! message the CLI prints for the same error.
 
 mod dlpack;
+mod writer;
 
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
@@ -599,6 +600,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("StoreError", m.py().get_type::<StoreError>())?;
     m.add_class::<PyStore>()?;
     m.add_class::<dlpack::Bf16Array>()?;
+    m.add_class::<writer::PyWriter>()?;
     m.add_function(wrap_pyfunction!(bf16_dlpack, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

@@ -19,9 +19,12 @@ import os
 from typing import Union
 
 from ._native import Bf16Array, StoreError, _Store, __version__, bf16_dlpack
+from ._writer import Writer, create
 
 __all__ = [
     "open",
+    "create",
+    "Writer",
     "Store",
     "StoreError",
     "Bf16Array",

@@ -1,4 +1,4 @@
-# Type stubs of the Rust extension (src/lib.rs, src/dlpack.rs).
+# Type stubs of the Rust extension (src/lib.rs, src/dlpack.rs, src/writer.rs).
 from os import PathLike
 from pathlib import Path
 from typing import Any, Iterable, Literal, Optional, Union
@@ -57,3 +57,41 @@ class _Store:
         self, task: str, id: SampleId, layer: int, block: str, head: int
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]: ...
     def _index_columns(self) -> dict[str, Any]: ...
+
+class _Writer:
+    def __init__(
+        self,
+        path: Union[str, PathLike[str]],
+        config_json: str,
+        dtype: Literal["bf16", "bfloat16", "f32", "float32"] = "bf16",
+        representation: Literal["auto", "full", "factored"] = "auto",
+        names: Optional[list[str]] = None,
+        others: Optional[list[tuple[str, list[int]]]] = None,
+        nan_policy: Literal["error", "skip"] = "error",
+        memory_budget: Optional[int] = None,
+        source_json: Optional[str] = None,
+    ) -> None: ...
+    @property
+    def path(self) -> Path: ...
+    @property
+    def tensors(self) -> list[tuple[str, list[int], Literal["linear", "conv1d"], bool]]: ...
+    @property
+    def representation(self) -> Literal["auto", "full", "factored"]: ...
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def closed(self) -> bool: ...
+    def is_committed(self, task: str, id: SampleId) -> bool: ...
+    def committed(self, task: str) -> list[SampleId]: ...
+    def add(
+        self, task: str, id: SampleId, grads: dict[str, npt.NDArray[np.float32]], tokens: int, loss_sum: float
+    ) -> bool: ...
+    def add_factors(
+        self,
+        task: str,
+        id: SampleId,
+        factors: dict[str, tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]],
+        tokens: int,
+        loss_sum: float,
+    ) -> bool: ...
+    def close(self) -> dict[str, Any]: ...
