@@ -86,8 +86,7 @@ impl Plain {
     /// its last position was not written yet.
     fn finish_at(&mut self, now: Instant) -> Option<String> {
         let done = self.done;
-        if now.saturating_duration_since(self.started) < self.quiet
-            || self.last_done == Some(done)
+        if now.saturating_duration_since(self.started) < self.quiet || self.last_done == Some(done)
         {
             return None;
         }

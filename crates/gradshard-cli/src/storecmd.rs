@@ -332,8 +332,7 @@ pub fn inspect(a: InspectArgs) -> Result<ExitCode> {
     }
     // Every frame of every sample, a factored sample's shared factors included: the
     // count `verify` checks and the rows of `--index-parquet`.
-    let frames_total =
-        n * order.n_frames() as u64 + by_repr[1].0 * order.n_shared() as u64;
+    let frames_total = n * order.n_frames() as u64 + by_repr[1].0 * order.n_shared() as u64;
     let repr_json = |e: (u64, u64, u64)| {
         json!({"samples": e.0, "frame_bytes": e.1, "decoded_bytes": e.2,
                "equivalent_full_bytes": e.0 * per_sample_values * m.spec.dtype.size() as u64})

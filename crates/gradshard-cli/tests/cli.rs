@@ -11,7 +11,6 @@ use common::{bin, fixtures, ingest_args, inspect_json, ok, run, strs};
 
 use rand::{Rng, SeedableRng};
 
-
 const SYNTH: &[&str] = &[
     "synth",
     "--preset",

@@ -300,7 +300,10 @@ fn inspect_verify_and_the_index_count_the_same_frames() {
     assert!(shared > 0, "{info}");
     assert_eq!(frames, n * (per + shared), "{info}");
     let text = ok(&["inspect", "--store", p(&store)]);
-    assert!(text.contains(&format!("frames     {frames} in all samples")), "{text}");
+    assert!(
+        text.contains(&format!("frames     {frames} in all samples")),
+        "{text}"
+    );
     let v = ok(&["verify", "--store", p(&store)]);
     assert!(v.contains(&format!(", {frames} frames (")), "{v}");
     let out = dir.path().join("index.parquet");
@@ -314,14 +317,22 @@ fn inspect_verify_and_the_index_count_the_same_frames() {
     for b in r {
         let b = b.unwrap();
         let col = |name: &str| b.column(b.schema().index_of(name).unwrap()).clone();
-        let (shard, off, len, kind) = (col("shard"), col("offset"), col("length"), col("frame_kind"));
-        let shard = shard.as_any().downcast_ref::<arrow::array::Int32Array>().unwrap();
+        let (shard, off, len, kind) = (
+            col("shard"),
+            col("offset"),
+            col("length"),
+            col("frame_kind"),
+        );
+        let shard = shard
+            .as_any()
+            .downcast_ref::<arrow::array::Int32Array>()
+            .unwrap();
         let off = off.as_any().downcast_ref::<Int64Array>().unwrap();
         let len = len.as_any().downcast_ref::<Int64Array>().unwrap();
         let kind = kind.as_any().downcast_ref::<StringArray>().unwrap();
         for i in 0..b.num_rows() {
-            let file = std::fs::read(gradshard_store::shard_path(&store, shard.value(i) as u32))
-                .unwrap();
+            let file =
+                std::fs::read(gradshard_store::shard_path(&store, shard.value(i) as u32)).unwrap();
             let h = gradshard_format::parse_frame_header(&file[off.value(i) as usize..]).unwrap();
             assert_eq!(h.frame_len() as i64, len.value(i), "row {i}");
             let want = match h.kind {
@@ -339,7 +350,11 @@ fn inspect_verify_and_the_index_count_the_same_frames() {
     assert_eq!(rows, frames);
     assert_eq!(kinds.get("shared"), Some(&(n * shared)), "{kinds:?}");
     assert_eq!(kinds.get("factor"), Some(&(n * per)), "{kinds:?}");
-    let frame_bytes = info["representations"]["factored"]["frame_bytes"].as_u64().unwrap()
-        + info["representations"]["full"]["frame_bytes"].as_u64().unwrap();
+    let frame_bytes = info["representations"]["factored"]["frame_bytes"]
+        .as_u64()
+        .unwrap()
+        + info["representations"]["full"]["frame_bytes"]
+            .as_u64()
+            .unwrap();
     assert_eq!(bytes, frame_bytes);
 }

@@ -134,7 +134,12 @@ fn errors_name_the_file_and_say_each_cause_once() {
 fn score_prints_the_answer_and_where_the_time_went() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("s");
-    common::collect(&fixture().join("model"), &fixture().join("tasks"), &store, &[]);
+    common::collect(
+        &fixture().join("model"),
+        &fixture().join("tasks"),
+        &store,
+        &[],
+    );
     let out = ok(&[
         "score",
         "--store",
@@ -171,11 +176,18 @@ fn score_prints_the_answer_and_where_the_time_went() {
         h["block"].as_str().unwrap(),
         h["layer"],
         h["head"],
-        if kv { format!(" / kv_head {}", h["kv_head"]) } else { String::new() }
+        if kv {
+            format!(" / kv_head {}", h["kv_head"])
+        } else {
+            String::new()
+        }
     );
     assert!(most.contains(&name), "{most} vs {name}");
     assert!(out.contains("M = Σ (C_A / den) · |g_B|"), "{out}");
-    assert!(out.contains("x the median cell") || out.contains("the median cell (M"), "{out}");
+    assert!(
+        out.contains("x the median cell") || out.contains("the median cell (M"),
+        "{out}"
+    );
     // A listed pair whose q-value exceeds 0.05 is marked as not significant.
     let pairs: Vec<&str> = out.lines().filter(|l| l.contains(" x general ")).collect();
     assert!(!pairs.is_empty(), "{out}");
@@ -191,7 +203,11 @@ fn score_prints_the_answer_and_where_the_time_went() {
     // One sample in more than half of the listed pairs is said to dominate them.
     let most = seen.values().max().copied().unwrap_or(0);
     let dominated = pairs.len() >= 3 && 2 * most > pairs.len();
-    assert_eq!(dominated, out.contains("one sample dominates the top pairs"), "{out}");
+    assert_eq!(
+        dominated,
+        out.contains("one sample dominates the top pairs"),
+        "{out}"
+    );
     // The phases add up to the wall time.
     let wall = out.lines().find(|l| l.starts_with("wall ")).unwrap();
     let total: f64 = wall["wall ".len()..]
@@ -396,7 +412,10 @@ fn verify_of_a_small_store_piped_to_a_file_logs_at_most_three_progress_lines() {
         .unwrap();
     assert!(status.success());
     let text = std::fs::read_to_string(&log).unwrap();
-    let progress = text.lines().filter(|l| l.starts_with("verify: ") && l.contains("items/s")).count();
+    let progress = text
+        .lines()
+        .filter(|l| l.starts_with("verify: ") && l.contains("items/s"))
+        .count();
     assert!(progress <= 3, "{progress} progress lines:\n{text}");
     assert!(text.contains("OK"), "{text}");
 }

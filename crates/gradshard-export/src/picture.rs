@@ -496,8 +496,7 @@ fn draw<DB: DrawingBackend>(
         }))
         .map_err(|x| e(&x))?;
     // Dots on the marked cells, in black or white against the cell's colour.
-    let cell_px =
-        (plot_w as f64 / heads.max(1) as f64).min(plot_h as f64 / layers.max(1) as f64);
+    let cell_px = (plot_w as f64 / heads.max(1) as f64).min(plot_h as f64 / layers.max(1) as f64);
     let radius = (cell_px / 6.0).clamp(2.0, 6.0) as i32;
     let dot = |(l, h): (usize, usize)| -> Option<(i32, i32, RGBColor, bool)> {
         let v = grid.get(l)?.get(h).copied().flatten()?;

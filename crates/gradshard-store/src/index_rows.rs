@@ -70,8 +70,8 @@ impl Store {
             what: "sample table".into(),
             detail,
         };
-        let view = TableView::parse_unverified(self.table_bytes(r)?)
-            .map_err(|e| bad(e.to_string()))?;
+        let view =
+            TableView::parse_unverified(self.table_bytes(r)?).map_err(|e| bad(e.to_string()))?;
         let n = order.n_frames();
         if view.n_frames as usize != n {
             return Err(bad(format!(
@@ -127,7 +127,12 @@ impl Store {
             }
             rows.push(row);
         }
-        for (j, sf) in order.shared().iter().enumerate().take(view.n_shared as usize) {
+        for (j, sf) in order
+            .shared()
+            .iter()
+            .enumerate()
+            .take(view.n_shared as usize)
+        {
             let mut row = FrameRow {
                 frame: n + j,
                 frame_kind: FrameKind::Shared,

@@ -126,5 +126,12 @@ pub fn score(store: &Path, out: &Path, extra: &[&str]) -> String {
 
 /// `inspect --json --samples` of a store.
 pub fn inspect_json(store: &Path) -> serde_json::Value {
-    serde_json::from_str(&ok(&["inspect", "--store", p(store), "--json", "--samples"])).unwrap()
+    serde_json::from_str(&ok(&[
+        "inspect",
+        "--store",
+        p(store),
+        "--json",
+        "--samples",
+    ]))
+    .unwrap()
 }
