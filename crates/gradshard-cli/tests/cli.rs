@@ -7,20 +7,9 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Instant;
 
-use common::{bin, fixtures, ok, run};
+use common::{bin, fixtures, ingest_args, inspect_json, ok, run, strs};
 
 use rand::{Rng, SeedableRng};
-
-fn inspect_json(store: &Path) -> serde_json::Value {
-    serde_json::from_str(&ok(&[
-        "inspect",
-        "--store",
-        store.to_str().unwrap(),
-        "--json",
-        "--samples",
-    ]))
-    .unwrap()
-}
 
 const SYNTH: &[&str] = &[
     "synth",
@@ -215,21 +204,7 @@ fn verify_exits_2_on_a_damaged_store() {
 fn codec_flag_is_recorded_checked_and_changes_no_value() {
     let dir = tempfile::tempdir().unwrap();
     let root = fixtures().join("llama-gqa");
-    let ingest = |store: &Path, extra: &[&str]| {
-        let mut args = vec![
-            "ingest".to_string(),
-            "--model".into(),
-            root.join("model").display().to_string(),
-            "--task".into(),
-            format!("math={}", root.join("grads/math").display()),
-            "--task".into(),
-            format!("general={}", root.join("grads/general").display()),
-            "--store".into(),
-            store.display().to_string(),
-        ];
-        args.extend(extra.iter().map(|s| s.to_string()));
-        run(&args.iter().map(String::as_str).collect::<Vec<_>>())
-    };
+    let ingest = |store: &Path, extra: &[&str]| run(&strs(&ingest_args(&root, store, extra)));
     let bad = dir.path().join("bad");
     let o = ingest(&bad, &["--codec", "zstd-exp", "--no-shuffle"]);
     assert!(!o.status.success());
@@ -287,17 +262,7 @@ fn ingest_then_inspect_reports_tasks_and_ratio() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("s");
     let root = fixtures().join("gpt2");
-    ok(&[
-        "ingest",
-        "--model",
-        root.join("model").to_str().unwrap(),
-        "--task",
-        &format!("math={}", root.join("grads/math").display()),
-        "--task",
-        &format!("general={}", root.join("grads/general").display()),
-        "--store",
-        store.to_str().unwrap(),
-    ]);
+    common::ingest(&root, &store, &[]);
     let j = inspect_json(&store);
     assert_eq!(j["samples"], 16);
     assert_eq!(j["geometry"]["model_type"], "gpt2");
@@ -323,14 +288,7 @@ fn index_parquet_matches_its_schema_and_the_store() {
     use parquet::file::reader::{FileReader, SerializedFileReader};
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("s");
-    ok(&[
-        "synth",
-        "--store",
-        store.to_str().unwrap(),
-        "--samples",
-        "3",
-        "--mlp",
-    ]);
+    common::synth(&store, &["--samples", "3", "--mlp"]);
     let out = dir.path().join("index.parquet");
     ok(&[
         "inspect",

@@ -23,25 +23,11 @@ fn fixture() -> PathBuf {
 
 /// `collect` arguments for the fixture model with both task files (or `tasks`).
 fn collect_args(store: &Path, tasks: &Path, extra: &[&str]) -> Vec<String> {
-    let mut v: Vec<String> = vec![
-        "collect".into(),
-        "--model".into(),
-        p(&fixture().join("model")).into(),
-        "--task".into(),
-        format!("math={}", p(&tasks.join("math.jsonl"))),
-        "--task".into(),
-        format!("general={}", p(&tasks.join("general.jsonl"))),
-        "--store".into(),
-        p(store).into(),
-        "--quiet".into(),
-    ];
-    v.extend(extra.iter().map(|s| s.to_string()));
-    v
+    common::collect_args(&fixture().join("model"), tasks, store, extra)
 }
 
 fn collect(store: &Path, tasks: &Path, extra: &[&str]) -> String {
-    let a = collect_args(store, tasks, extra);
-    ok(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    common::collect(&fixture().join("model"), tasks, store, extra)
 }
 
 /// Reads a Parquet table as rows of JSON values.
@@ -100,26 +86,7 @@ fn score(store: &Path, out: &Path) -> PathBuf {
     let pairs: Vec<String> = (0..2)
         .flat_map(|l| (0..4).map(move |h| format!("{l}:{h}")))
         .collect();
-    ok(&[
-        "score",
-        "--store",
-        p(store),
-        "--task-a",
-        "math",
-        "--task-b",
-        "general",
-        "--out",
-        p(out),
-        "--n-boot",
-        "0",
-        "--n-perm",
-        "0",
-        "--min-samples",
-        "0",
-        "--no-pictures",
-        "--pairs-for",
-        &pairs.join(","),
-    ]);
+    common::score(store, out, &["--pairs-for", &pairs.join(",")]);
     out.to_path_buf()
 }
 

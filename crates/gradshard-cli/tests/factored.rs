@@ -11,39 +11,10 @@ mod common;
 use common::{fixtures, ok, p};
 
 /// `collect` of a fixture's two tasks (or a model dir + tasks dir) into `store`.
-fn collect(model: &Path, tasks: &Path, store: &Path, extra: &[&str]) -> String {
-    let math = format!("math={}", p(&tasks.join("math.jsonl")));
-    let general = format!("general={}", p(&tasks.join("general.jsonl")));
-    let mut a = vec![
-        "collect",
-        "--model",
-        p(model),
-        "--task",
-        &math,
-        "--task",
-        &general,
-        "--store",
-        p(store),
-        "--quiet",
-    ];
-    a.extend_from_slice(extra);
-    ok(&a)
-}
+use common::collect;
 
 fn ingest(fixture: &Path, store: &Path) {
-    ok(&[
-        "ingest",
-        "--model",
-        p(&fixture.join("model")),
-        "--task",
-        &format!("math={}", p(&fixture.join("grads/math"))),
-        "--task",
-        &format!("general={}", p(&fixture.join("grads/general"))),
-        "--store",
-        p(store),
-        "--dtype",
-        "f32",
-    ]);
+    common::ingest(fixture, store, &["--dtype", "f32"]);
 }
 
 /// Normwise relative error of every frame of `a` against the same frame of `truth`,
@@ -80,7 +51,7 @@ fn frame_errors(a: &Path, truth: &Path) -> Vec<(String, f64, f64, f64)> {
 }
 
 fn inspect(store: &Path) -> Value {
-    serde_json::from_str(&ok(&["inspect", "--store", p(store), "--json"])).unwrap()
+    common::inspect_json(store)
 }
 
 #[test]

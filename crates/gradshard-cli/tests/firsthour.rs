@@ -134,19 +134,12 @@ fn errors_name_the_file_and_say_each_cause_once() {
 fn score_prints_the_answer_and_where_the_time_went() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("s");
-    let tasks = fixture().join("tasks");
-    ok(&[
-        "collect",
-        "--model",
-        p(&fixture().join("model")),
-        "--task",
-        &format!("math={}", p(&tasks.join("math.jsonl"))),
-        "--task",
-        &format!("general={}", p(&tasks.join("general.jsonl"))),
-        "--store",
-        p(&store),
-        "--quiet",
-    ]);
+    common::collect(
+        &fixture().join("model"),
+        &fixture().join("tasks"),
+        &store,
+        &[],
+    );
     let out = ok(&[
         "score",
         "--store",
@@ -260,15 +253,7 @@ fn help_lists_accepted_values() {
 fn a_closed_stdout_ends_quietly() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("s");
-    ok(&[
-        "synth",
-        "--store",
-        p(&store),
-        "--preset",
-        "tiny",
-        "--samples",
-        "2",
-    ]);
+    common::synth(&store, &["--preset", "tiny", "--samples", "2"]);
     let mut child = bin()
         .args(["inspect", "--store", p(&store), "--samples"])
         .stdout(std::process::Stdio::piped())
@@ -279,6 +264,15 @@ fn a_closed_stdout_ends_quietly() {
     let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("panicked"), "{err}");
+    // Ended by SIGPIPE, as any Unix tool (`yes | head -1`), or done writing before the
+    // reader went away: never an error exit or a panic's exit code 101.
+    use std::os::unix::process::ExitStatusExt;
+    const SIGPIPE: i32 = 13;
+    assert!(
+        out.status.success() || out.status.signal() == Some(SIGPIPE),
+        "{:?}: {err}",
+        out.status
+    );
 }
 
 /// A sample longer than the model's positions is refused before any allocation, naming
@@ -317,15 +311,7 @@ fn a_sample_past_the_models_positions_is_refused_naming_max_tokens() {
 fn score_checks_its_output_first_and_clears_leftovers_of_killed_runs() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("s");
-    ok(&[
-        "synth",
-        "--store",
-        p(&store),
-        "--preset",
-        "tiny",
-        "--samples",
-        "2",
-    ]);
+    common::synth(&store, &["--preset", "tiny", "--samples", "2"]);
     // A regular file where the output's parent should be.
     let blocker = dir.path().join("file");
     std::fs::write(&blocker, b"x").unwrap();
@@ -414,7 +400,7 @@ fn empty_task_files_and_missing_ids_are_warned_about() {
 fn verify_of_a_small_store_piped_to_a_file_logs_at_most_three_progress_lines() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("s");
-    ok(&["synth", "--store", p(&store), "--samples", "8"]);
+    common::synth(&store, &["--samples", "8"]);
     let log = dir.path().join("log.txt");
     let f = std::fs::File::create(&log).unwrap();
     let status = bin()

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{bin, fixtures, ok, p, run};
+use common::{bin, fixtures, ok, p, run, score_args, strs};
 use serde_json::Value;
 
 fn stderr(o: &std::process::Output) -> String {
@@ -22,52 +22,13 @@ fn stderr(o: &std::process::Output) -> String {
 fn collected(dir: &Path, name: &str, extra: &[&str]) -> PathBuf {
     let f = fixtures().join("llama-gqa");
     let store = dir.join(name);
-    let model = f.join("model");
-    let math = format!("math={}", p(&f.join("tasks/math.jsonl")));
-    let general = format!("general={}", p(&f.join("tasks/general.jsonl")));
-    let mut args = vec![
-        "collect",
-        "--model",
-        p(&model),
-        "--task",
-        &math,
-        "--task",
-        &general,
-        "--store",
-        p(&store),
-        "--quiet",
-        "--dtype",
-        "f32",
-    ];
-    args.extend_from_slice(extra);
-    ok(&args);
+    let extra = [&["--dtype", "f32"], extra].concat();
+    common::collect(&f.join("model"), &f.join("tasks"), &store, &extra);
     store
 }
 
 fn sample_count(store: &Path) -> u64 {
-    let j: Value = serde_json::from_str(&ok(&["inspect", "--store", p(store), "--json"])).unwrap();
-    j["samples"].as_u64().unwrap()
-}
-
-fn score_args<'a>(store: &'a Path, out: &'a Path) -> Vec<&'a str> {
-    vec![
-        "score",
-        "--store",
-        p(store),
-        "--task-a",
-        "math",
-        "--task-b",
-        "general",
-        "--out",
-        p(out),
-        "--n-boot",
-        "0",
-        "--n-perm",
-        "0",
-        "--min-samples",
-        "0",
-        "--no-pictures",
-    ]
+    common::inspect_json(store)["samples"].as_u64().unwrap()
 }
 
 /// Case 3: a `mean` of stats/math.json multiplied by 10 (still valid JSON) used to pass
@@ -110,7 +71,7 @@ fn tampered_statistics_are_refused_by_merge_reported_by_verify_and_rebuilt_by_sa
 
     // score does not use stats/ but says so out loud.
     let out = dir.path().join("o");
-    let o = run(&score_args(&a, &out));
+    let o = run(&strs(&score_args(&a, &out, &[])));
     let e = stderr(&o);
     assert!(o.status.success(), "{e}");
     assert!(
@@ -179,10 +140,8 @@ fn a_killed_merge_is_refused_by_readers_until_rerun() {
             continue;
         }
         killed_mid_way = true;
-        for args in [
-            vec!["inspect", "--store", p(&out)],
-            score_args(&out, &dir.path().join("o")),
-        ] {
+        let score = score_args(&out, &dir.path().join("o"), &[]);
+        for args in [vec!["inspect", "--store", p(&out)], strs(&score)] {
             let o = run(&args);
             let e = stderr(&o);
             assert!(
@@ -299,7 +258,7 @@ fn salvage_mends_garbage_a_cut_log_a_duplicate_and_a_missing_shard() {
     let dropped = s.matches("dropped task").count() as u64;
     assert!(dropped > 0 && s.contains("is missing"), "{s}");
     assert_eq!(sample_count(&store), n - dropped);
-    ok(&score_args(&store, &dir.path().join("o")));
+    common::score(&store, &dir.path().join("o"), &[]);
 }
 
 /// Case 7: one JSONL line of 10⁶ tokens made `collect` abort inside the allocator

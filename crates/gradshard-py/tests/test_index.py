@@ -37,7 +37,7 @@ def test_index_equals_the_cli_export(ingested, collected, tmp_path, which):
 def test_factored_store_counts_every_frame_once(collected):
     """inspect, verify and Store.index() count the same frames (shared factors
     included), and the index's bytes are the bytes of the samples' frames."""
-    store = collected["factored"]
+    store = collected[("llama-gqa", "factored")]
     t = gradshard.open(store).index()
     kinds = set(t.column("frame_kind").to_pylist())
     assert "shared" in kinds and "factor" in kinds, kinds
