@@ -5,6 +5,8 @@
 //! renamed into place at the end: a failed export leaves no half-written
 //! results (and, without `overwrite`, never touches an existing directory).
 
+mod conflict_picture;
+pub mod conflict_tables;
 mod error;
 pub mod picture;
 pub mod schema;
@@ -20,6 +22,7 @@ use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 use serde_json::json;
 
+pub use conflict_tables::CONFLICT_TABLES;
 pub use error::{Error, Result};
 pub use picture::picture_size;
 pub use schema::{check_against_json, schema, schema_json, TABLES};
@@ -188,7 +191,12 @@ fn write_all(result: &ScoreResult, dir: &Path, opts: &ExportOptions) -> Result<V
     let props = WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::default()))
         .build();
-    for &table in TABLES {
+    let conflict_tables: &[&'static str] = if result.conflicts.is_some() {
+        CONFLICT_TABLES
+    } else {
+        &[]
+    };
+    for &table in TABLES.iter().chain(conflict_tables) {
         let batch = tables::batch(result, table)?;
         let fname = format!("{table}.parquet");
         let path = dir.join(&fname);
@@ -204,6 +212,11 @@ fn write_all(result: &ScoreResult, dir: &Path, opts: &ExportOptions) -> Result<V
     if opts.pictures {
         for block in scored_blocks(result) {
             files.extend(picture::write_pictures(result, block, dir)?);
+        }
+        if result.conflicts.is_some() {
+            for block in scored_blocks(result) {
+                files.extend(conflict_picture::write_pictures(result, block, dir)?);
+            }
         }
     }
     let path = dir.join("summary.json");
@@ -248,7 +261,7 @@ pub fn summary(result: &ScoreResult, store_id: &str, files: &[String]) -> serde_
                    "kv_shared": r.kv_shared, "score_mean": r.score_mean})
         });
     let o = &result.options;
-    json!({
+    let mut doc = json!({
         "format": "gradshard-score-summary/1",
         "store_id": store_id,
         "task_a": o.task_a,
@@ -270,5 +283,9 @@ pub fn summary(result: &ScoreResult, store_id: &str, files: &[String]) -> serde_
         "warnings": result.warnings,
         "reads": result.reads,
         "files": files,
-    })
+    });
+    if let Some(c) = conflict_tables::summary(result) {
+        doc["conflicts"] = c;
+    }
+    doc
 }

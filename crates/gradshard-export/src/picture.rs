@@ -20,9 +20,9 @@ use plotters::prelude::*;
 use crate::error::{Error, Result};
 
 /// Width of the colour-bar panel, pixels.
-const BAR_PANEL: u32 = 140;
+pub(crate) const BAR_PANEL: u32 = 140;
 /// Height of the footer (what the colour means, the "not scored" legend), pixels.
-const FOOTER: u32 = 62;
+pub(crate) const FOOTER: u32 = 62;
 /// Grey of the cells that were not scored.
 const NOT_SCORED: RGBColor = RGBColor(170, 170, 170);
 
@@ -268,17 +268,17 @@ pub(crate) fn grid(result: &ScoreResult, block: Block) -> Vec<Vec<Option<f64>>> 
 }
 
 /// The words of a picture besides the numbers.
-struct Labels {
+pub(crate) struct Labels {
     /// Title; a `\n` starts a smaller second line.
-    title: String,
+    pub(crate) title: String,
     /// Caption above the colour bar.
-    bar: String,
+    pub(crate) bar: String,
     /// Footer lines explaining the colour.
-    notes: Vec<String>,
+    pub(crate) notes: Vec<String>,
     /// Legend text of the grey "not scored" swatch (drawn only when a cell is None).
-    not_scored: String,
+    pub(crate) not_scored: String,
     /// Diverging scale centred on zero.
-    signed: bool,
+    pub(crate) signed: bool,
 }
 
 /// The formula of M for a variant and aggregate, in the notation of
@@ -358,7 +358,7 @@ fn fitted<DB: DrawingBackend>(
     s
 }
 
-fn draw<DB: DrawingBackend>(
+pub(crate) fn draw<DB: DrawingBackend>(
     root: DrawingArea<DB, Shift>,
     labels: &Labels,
     grid: &[Vec<Option<f64>>],
