@@ -78,16 +78,14 @@ type Grads = HashMap<String, Vec<HashMap<String, (Vec<usize>, Vec<f32>)>>>;
 fn load(model: &str) -> (Grads, HashMap<String, Vec<f64>>) {
     let root = fixtures().join(model);
     let oracle: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(root.join("oracle.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(root.join("oracle.json")).unwrap()).unwrap();
     let mut grads = Grads::new();
     let mut tokens = HashMap::new();
     for t in ["math", "general"] {
         let mut v = Vec::new();
         let mut tk = Vec::new();
         for id in 0..8 {
-            let bytes =
-                std::fs::read(root.join(format!("grads/{t}/{id}.safetensors"))).unwrap();
+            let bytes = std::fs::read(root.join(format!("grads/{t}/{id}.safetensors"))).unwrap();
             let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
             let mut m = HashMap::new();
             for (name, view) in st.tensors() {
@@ -216,14 +214,41 @@ fn conflicts_match_a_float64_reference_on_llama_gqa() {
     let store = ingest(tmp.path());
     let out = tmp.path().join("scores");
     let (sel_a, sel_b) = ([0usize, 2, 5], [1usize, 3, 4, 7]);
-    let list = |v: &[usize]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",");
+    let list = |v: &[usize]| {
+        v.iter()
+            .map(|x| x.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
     let stdout = ok(&[
-        "score", "--store", p(&store), "--task-a", "math", "--task-b", "general", "--out",
-        p(&out), "--conflicts", "--samples-a", &list(&sel_a), "--samples-b", &list(&sel_b),
-        "--n-perm", "100", "--n-boot", "20", "--top-k", "7", "--min-samples", "0",
+        "score",
+        "--store",
+        p(&store),
+        "--task-a",
+        "math",
+        "--task-b",
+        "general",
+        "--out",
+        p(&out),
+        "--conflicts",
+        "--samples-a",
+        &list(&sel_a),
+        "--samples-b",
+        &list(&sel_b),
+        "--n-perm",
+        "100",
+        "--n-boot",
+        "20",
+        "--top-k",
+        "7",
+        "--min-samples",
+        "0",
     ]);
     assert!(stdout.contains("sample conflicts"), "{stdout}");
-    assert!(stdout.contains("math samples most opposed to general"), "{stdout}");
+    assert!(
+        stdout.contains("math samples most opposed to general"),
+        "{stdout}"
+    );
 
     // The reference. C(7, 3) = 35 ≤ 100: every p is exact.
     let (grads, tokens) = load("llama-gqa");
@@ -350,7 +375,11 @@ fn conflicts_match_a_float64_reference_on_llama_gqa() {
             for (k, r) in got.iter().enumerate() {
                 assert_eq!(num(r, "rank"), Some(k as f64 + 1.0));
                 let c = num(r, "cosine").unwrap();
-                assert!((c - all[k]).abs() <= 1e-6, "{gran} {blk} rank {k}: {c} vs {}", all[k]);
+                assert!(
+                    (c - all[k]).abs() <= 1e-6,
+                    "{gran} {blk} rank {k}: {c} vs {}",
+                    all[k]
+                );
                 let ia: usize = text(r, "sample_a").unwrap().parse().unwrap();
                 let ib: usize = text(r, "sample_b").unwrap().parse().unwrap();
                 let (i, j) = (
@@ -390,13 +419,17 @@ fn conflicts_match_a_float64_reference_on_llama_gqa() {
                 })
                 .unwrap();
             let g = num(r, "mean_cosine").unwrap();
-            assert!((g - mean).abs() <= 1e-6, "{t} {id} {} {}: {g} vs {mean}", w.1, w.2);
+            assert!(
+                (g - mean).abs() <= 1e-6,
+                "{t} {id} {} {}: {g} vs {mean}",
+                w.1,
+                w.2
+            );
         }
     }
 
     let summary: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
     assert_eq!(summary["conflicts"]["rows"], want.len());
     assert_eq!(
         summary["conflicts"]["lowest_mean_cosine"]["math"]
@@ -407,7 +440,10 @@ fn conflicts_match_a_float64_reference_on_llama_gqa() {
     );
     for f in ["conflicts_Q.png", "conflicts_K.svg", "conflicts.parquet"] {
         assert!(out.join(f).exists(), "{f}");
-        assert!(summary["files"].as_array().unwrap().iter().any(|x| x == f), "{f}");
+        assert!(
+            summary["files"].as_array().unwrap().iter().any(|x| x == f),
+            "{f}"
+        );
     }
 }
 
@@ -417,21 +453,54 @@ fn one_analysed_sample_and_plain_score() {
     let store = ingest(tmp.path());
     let out = tmp.path().join("one");
     let o = run(&[
-        "score", "--store", p(&store), "--task-a", "math", "--task-b", "general", "--out",
-        p(&out), "--conflicts", "--samples-a", "4", "--n-perm", "10", "--n-boot", "0",
+        "score",
+        "--store",
+        p(&store),
+        "--task-a",
+        "math",
+        "--task-b",
+        "general",
+        "--out",
+        p(&out),
+        "--conflicts",
+        "--samples-a",
+        "4",
+        "--n-perm",
+        "10",
+        "--n-boot",
+        "0",
     ]);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("`math`") && err.contains("at least 2"), "{err}");
+    assert!(
+        err.contains("`math`") && err.contains("at least 2"),
+        "{err}"
+    );
     assert!(!out.exists(), "nothing written");
 
     // Without the flag: no phase 5 output at all.
     let plain = tmp.path().join("plain");
     ok(&[
-        "score", "--store", p(&store), "--task-a", "math", "--task-b", "general", "--out",
-        p(&plain), "--n-perm", "10", "--n-boot", "0", "--no-pictures",
+        "score",
+        "--store",
+        p(&store),
+        "--task-a",
+        "math",
+        "--task-b",
+        "general",
+        "--out",
+        p(&plain),
+        "--n-perm",
+        "10",
+        "--n-boot",
+        "0",
+        "--no-pictures",
     ]);
-    for f in ["conflicts.parquet", "conflict_pairs.parquet", "sample_conflicts.parquet"] {
+    for f in [
+        "conflicts.parquet",
+        "conflict_pairs.parquet",
+        "sample_conflicts.parquet",
+    ] {
         assert!(!plain.join(f).exists(), "{f}");
     }
     let summary = std::fs::read_to_string(plain.join("summary.json")).unwrap();

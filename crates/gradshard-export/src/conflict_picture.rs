@@ -24,7 +24,13 @@ fn grid(result: &ScoreResult, block: Block) -> Grid {
     let g = &result.geometry;
     let mut grid = vec![vec![None; g.heads]; g.layers];
     let mut marks = Vec::new();
-    let selected = |h: usize| result.options.heads.as_ref().is_none_or(|hs| hs.contains(&h));
+    let selected = |h: usize| {
+        result
+            .options
+            .heads
+            .as_ref()
+            .is_none_or(|hs| hs.contains(&h))
+    };
     let Some(c) = &result.conflicts else {
         return (grid, marks);
     };
@@ -114,9 +120,11 @@ fn overlay<DB: DrawingBackend>(
     let cell = (pw as f64 / heads.max(1) as f64).min(ph as f64 / layers.max(1) as f64);
     let r = ((cell * 0.18).round() as i32).clamp(2, 8);
     chart
-        .draw_series(marks.iter().map(|&(l, hd)| {
-            Circle::new((2 * hd as i32 + 1, 2 * l as i32 + 1), r, BLACK.filled())
-        }))
+        .draw_series(
+            marks.iter().map(|&(l, hd)| {
+                Circle::new((2 * hd as i32 + 1, 2 * l as i32 + 1), r, BLACK.filled())
+            }),
+        )
         .map_err(|x| e(&x))?;
     root.present().map_err(|x| e(&x))?;
     Ok(())
@@ -150,7 +158,11 @@ pub fn write_pictures(result: &ScoreResult, block: Block, dir: &Path) -> Result<
     }
     // `draw` closed the document; the dots went after it. Close it after them instead.
     let text = match text.find("</svg>") {
-        Some(at) => format!("{}{}</svg>\n", &text[..at], text[at + "</svg>".len()..].trim_start()),
+        Some(at) => format!(
+            "{}{}</svg>\n",
+            &text[..at],
+            text[at + "</svg>".len()..].trim_start()
+        ),
         None => text,
     };
     std::fs::write(&path, text).map_err(crate::error::io(&path))?;

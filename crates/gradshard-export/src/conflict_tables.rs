@@ -84,7 +84,9 @@ fn opt_strs<I: IntoIterator<Item = Option<&'static str>>>(v: I) -> ArrayRef {
     Arc::new(v.into_iter().collect::<StringArray>())
 }
 fn i32s(v: impl IntoIterator<Item = usize>) -> ArrayRef {
-    Arc::new(Int32Array::from_iter_values(v.into_iter().map(|x| x as i32)))
+    Arc::new(Int32Array::from_iter_values(
+        v.into_iter().map(|x| x as i32),
+    ))
 }
 fn opt_i32s(v: impl IntoIterator<Item = Option<usize>>) -> ArrayRef {
     Arc::new(

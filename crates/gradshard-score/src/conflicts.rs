@@ -273,7 +273,14 @@ fn row_stats(
             .map(|b| {
                 let mut rng = stats::rng_for(
                     opts.seed,
-                    &[PURPOSE_CONFLICT_PERM, key[0], key[1], key[2], key[3], b as u64],
+                    &[
+                        PURPOSE_CONFLICT_PERM,
+                        key[0],
+                        key[1],
+                        key[2],
+                        key[3],
+                        b as u64,
+                    ],
                 );
                 let mut perm: Vec<usize> = (0..n).collect();
                 // The first n_a places of a partial Fisher–Yates shuffle: a uniform set.
@@ -286,17 +293,15 @@ fn row_stats(
                 usize::from(delta_of(s, n, &in_a, na).0 >= delta - tol)
             })
             .sum();
-        (
-            Some((1 + hits) as f64 / (1 + opts.n_perm) as f64),
-            false,
-        )
+        (Some((1 + hits) as f64 / (1 + opts.n_perm) as f64), false)
     };
     let (ci_low, ci_high) = if opts.n_boot > 0 {
         let rng = stats::rng_for(
             opts.seed,
             &[PURPOSE_CONFLICT_BOOT, key[0], key[1], key[2], key[3]],
         );
-        let (lo, hi) = stats::bootstrap_ci(backend, &cross, na, nb, opts.n_boot, opts.ci_level, rng)?;
+        let (lo, hi) =
+            stats::bootstrap_ci(backend, &cross, na, nb, opts.n_boot, opts.ci_level, rng)?;
         (Some(lo), Some(hi))
     } else {
         (None, None)
@@ -426,12 +431,14 @@ pub(crate) fn finish(
 
     // Each sample's mean cosine to the other task, per block row.
     let mut samples = Vec::new();
-    let block_units: Vec<(&(Granularity, Block, usize, Option<usize>, Vec<f64>), &Vec<f64>)> =
-        units
-            .iter()
-            .zip(&cos)
-            .filter(|(u, _)| u.0 == Granularity::Block)
-            .collect();
+    let block_units: Vec<(
+        &(Granularity, Block, usize, Option<usize>, Vec<f64>),
+        &Vec<f64>,
+    )> = units
+        .iter()
+        .zip(&cos)
+        .filter(|(u, _)| u.0 == Granularity::Block)
+        .collect();
     for (task, count) in [(a, na), (b, nb)] {
         let is_a = std::ptr::eq(task, a);
         for q in 0..count {

@@ -30,8 +30,8 @@ pub use backend::{
 #[cfg(feature = "cuda")]
 pub use backend_burn::CudaBackend;
 pub use backend_burn::{BurnBackend, GpuPrecision, GpuStats, NdArrayBackend};
-pub use engine::{lower_median, score, score_with_backend, ScoreProgress};
 pub use conflicts::{ConflictPair, ConflictRow, Conflicts, Granularity, SampleConflict};
+pub use engine::{lower_median, score, score_with_backend, ScoreProgress};
 pub use error::{Error, Result};
 pub use options::{
     Aggregate, FisherPool, ScoreOptions, Variant, DEFAULT_AGGREGATE, DEFAULT_CI_LEVEL, DEFAULT_EPS,

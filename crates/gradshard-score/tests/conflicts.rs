@@ -38,8 +38,9 @@ fn rows(r: &ScoreResult) -> &[ConflictRow] {
     &r.conflicts.as_ref().expect("conflicts computed").rows
 }
 
-/// Every statistic of two runs' rows equal within `tol` (p-values of exact rows equal).
-fn assert_rows_close(a: &ScoreResult, b: &ScoreResult, tol: f64, what: &str) {
+/// Every cosine statistic of two runs' rows equal within `tol`; with `same_p`, the
+/// p-values too (to 1e-12).
+fn assert_rows_close(a: &ScoreResult, b: &ScoreResult, tol: f64, same_p: bool, what: &str) {
     let (ra, rb) = (rows(a), rows(b));
     assert_eq!(ra.len(), rb.len(), "{what}: row count");
     assert!(!ra.is_empty());
@@ -57,7 +58,10 @@ fn assert_rows_close(a: &ScoreResult, b: &ScoreResult, tol: f64, what: &str) {
         }
         assert_eq!(x.exact, y.exact, "{what} {key:?}");
         let (p, q) = (x.p_value.unwrap(), y.p_value.unwrap());
-        assert!((p - q).abs() <= 1e-12, "{what} {key:?} p: {p} vs {q}");
+        assert!(
+            !same_p || (p - q).abs() <= 1e-12,
+            "{what} {key:?} p: {p} vs {q}"
+        );
     }
 }
 
@@ -77,7 +81,12 @@ fn column_chunks_give_the_same_conflicts() {
         o.memory_budget = s_len * 32 + 16 * 4 * (s_len / 4);
         let chunked = score(&src, &o, &mut |_| {}).unwrap();
         assert!(chunked.diagnostics.iter().all(|d| d.chunks == 4));
-        assert_rows_close(&whole, &chunked, 1e-12, &format!("chunked, lam_rel {lam_rel}"));
+        assert_rows_close(
+            &whole,
+            &chunked,
+            1e-12,
+            &format!("chunked, lam_rel {lam_rel}"),
+        );
         // C(6, 3) = 20 ≤ n_perm: every p is exact.
         assert!(rows(&whole).iter().all(|r| r.exact));
         assert_eq!(
@@ -97,10 +106,12 @@ fn device_backend_gives_the_cpu_conflicts() {
     let dev = NdArrayBackend::ndarray(GpuPrecision::F64);
     let gpu = score_with_backend(&src, &o, &dev, &mut |_| {}).unwrap();
     assert_eq!(gpu.backend, gradshard_score::Backend::name(&dev));
-    assert_rows_close(&cpu, &gpu, 1e-9, "ndarray f64");
+    assert_rows_close(&cpu, &gpu, 1e-9, true, "ndarray f64");
     let dev32 = NdArrayBackend::ndarray(GpuPrecision::F32);
     let gpu32 = score_with_backend(&src, &o, &dev32, &mut |_| {}).unwrap();
-    assert_rows_close(&cpu, &gpu32, 1e-4, "ndarray f32");
+    // f32 products: the cosines to ~1e-6, so a relabelling within that of the observed
+    // delta may count differently; the p-values are not compared.
+    assert_rows_close(&cpu, &gpu32, 1e-4, false, "ndarray f32");
 }
 
 /// A source whose slice (layer 0, block Q, head 0) is zero in every sample.
@@ -180,7 +191,16 @@ fn one_analysed_sample_is_an_error_naming_the_task() {
     let mut o = opts();
     o.samples_b = Some(vec![SampleId::Int(3)]);
     let e = score(&src, &o, &mut |_| {}).unwrap_err();
-    assert!(matches!(e, Error::InvalidOption { name: "conflicts", .. }), "{e}");
+    assert!(
+        matches!(
+            e,
+            Error::InvalidOption {
+                name: "conflicts",
+                ..
+            }
+        ),
+        "{e}"
+    );
     assert!(e.to_string().contains("`general`"), "{e}");
     // Without conflicts the same selection scores.
     o.conflicts = false;

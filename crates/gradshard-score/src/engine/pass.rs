@@ -654,7 +654,9 @@ impl Engine<'_> {
     /// `lam_rel > 0`, else `lam` (`fa`, `fb` complete over the slice).
     pub(super) fn conflict_lam(&self, fa: &[f64], fb: &[f64]) -> f64 {
         if self.opts.lam_rel > 0.0 {
-            let all: Vec<f64> = (0..self.s_len).map(|k| self.fisher_all(fa, fb, k)).collect();
+            let all: Vec<f64> = (0..self.s_len)
+                .map(|k| self.fisher_all(fa, fb, k))
+                .collect();
             self.opts.lam.max(self.opts.lam_rel * lower_median(&all))
         } else {
             self.opts.lam
