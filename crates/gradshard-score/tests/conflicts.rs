@@ -85,6 +85,7 @@ fn column_chunks_give_the_same_conflicts() {
             &whole,
             &chunked,
             1e-12,
+            true,
             &format!("chunked, lam_rel {lam_rel}"),
         );
         // C(6, 3) = 20 ≤ n_perm: every p is exact.
