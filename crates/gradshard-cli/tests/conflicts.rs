@@ -189,6 +189,9 @@ fn bh(p: &[f64]) -> Vec<f64> {
     q
 }
 
+/// One reference row: (granularity, block, layer, head, cosine matrix).
+type Row = (String, String, usize, Option<usize>, Vec<f64>);
+
 fn ingest(dir: &Path) -> std::path::PathBuf {
     let f = fixtures().join("llama-gqa");
     let store = dir.join("store");
@@ -254,7 +257,7 @@ fn conflicts_match_a_float64_reference_on_llama_gqa() {
     let (grads, tokens) = load("llama-gqa");
     let (na, nb) = (sel_a.len(), sel_b.len());
     let n = na + nb;
-    let mut want: Vec<(String, String, usize, Option<usize>, Vec<f64>)> = Vec::new();
+    let mut want: Vec<Row> = Vec::new();
     for blk in ["Q", "K", "V", "O"] {
         let heads = if blk == "K" || blk == "V" { 2 } else { 4 };
         for l in 0..2 {

@@ -326,6 +326,9 @@ fn row_stats(
     })
 }
 
+/// One row's Gram before its statistics: (granularity, block, layer, head, Gram).
+type Unit = (Granularity, Block, usize, Option<usize>, Vec<f64>);
+
 /// A cross pair candidate: (cosine, index_a, index_b, layer, head).
 type Candidate = (f64, usize, usize, usize, Option<usize>);
 
@@ -351,7 +354,7 @@ pub(crate) fn finish(
             *x += y;
         }
     }
-    let mut units: Vec<(Granularity, Block, usize, Option<usize>, Vec<f64>)> = grams
+    let mut units: Vec<Unit> = grams
         .into_iter()
         .map(|(s, g)| (Granularity::Head, s.block, s.layer, Some(s.head), g))
         .collect();
@@ -431,10 +434,7 @@ pub(crate) fn finish(
 
     // Each sample's mean cosine to the other task, per block row.
     let mut samples = Vec::new();
-    let block_units: Vec<(
-        &(Granularity, Block, usize, Option<usize>, Vec<f64>),
-        &Vec<f64>,
-    )> = units
+    let block_units: Vec<(&Unit, &Vec<f64>)> = units
         .iter()
         .zip(&cos)
         .filter(|(u, _)| u.0 == Granularity::Block)
