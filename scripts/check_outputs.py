@@ -54,9 +54,19 @@ def main():
     schemas = sorted(pathlib.Path(a.schemas).glob("*.arrow.json"))
     if not schemas:
         fail(f"no schemas in {a.schemas}")
+    summary = json.loads((out / "summary.json").read_text())
+    # Phase 5 tables are written only by `score --conflicts` (summary.json then has a
+    # "conflicts" section); without it they must be absent.
+    conflict_tables = {"conflicts", "conflict_pairs", "sample_conflicts"}
+    with_conflicts = "conflicts" in summary
     for sp in schemas:
         doc = json.loads(sp.read_text())
         path = out / doc["file"]
+        if doc["table"] in conflict_tables and not with_conflicts:
+            if path.exists():
+                fail(f"{path} present but summary.json has no conflicts section")
+            print(f"--  {doc['file']}: not a --conflicts run")
+            continue
         if not path.exists():
             fail(f"{path} missing")
         schema = pq.read_schema(path)
@@ -70,7 +80,6 @@ def main():
                 fail(f"{path}: field {got} != {exp} ({sp.name})")
         rows = pq.read_metadata(path).num_rows
         print(f"ok  {doc['file']}: {len(want)} fields, {rows} rows")
-    summary = json.loads((out / "summary.json").read_text())
     geo = summary["geometry"]
     want = picture_size(geo["layers"], geo["heads"])
     pngs = [f for f in summary["files"] if f.endswith(".png")]

@@ -11,7 +11,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use gradshard_core::{Block, Geometry, OtherTensor, SampleId, TaskName};
-use gradshard_score::{Error, ScoreOptions, TileSource};
+use gradshard_score::{Error, ScoreOptions, SliceId, TileSource};
 use gradshard_store::{fsutil, Store};
 use memmap2::Mmap;
 use rayon::prelude::*;
@@ -77,12 +77,11 @@ impl TileSource for RawSource {
         &self,
         task: &TaskName,
         samples: &[usize],
-        layer: usize,
-        block: Block,
-        head: usize,
+        slice: SliceId,
         cols: Range<usize>,
         out: &mut [f32],
     ) -> gradshard_score::Result<()> {
+        let SliceId { layer, block, head } = slice;
         let maps = &self
             .samples
             .iter()

@@ -96,6 +96,12 @@ pub struct ScoreArgs {
     /// Also compute per-channel Fisher of stored MLP tensors.
     #[arg(long)]
     pub mlp_fisher: bool,
+    /// Phase 5, in the same pass: whitened per-sample cosines between the tasks per head
+    /// and per block, a label-permutation p-value (--n-perm) and BH q-value per row, a
+    /// bootstrap interval (--n-boot), the most negative pairs (--top-k) and each
+    /// sample's mean cosine to the other task (conflicts*.parquet, conflicts_<block>.png).
+    #[arg(long)]
+    pub conflicts: bool,
     /// Skip the PNG/SVG pictures.
     #[arg(long)]
     pub no_pictures: bool,
@@ -383,6 +389,7 @@ pub fn score(a: ScoreArgs) -> Result<ExitCode> {
     o.min_samples = a.min_samples;
     o.memory_budget = usize::try_from(a.memory_budget).unwrap_or(usize::MAX);
     o.mlp_fisher = a.mlp_fisher;
+    o.conflicts = a.conflicts;
     let bar = counter(0, "score");
     let t = std::time::Instant::now();
     let mut timing = None;
@@ -403,6 +410,7 @@ pub fn score(a: ScoreArgs) -> Result<ExitCode> {
                 match name {
                     "permutation" => "permutation test",
                     "mlp_fisher" => "MLP Fisher",
+                    "conflicts" => "sample conflicts",
                     _ => "statistics",
                 },
                 std::time::Instant::now(),
@@ -496,6 +504,7 @@ pub fn score(a: ScoreArgs) -> Result<ExitCode> {
         .collect();
     println!("wall {wall:.3} s = {}", parts.join(" + "));
     print_summary(&result, &a.task_a, &a.task_b);
+    print_conflicts(&result, &a.task_a, &a.task_b);
     println!("wrote {}:", written.dir.display());
     for f in &written.files {
         println!("  {f}");
@@ -626,4 +635,45 @@ fn meaning(o: &ScoreOptions) -> String {
         Aggregate::Mean => "averaged over the slice's elements",
     };
     format!("{formula};\n  {over}, den = max(I, eps) + lam*; mean M = its mean over all (A, B) sample pairs")
+}
+
+/// Phase 5 on the console: the most conflicted rows (lowest q, then lowest cross-task
+/// mean cosine) and the three samples of each task that oppose the other task most.
+fn print_conflicts(r: &gradshard_score::ScoreResult, task_a: &str, task_b: &str) {
+    let Some(c) = &r.conflicts else {
+        return;
+    };
+    println!("sample conflicts (whitened cosines; lowest q, then lowest cross mean):");
+    for row in c.most_conflicted(5) {
+        let at = match row.head {
+            Some(h) if row.block.is_kv() => format!("layer {} kv_head {h}", row.layer),
+            Some(h) => format!("layer {} head {h}", row.layer),
+            None => format!("layer {} (whole block)", row.layer),
+        };
+        let p = match (row.p_value, row.q_value) {
+            (Some(p), Some(q)) => format!(
+                ", p = {p:.3}{} q = {q:.3}",
+                if row.exact { " (exact)," } else { "," }
+            ),
+            _ => String::new(),
+        };
+        println!(
+            "  block {} {at}: cross {:+.4}, within {task_a} {:+.4}, within {task_b} {:+.4}, delta {:+.4}{p}",
+            row.block, row.cross_mean, row.within_a, row.within_b, row.delta
+        );
+    }
+    for (task, other) in [(&r.options.task_a, task_b), (&r.options.task_b, task_a)] {
+        let low = c.lowest_samples(task, 3);
+        if low.is_empty() {
+            continue;
+        }
+        let list: Vec<String> = low
+            .iter()
+            .map(|(id, m)| format!("{id} ({m:+.4})"))
+            .collect();
+        println!(
+            "  {task} samples most opposed to {other} (mean cosine over blocks and layers): {}",
+            list.join(", ")
+        );
+    }
 }

@@ -9,6 +9,8 @@
 //! replaces only a directory that holds it and nothing but files an export writes
 //! ([`check_replaceable`]), so it never deletes anything else.
 
+mod conflict_picture;
+pub mod conflict_tables;
 mod error;
 pub mod picture;
 pub mod schema;
@@ -24,6 +26,7 @@ use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 use serde_json::json;
 
+pub use conflict_tables::CONFLICT_TABLES;
 pub use error::{Error, Result};
 pub use picture::picture_size;
 pub use schema::{check_against_json, schema, schema_json, TABLES};
@@ -238,7 +241,12 @@ fn write_all(result: &ScoreResult, dir: &Path, opts: &ExportOptions) -> Result<V
     let props = WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::default()))
         .build();
-    for &table in TABLES {
+    let conflict_tables: &[&'static str] = if result.conflicts.is_some() {
+        CONFLICT_TABLES
+    } else {
+        &[]
+    };
+    for &table in TABLES.iter().chain(conflict_tables) {
         let batch = tables::batch(result, table)?;
         let fname = format!("{table}.parquet");
         let path = dir.join(&fname);
@@ -259,6 +267,11 @@ fn write_all(result: &ScoreResult, dir: &Path, opts: &ExportOptions) -> Result<V
                 dir,
                 opts.per_block_colour_range,
             )?);
+        }
+        if result.conflicts.is_some() {
+            for block in scored_blocks(result) {
+                files.extend(conflict_picture::write_pictures(result, block, dir)?);
+            }
         }
     }
     let path = dir.join("summary.json");
@@ -305,7 +318,7 @@ pub fn summary(result: &ScoreResult, store_id: &str, files: &[String]) -> serde_
                    "kv_shared": r.kv_shared, "score_mean": r.score_mean})
         });
     let o = &result.options;
-    json!({
+    let mut doc = json!({
         "format": "gradshard-score-summary/1",
         "store_id": store_id,
         "task_a": o.task_a,
@@ -327,5 +340,9 @@ pub fn summary(result: &ScoreResult, store_id: &str, files: &[String]) -> serde_
         "warnings": result.warnings,
         "reads": result.reads,
         "files": files,
-    })
+    });
+    if let Some(c) = conflict_tables::summary(result) {
+        doc["conflicts"] = c;
+    }
+    doc
 }

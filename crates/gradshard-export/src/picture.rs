@@ -81,7 +81,7 @@ const DIVERGING: [(f64, f64, f64); 7] = [
 
 /// How cell values map to colours.
 #[derive(Debug, Clone, Copy, PartialEq)]
-enum Scale {
+pub(crate) enum Scale {
     /// Viridis-like from `lo` (start) to `hi` (end).
     Sequential { lo: f64, hi: f64 },
     /// Blue at `-lim`, white at 0, red at `+lim`.
@@ -92,7 +92,7 @@ impl Scale {
     /// The scale of these values: diverging when `signed` (or when any value is
     /// negative), sequential from 0 to the largest value otherwise. Non-finite values
     /// are ignored.
-    fn for_values(vals: &[f64], signed: bool) -> Scale {
+    pub(crate) fn for_values(vals: &[f64], signed: bool) -> Scale {
         let finite = || vals.iter().copied().filter(|v| v.is_finite());
         if signed || finite().any(|v| v < 0.0) {
             let lim = finite().fold(0.0_f64, |m, v| m.max(v.abs()));
@@ -312,18 +312,18 @@ pub(crate) fn marks(result: &ScoreResult, block: Block, median: f64) -> Vec<Vec<
 }
 
 /// The words of a picture besides the numbers.
-struct Labels {
+pub(crate) struct Labels {
     /// Title; a `\n` starts a smaller second line.
-    title: String,
+    pub(crate) title: String,
     /// Caption above the colour bar.
-    bar: String,
+    pub(crate) bar: String,
     /// Footer lines explaining the colour.
-    notes: Vec<String>,
+    pub(crate) notes: Vec<String>,
     /// Legend text of the grey "not scored" swatch (drawn only when a cell is None).
-    not_scored: String,
+    pub(crate) not_scored: String,
     /// Legend of the dot marks (with a swatch when any cell is marked), or the note
     /// that nothing could be marked.
-    marks: String,
+    pub(crate) marks: String,
 }
 
 /// The formula of M for a variant and aggregate, in the notation of
@@ -422,7 +422,7 @@ fn contrast(c: RGBColor) -> RGBColor {
     }
 }
 
-fn draw<DB: DrawingBackend>(
+pub(crate) fn draw<DB: DrawingBackend>(
     root: DrawingArea<DB, Shift>,
     labels: &Labels,
     grid: &[Vec<Option<f64>>],

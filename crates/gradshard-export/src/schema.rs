@@ -134,7 +134,7 @@ pub fn schema(table: &str) -> Option<SchemaRef> {
             f64f("intersection_frac"),
             f64n("fisher_cosine"),
         ],
-        _ => return None,
+        other => return crate::conflict_tables::fields(other).map(|f| Arc::new(Schema::new(f))),
     };
     Some(Arc::new(Schema::new(fields)))
 }

@@ -193,6 +193,12 @@ pub fn batch(result: &ScoreResult, table: &'static str) -> Result<RecordBatch> {
                 opt_f64s(r.iter().map(|x| x.fisher_cosine)),
             ]
         }
+        other if crate::conflict_tables::fields(other).is_some() => {
+            crate::conflict_tables::columns(result, other).ok_or_else(|| Error::Schema {
+                table: other.to_string(),
+                message: "the run computed no sample conflicts (score --conflicts)".into(),
+            })?
+        }
         other => {
             return Err(Error::Schema {
                 table: other.to_string(),
@@ -200,6 +206,6 @@ pub fn batch(result: &ScoreResult, table: &'static str) -> Result<RecordBatch> {
             })
         }
     };
-    let schema = schema(table).expect("every table of TABLES has a schema");
+    let schema = schema(table).expect("every table of TABLES and CONFLICT_TABLES has a schema");
     RecordBatch::try_new(schema, columns).map_err(|source| Error::Arrow { table, source })
 }

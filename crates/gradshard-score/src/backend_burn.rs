@@ -536,7 +536,7 @@ impl<B: BurnB> BurnBackend<B> {
 impl<B: BurnB> BurnBackend<B> {
     /// The device batch `[rows, n_max, c]` of the tile's shared factors (zero rows past
     /// each sample's n), reused when the same host factors were uploaded before.
-    fn shared_batch(&self, t: &gradshard_store::FactorTile, n_max: usize) -> Tensor<B, 3> {
+    fn shared_batch(&self, t: &crate::source::FactorTile, n_max: usize) -> Tensor<B, 3> {
         let key: Vec<std::sync::Arc<Vec<f32>>> = t.samples.iter().map(|f| f.s.clone()).collect();
         {
             let cache = self.shared.lock().unwrap();
@@ -625,7 +625,7 @@ impl<B: BurnB> Backend for BurnBackend<B> {
     fn prefetch_factors(
         &self,
         key: &[f32],
-        t: &gradshard_store::FactorTile,
+        t: &crate::source::FactorTile,
         rows: usize,
         width: usize,
     ) -> Result<()> {
@@ -729,6 +729,33 @@ impl<B: BurnB> Backend for BurnBackend<B> {
             .into_data()
             .to_vec::<f64>()
             .map_err(|e| gpu_err(format!("download of M: {e:?}")))?;
+        for (o, v) in out.iter_mut().zip(&host) {
+            *o += v;
+        }
+        Ok(())
+    }
+
+    fn whitened_gram(&self, tile: &[f32], scale: &[f64], out: &mut [f64]) -> Result<()> {
+        let width = scale.len();
+        if width == 0 {
+            return Ok(());
+        }
+        let n = tile.len() / width;
+        check_len("burn", "whitened_gram tile", tile.len(), n * width)?;
+        check_len("burn", "whitened_gram out", out.len(), n * n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        // U = G · diag(scale) on the device in f64, then U·Uᵀ in the backend's precision.
+        let u = self
+            .upload(tile, n, width)
+            .cast(DType::F64)
+            .mul(self.row_f64(scale));
+        let g = self.product(u.clone(), u, n, n, width);
+        let host = g
+            .into_data()
+            .to_vec::<f64>()
+            .map_err(|e| gpu_err(format!("download of the Gram: {e:?}")))?;
         for (o, v) in out.iter_mut().zip(&host) {
             *o += v;
         }

@@ -14,6 +14,7 @@ use gradshard_core::{
 use safetensors::SafeTensors;
 
 use crate::error::{Error, Result};
+use crate::slice::SliceId;
 use crate::source::TileSource;
 
 struct Sample {
@@ -240,17 +241,15 @@ impl TileSource for FixtureSource {
             .is_some_and(|s| s.tensors.contains_key(&spec.tensor))
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn read_tile(
         &self,
         task: &TaskName,
         samples: &[usize],
-        layer: usize,
-        block: Block,
-        head: usize,
+        slice: SliceId,
         cols: Range<usize>,
         out: &mut [f32],
     ) -> Result<()> {
+        let SliceId { layer, block, head } = slice;
         if !self.has_block(block) {
             return Err(Error::MissingBlock { block });
         }

@@ -17,11 +17,11 @@
 
 use rayon::prelude::*;
 
-use crate::backend::{
-    fill_x, fill_y, fisher_columns, FusedOut, FusedSlice, Tile, MAX_GROUPS, PARTIALS_BYTES,
-};
 use crate::error::Result;
 use crate::options::FisherPool;
+use crate::tile::{
+    fill_x, fill_y, fisher_columns, FusedOut, FusedSlice, Tile, MAX_GROUPS, PARTIALS_BYTES,
+};
 
 /// Columns per block: X and Y of 16 + 16 scored rows are 2 × 16 KiB of f64 (L1/L2).
 const KB: usize = 128;

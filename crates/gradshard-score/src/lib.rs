@@ -8,6 +8,7 @@
 
 mod backend;
 mod backend_burn;
+pub mod conflicts;
 mod engine;
 mod error;
 pub mod fisher;
@@ -17,9 +18,11 @@ pub mod options;
 mod post;
 mod result;
 pub mod select;
+mod slice;
 mod source;
 pub mod stats;
 mod store_source;
+mod tile;
 
 pub use backend::{
     transform_value, Backend, CpuBackend, Download, FusedOut, FusedSlice, Role, Tile,
@@ -27,6 +30,7 @@ pub use backend::{
 #[cfg(feature = "cuda")]
 pub use backend_burn::CudaBackend;
 pub use backend_burn::{BurnBackend, GpuPrecision, GpuStats, NdArrayBackend};
+pub use conflicts::{ConflictPair, ConflictRow, Conflicts, Granularity, SampleConflict};
 pub use engine::{lower_median, score, score_with_backend, ScoreProgress};
 pub use error::{Error, Result};
 pub use options::{
@@ -39,5 +43,6 @@ pub use result::{
     Cell, GroupFisherRow, GroupKind, HeatmapRow, MaskLevel, MaskRow, OverlapRow, PairMatrix,
     ReadStats, ScoreResult, SliceDiagnostics, TopPair,
 };
-pub use source::TileSource;
+pub use slice::SliceId;
+pub use source::{FactorTile, SliceFactors, TileForm, TileSource};
 pub use store_source::StoreSource;

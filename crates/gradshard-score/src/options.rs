@@ -145,6 +145,10 @@ pub struct ScoreOptions {
     /// (extra reads: off by default).
     pub mlp_fisher: bool,
     pub sparsities: Vec<f64>,
+    /// Phase 5 (sample conflicts) in the same pass: the whitened Gram of the analysed
+    /// samples per slice (docs/scoring.md). Left out of the settings when off.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub conflicts: bool,
     /// When set, the source's geometry must equal it (e.g. the model config the
     /// caller expects); a difference is an error.
     pub expected_geometry: Option<Geometry>,
@@ -178,6 +182,7 @@ impl ScoreOptions {
             group_fisher: true,
             mlp_fisher: false,
             sparsities: DEFAULT_SPARSITIES.to_vec(),
+            conflicts: false,
             expected_geometry: None,
         }
     }

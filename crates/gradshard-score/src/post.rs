@@ -15,12 +15,12 @@ use std::collections::HashSet;
 use gradshard_core::Block;
 
 use crate::backend::{Backend, Download};
-use crate::engine::Slice;
 use crate::error::{Error, Result};
 use crate::fisher::{kept_count, PhaseAcc, SlicePhase};
 use crate::options::{FisherPool, ScoreOptions};
 use crate::result::{Cell, PairMatrix, SliceDiagnostics};
 use crate::select::{keep_rank, lower_median, OrderStat, Ranker, Threshold};
+use crate::slice::SliceId;
 use crate::stats;
 
 /// Finished slices that may wait for the statistics thread (at least; the concurrent
@@ -46,7 +46,7 @@ impl FisherVec {
 /// One finished slice: task Fishers over all stored samples, M (already scaled
 /// for `Aggregate::Mean`), and the ridge that was applied.
 pub(crate) struct PostJob {
-    pub s: Slice,
+    pub s: SliceId,
     pub fa: FisherVec,
     pub fb: FisherVec,
     pub m: Vec<f64>,
@@ -99,7 +99,7 @@ impl PostCtx<'_> {
     /// and the kept pair matrix of slice `s` (M already scaled; `lam` the ridge used).
     pub fn stats(
         &self,
-        s: &Slice,
+        s: &SliceId,
         fa: &[f64],
         fb: &[f64],
         m: &[f64],

@@ -211,6 +211,9 @@ pub struct ScoreResult {
     pub overlap: Vec<OverlapRow>,
     pub warnings: Vec<String>,
     pub reads: ReadStats,
+    /// Phase 5 sample conflicts (with `options.conflicts`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conflicts: Option<crate::conflicts::Conflicts>,
 }
 
 impl ScoreResult {

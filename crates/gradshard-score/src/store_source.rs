@@ -2,6 +2,8 @@
 
 use std::ops::Range;
 
+use crate::slice::SliceId;
+use crate::source::{FactorTile, SliceFactors, TileForm};
 use crate::{Error, Result, TileSource};
 use gradshard_core::{Block, Geometry, OtherTensor, SampleId, TaskName};
 use gradshard_store::Store;
@@ -13,10 +15,13 @@ pub struct StoreSource<'a> {
 
 impl StoreSource<'_> {
     /// What an error reading one slice of a task names.
-    fn slice_ctx(&self, task: &TaskName, layer: usize, block: Block, head: usize) -> String {
+    fn slice_ctx(&self, task: &TaskName, s: SliceId) -> String {
         format!(
-            "store {}: task `{task}` layer {layer} block {block} head {head}",
-            self.store.dir().display()
+            "store {}: task `{task}` layer {} block {} head {}",
+            self.store.dir().display(),
+            s.layer,
+            s.block,
+            s.head
         )
     }
 }
@@ -42,13 +47,12 @@ impl TileSource for StoreSource<'_> {
         &self,
         task: &TaskName,
         samples: &[usize],
-        layer: usize,
-        block: Block,
-        head: usize,
+        slice: SliceId,
         cols: Range<usize>,
         out: &mut [f32],
     ) -> Result<()> {
-        let ctx = || self.slice_ctx(task, layer, block, head);
+        let SliceId { layer, block, head } = slice;
+        let ctx = || self.slice_ctx(task, slice);
         let numel = self.geometry().slice_numel();
         if cols == (0..numel) {
             return self
@@ -68,40 +72,54 @@ impl TileSource for StoreSource<'_> {
         Ok(())
     }
 
-    fn bf16_planes(&self) -> bool {
-        self.store.bf16_planes()
+    fn form(&self) -> TileForm {
+        if self.store.any_factored() {
+            TileForm::Factors
+        } else if self.store.bf16_planes() {
+            TileForm::Bf16Planes
+        } else {
+            TileForm::F32
+        }
     }
 
     fn read_tile_bf16_planes(
         &self,
         task: &TaskName,
         samples: &[usize],
-        layer: usize,
-        block: Block,
-        head: usize,
+        slice: SliceId,
         out: &mut [u8],
     ) -> Result<()> {
+        let SliceId { layer, block, head } = slice;
         self.store
             .read_tile_bf16_planes(task.as_str(), samples, layer, block, head, out)
-            .map_err(|e| Error::source(self.slice_ctx(task, layer, block, head), e))
-    }
-
-    fn has_factors(&self) -> bool {
-        self.store.any_factored()
+            .map_err(|e| Error::source(self.slice_ctx(task, slice), e))
     }
 
     fn read_factor_tile(
         &self,
         task: &TaskName,
         samples: &[usize],
-        layer: usize,
-        block: Block,
-        head: usize,
-    ) -> Result<Option<gradshard_store::FactorTile>> {
-        self.store
+        slice: SliceId,
+    ) -> Result<FactorTile> {
+        let SliceId { layer, block, head } = slice;
+        let t = self
+            .store
             .read_factor_tile(task.as_str(), samples, layer, block, head)
-            .map(Some)
-            .map_err(|e| Error::source(self.slice_ctx(task, layer, block, head), e))
+            .map_err(|e| Error::source(self.slice_ctx(task, slice), e))?;
+        // The store's factors, moved into the scorer's own type (no values copied).
+        Ok(FactorTile {
+            r: t.r,
+            c: t.c,
+            samples: t
+                .samples
+                .into_iter()
+                .map(|f| SliceFactors {
+                    n: f.n,
+                    p: f.p,
+                    s: f.s,
+                })
+                .collect(),
+        })
     }
 
     fn other_tensors(&self) -> Vec<OtherTensor> {

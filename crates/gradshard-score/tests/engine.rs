@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use gradshard_core::{Block, Geometry, OtherTensor, SampleId, TaskName};
 use gradshard_score::fixture::FixtureSource;
 use gradshard_score::{
-    score, Error, GroupKind, MaskLevel, Result, ScoreOptions, ScoreProgress, ScoreResult,
+    score, Error, GroupKind, MaskLevel, Result, ScoreOptions, ScoreProgress, ScoreResult, SliceId,
     TileSource, Variant,
 };
 
@@ -53,9 +53,7 @@ impl<S: TileSource> TileSource for Counting<S> {
         &self,
         task: &TaskName,
         samples: &[usize],
-        layer: usize,
-        block: Block,
-        head: usize,
+        slice: SliceId,
         cols: Range<usize>,
         out: &mut [f32],
     ) -> Result<()> {
@@ -63,10 +61,9 @@ impl<S: TileSource> TileSource for Counting<S> {
             .calls
             .lock()
             .unwrap()
-            .entry((task.to_string(), layer, block, head))
+            .entry((task.to_string(), slice.layer, slice.block, slice.head))
             .or_default() += 1;
-        self.inner
-            .read_tile(task, samples, layer, block, head, cols, out)
+        self.inner.read_tile(task, samples, slice, cols, out)
     }
     fn other_tensors(&self) -> Vec<OtherTensor> {
         self.inner.other_tensors()
@@ -349,8 +346,14 @@ fn group_fisher_matches_a_direct_computation() {
         let samples = src.samples(&task(t)).unwrap();
         let idx: Vec<usize> = (0..samples.len()).collect();
         let mut tile = vec![0f32; idx.len() * s_len];
-        src.read_tile(&task(t), &idx, 1, Block::K, 1, 0..s_len, &mut tile)
-            .unwrap();
+        src.read_tile(
+            &task(t),
+            &idx,
+            SliceId::new(1, Block::K, 1),
+            0..s_len,
+            &mut tile,
+        )
+        .unwrap();
         let mut sum = 0.0f64;
         for (r, (_, tok)) in samples.iter().enumerate() {
             for v in &tile[r * s_len..(r + 1) * s_len] {

@@ -78,20 +78,10 @@ pub struct SalvageOptions {
     pub spec_from: Option<PathBuf>,
 }
 
-/// Salvages the store at `dir`. The caller holds no writer on it; salvage takes the
-/// writer lock itself, so it never runs beside a writer.
-pub fn salvage(dir: &Path, dry_run: bool) -> Result<SalvageReport> {
-    salvage_with(
-        dir,
-        &SalvageOptions {
-            dry_run,
-            spec_from: None,
-        },
-    )
-}
-
-/// [`salvage`] with options: a missing or unreadable manifest is rebuilt (see
-/// [`SalvageOptions::spec_from`]).
+/// Salvages the store at `dir` (the samples, the log and the manifest; the crate's
+/// `salvage_with` then rebuilds `stats/`). The caller holds no writer on it; salvage
+/// takes the writer lock itself, so it never runs beside a writer. A missing or
+/// unreadable manifest is rebuilt (see [`SalvageOptions::spec_from`]).
 pub fn salvage_with(dir: &Path, opts: &SalvageOptions) -> Result<SalvageReport> {
     let dry_run = opts.dry_run;
     crate::guard::require_store_dir(dir)?;
