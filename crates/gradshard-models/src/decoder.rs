@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 use gradshard_core::model::{
     roles, DecoderConfig, HeadKind, MlpKind, NormKind, Positions, QkNorm, QkvLayout, Roles,
 };
-use crate::model::{
+use crate::layers::{
     act, add_mask, attn_mask, lift, repeat_kv, rope, rope_freqs, split_heads, Ctx, Ignorable,
     Inner, Layout, Lin, Loader, Norm, ParamKind, SpecBuilder,
 };

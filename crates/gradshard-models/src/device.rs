@@ -20,7 +20,7 @@ use gradshard_core::model::ModelConfig;
 use crate::data::TokenSample;
 use crate::error::{Error, Result};
 use crate::grads::{Engine, SampleFactors, SampleGrads, SampleLoss};
-use crate::model::{ParamInfo, ParamSet};
+use crate::layers::{ParamInfo, ParamSet};
 
 /// CPU backend with autodiff (burn flex, f32).
 pub type CpuBackend = burn::backend::Autodiff<burn::backend::Flex>;

@@ -20,6 +20,8 @@
 
 pub mod data;
 mod decoder;
+mod gpt2;
+mod layers;
 pub mod device;
 pub mod error;
 pub mod grads;
