@@ -18,9 +18,10 @@ fn refused(args: &[&str]) -> (i32, String) {
     let o = run(args);
     let took = t0.elapsed();
     let err = String::from_utf8_lossy(&o.stderr).into_owned();
-    let code = o.status.code().unwrap_or_else(|| {
-        panic!("gradshard {args:?} was killed by a signal (an abort?): {err}")
-    });
+    let code = o
+        .status
+        .code()
+        .unwrap_or_else(|| panic!("gradshard {args:?} was killed by a signal (an abort?): {err}"));
     assert!(
         code != 0 && code < 100,
         "gradshard {args:?} exited {code}: {err}"
@@ -114,10 +115,7 @@ fn collect_refuses_a_config_with_a_billion_layers_and_writes_no_store() {
     }
     llama_config_with(&model, "num_hidden_layers", json!(1_000_000_000u64));
     let store = dir.path().join("store");
-    let task = format!(
-        "math={}",
-        p(&fixtures().join("llama-gqa/tasks/math.jsonl"))
-    );
+    let task = format!("math={}", p(&fixtures().join("llama-gqa/tasks/math.jsonl")));
     let (_, e) = refused(&[
         "collect",
         "--model",
@@ -135,7 +133,10 @@ fn collect_refuses_a_config_with_a_billion_layers_and_writes_no_store() {
     assert!(!store.exists(), "collect left {}", store.display());
     // plan reads the same description and refuses it the same way.
     let (_, e) = refused(&["plan", "--model", p(&model), "--samples", "1"]);
-    assert!(e.contains("num_hidden_layers") && e.contains("out of range"), "{e}");
+    assert!(
+        e.contains("num_hidden_layers") && e.contains("out of range"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -153,7 +154,10 @@ fn make_model_refuses_a_checkpoint_larger_than_the_free_space_and_writes_nothing
     let out = dir.path().join("huge");
     let (code, e) = refused(&["make-model", "--out", p(&out), "--config", p(&cfg)]);
     assert_eq!(code, 3, "{e}");
-    assert!(e.contains("free") && e.contains("nothing was written"), "{e}");
+    assert!(
+        e.contains("free") && e.contains("nothing was written"),
+        "{e}"
+    );
     assert!(!out.exists(), "make-model left {}", out.display());
 }
 

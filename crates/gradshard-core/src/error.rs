@@ -20,9 +20,7 @@ pub enum Error {
     #[error("{path}: invalid config: {msg}")]
     Config { path: PathBuf, msg: String },
     /// `model_type` names an architecture gradshard does not know.
-    #[error(
-        "{path}: unsupported model_type {model_type:?} (supported: {supported})"
-    )]
+    #[error("{path}: unsupported model_type {model_type:?} (supported: {supported})")]
     UnsupportedModel {
         path: PathBuf,
         model_type: String,

@@ -15,5 +15,5 @@ pub mod model;
 pub use dtype::{bf16_bits_to_f32, f32_to_bf16_bits, DType};
 pub use error::{Error, Result};
 pub use geometry::{AttnTensor, Axis, Geometry, Layout, OtherTensor, SliceSpec};
-pub use model::{ModelConfig, ModelShape};
 pub use ids::{Block, HeadId, LayerId, SampleId, TaskName};
+pub use model::{ModelConfig, ModelShape};

@@ -16,14 +16,14 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 
 use crate::error::{Error, Result};
-use gradshard_core::model::{
-    roles, DecoderConfig, HeadKind, MlpKind, NormKind, Positions, QkNorm, QkvLayout, Roles,
-};
 use crate::layers::{
     act, add_mask, attn_mask, lift, repeat_kv, rope, rope_freqs, split_heads, Ctx, Ignorable,
     Inner, Layout, Lin, Loader, Norm, ParamKind, SpecBuilder,
 };
 use crate::weights::Checkpoint;
+use gradshard_core::model::{
+    roles, DecoderConfig, HeadKind, MlpKind, NormKind, Positions, QkNorm, QkvLayout, Roles,
+};
 
 /// One layer's weights.
 struct DecLayer<B: Backend> {
@@ -259,10 +259,12 @@ pub(crate) fn spec_for_checkpoint(
         let tied_copy = tied
             && (n == lm_head
                 || (nested && n == "language_model.lm_head.weight")
-                || (arch == gradshard_core::model::Arch::Bert && n == "cls.predictions.decoder.bias"));
+                || (arch == gradshard_core::model::Arch::Bert
+                    && n == "cls.predictions.decoder.bias"));
         // BERT checkpoints often carry a pooler (unused by the LM head); a
         // Gemma 3 checkpoint carries its vision tower.
-        let other_model = (arch == gradshard_core::model::Arch::Bert && n.starts_with("bert.pooler."))
+        let other_model = (arch == gradshard_core::model::Arch::Bert
+            && n.starts_with("bert.pooler."))
             || (nested
                 && [
                     "vision_tower.",

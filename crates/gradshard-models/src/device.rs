@@ -16,11 +16,11 @@ use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
 
-use gradshard_core::model::ModelConfig;
 use crate::data::TokenSample;
 use crate::error::{Error, Result};
 use crate::grads::{Engine, SampleFactors, SampleGrads, SampleLoss};
 use crate::layers::{ParamInfo, ParamSet};
+use gradshard_core::model::ModelConfig;
 
 /// CPU backend with autodiff (burn flex, f32).
 pub type CpuBackend = burn::backend::Autodiff<burn::backend::Flex>;

@@ -6,12 +6,12 @@ use burn::tensor::activation;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor};
 
-use gradshard_core::model::Gpt2Config;
 use crate::error::Result;
 use crate::layers::{
-    act, attn_mask, add_mask, lift, split_heads, Ctx, Inner, Layout, Lin, Loader, Norm, ParamKind,
+    act, add_mask, attn_mask, lift, split_heads, Ctx, Inner, Layout, Lin, Loader, Norm, ParamKind,
     SpecBuilder,
 };
+use gradshard_core::model::Gpt2Config;
 
 pub(crate) struct Gpt2Layer<B: Backend> {
     ln1: Norm<B>,

@@ -25,9 +25,9 @@ use burn::tensor::activation;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 
-use gradshard_core::model::{Activation, RopeScaling};
 use crate::error::{Error, Result};
 use crate::weights::Checkpoint;
+use gradshard_core::model::{Activation, RopeScaling};
 
 /// The inner (non-autodiff) backend of an autodiff backend.
 pub(crate) type Inner<B> = <B as AutodiffBackend>::InnerBackend;

@@ -20,22 +20,17 @@
 
 pub mod data;
 mod decoder;
-mod gpt2;
-mod layers;
 pub mod device;
 pub mod error;
+mod gpt2;
 pub mod grads;
+mod layers;
 pub mod model;
 mod native;
 pub mod random;
 pub mod weights;
 pub mod write;
 
-/// The model description lives in `gradshard-core` (config.json is parsed there
-/// once); re-exported here for the forward passes' users.
-pub use gradshard_core::model::{
-    Activation, Arch, DecoderConfig, Gpt2Config, ModelConfig, ModelShape, RopeConfig, RopeScaling,
-};
 pub use data::{
     encode, load_tokenizer, ReaderOptions, SampleId, SampleReader, Skipped, TokenSample,
 };
@@ -44,6 +39,11 @@ pub use device::CudaBackend;
 pub use device::{cuda_available, CpuBackend, CpuEngine, Device, GradModel};
 pub use error::{Error, Result};
 pub use grads::{Engine, SampleFactors, SampleGrads, SampleLoss, TensorFactors, TensorGrad};
+/// The model description lives in `gradshard-core` (config.json is parsed there
+/// once); re-exported here for the forward passes' users.
+pub use gradshard_core::model::{
+    Activation, Arch, DecoderConfig, Gpt2Config, ModelConfig, ModelShape, RopeConfig, RopeScaling,
+};
 pub use model::{checkpoint_spec, config_params, ParamInfo, ParamKind, ParamSet};
 pub use random::{
     checkpoint_bytes, write_random_checkpoint, write_random_tasks, RandomCheckpoint, WeightDtype,

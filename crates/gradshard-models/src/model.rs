@@ -8,12 +8,12 @@ use std::path::Path;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor};
 
-use gradshard_core::model::ModelConfig;
 use crate::error::{Error, Result};
 use crate::gpt2::{gpt2_forward, gpt2_spec, load_gpt2, Gpt2Net};
 use crate::layers::{Ctx, Ignorable, Loader, SpecBuilder};
 pub use crate::layers::{ParamInfo, ParamKind, ParamSet};
 use crate::weights::{Checkpoint, WeightSpec};
+use gradshard_core::model::ModelConfig;
 
 enum Net<B: Backend> {
     Gpt2(Gpt2Net<B>),

@@ -15,10 +15,10 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Map, Value};
 
-use gradshard_core::model::ModelConfig;
 use crate::error::{Error, Result};
 use crate::model::checkpoint_spec;
 use crate::weights::SINGLE_FILE;
+use gradshard_core::model::ModelConfig;
 
 /// Element type of the written weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

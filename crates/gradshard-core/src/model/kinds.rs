@@ -213,7 +213,10 @@ pub(crate) fn parse_scaling(r: &Reader<'_>, s: &Reader<'_>) -> Result<RopeScalin
 /// The base RoPE parameters of a model: `rope_parameters` (transformers 5) or
 /// `rope_theta` (under `legacy_theta` names) and `rope_scaling`. Returns the
 /// parameters and the partial-rotary factor written with them, if any.
-pub(crate) fn rope_base(r: &Reader<'_>, legacy_theta: &[&str]) -> Result<(RopeConfig, Option<f64>)> {
+pub(crate) fn rope_base(
+    r: &Reader<'_>,
+    legacy_theta: &[&str],
+) -> Result<(RopeConfig, Option<f64>)> {
     if let Some(p) = r.sub("rope_parameters")? {
         return rope_object(r, &p, "rope_parameters");
     }
@@ -272,7 +275,12 @@ fn in_field(r: &Reader<'_>, field: &str, e: Error) -> Error {
 }
 
 /// The rotated width of a head: `factor` · d, even and > 0.
-pub(crate) fn rotary_dim(r: &Reader<'_>, head_dim: usize, factor: f64, field: &str) -> Result<usize> {
+pub(crate) fn rotary_dim(
+    r: &Reader<'_>,
+    head_dim: usize,
+    factor: f64,
+    field: &str,
+) -> Result<usize> {
     if !(factor > 0.0 && factor <= 1.0) {
         return Err(r.unsupported(format!("`{field}` = {factor} (must be in (0, 1])")));
     }

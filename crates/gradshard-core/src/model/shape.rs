@@ -58,9 +58,7 @@ pub struct ModelShape {
 /// `value` of `field` within `limit`.
 pub(crate) fn bounded(r: &Reader<'_>, field: &str, value: usize, limit: usize) -> Result<usize> {
     if value > limit {
-        return Err(r.err(format!(
-            "`{field}` {value} is out of range (limit {limit})"
-        )));
+        return Err(r.err(format!("`{field}` {value} is out of range (limit {limit})")));
     }
     Ok(value)
 }
@@ -77,7 +75,8 @@ impl ModelShape {
             s.nested = true;
             return Ok(s);
         }
-        let arch = Arch::from_model_type(&model_type).ok_or_else(|| unsupported(path, &model_type))?;
+        let arch =
+            Arch::from_model_type(&model_type).ok_or_else(|| unsupported(path, &model_type))?;
         ModelShape::read(&r, arch, false)
     }
 

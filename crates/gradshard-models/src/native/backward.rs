@@ -6,7 +6,12 @@ use super::*;
 
 impl NativeEngine {
     /// Backward of [`NativeEngine::attention`]: from da (n × H·d) to dq, dk, dv.
-    pub(super) fn attention_back(&self, pk: &Packed, s: &Saved, da: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    pub(super) fn attention_back(
+        &self,
+        pk: &Packed,
+        s: &Saved,
+        da: &[f32],
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         let c = &self.c;
         let (hq, hkv, d) = (c.num_heads, c.num_kv_heads, c.head_dim);
         let (qw, kw) = (hq * d, hkv * d);

@@ -371,7 +371,14 @@ pub(super) fn rope_tab(freqs: &(Vec<f64>, f64), t: usize) -> RopeTab {
 /// HF rotate-half RoPE on the first 2·half values of every head of x (rows
 /// × heads·d), in place; `inverse` applies the transposed rotation (the
 /// backward). Row i sits at position pos[i].
-pub(super) fn rope_rows(x: &mut [f32], heads: usize, d: usize, pos: &[usize], tab: &RopeTab, inverse: bool) {
+pub(super) fn rope_rows(
+    x: &mut [f32],
+    heads: usize,
+    d: usize,
+    pos: &[usize],
+    tab: &RopeTab,
+    inverse: bool,
+) {
     let half = tab.half;
     let sign = if inverse { -1.0f32 } else { 1.0 };
     x.par_chunks_mut(heads * d)

@@ -32,14 +32,14 @@
 
 use rayon::prelude::*;
 
-use gradshard_core::model::{Activation, ModelConfig};
 use crate::data::TokenSample;
 use crate::error::{Error, Result};
-use gradshard_core::model::{DecoderConfig, HeadKind, MlpKind, NormKind, NormPlacement, Positions};
-use gradshard_core::model::{QkNorm, QkvLayout};
 use crate::grads::{SampleFactors, SampleGrads, SampleLoss, TensorFactors, TensorGrad};
 use crate::layers::{ParamInfo, ParamSet};
 use crate::model::open_checked;
+use gradshard_core::model::{Activation, ModelConfig};
+use gradshard_core::model::{DecoderConfig, HeadKind, MlpKind, NormKind, NormPlacement, Positions};
+use gradshard_core::model::{QkNorm, QkvLayout};
 
 mod backward;
 mod forward;
