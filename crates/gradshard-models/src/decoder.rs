@@ -16,7 +16,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 
 use crate::error::{Error, Result};
-use crate::model::{
+use crate::layers::{
     act, add_mask, attn_mask, lift, repeat_kv, rope, rope_freqs, split_heads, Ctx, Ignorable,
     Inner, Layout, Lin, Loader, Norm, ParamKind, SpecBuilder,
 };

@@ -19,7 +19,7 @@ use std::str::FromStr;
 use crate::data::TokenSample;
 use crate::error::{Error, Result};
 use crate::grads::{Engine, SampleFactors, SampleGrads, SampleLoss};
-use crate::model::{ParamInfo, ParamSet};
+use crate::layers::{ParamInfo, ParamSet};
 use gradshard_core::model::ModelConfig;
 
 /// CPU backend with autodiff (burn flex, f32).

@@ -25,7 +25,8 @@ use burn::tensor::{Int, Tensor, TensorData};
 
 use crate::data::{SampleId, TokenSample};
 use crate::error::{Error, Result};
-use crate::model::{Ctx, GradMode, Inner, Layout, Model, ParamInfo, ParamSet, TapInput};
+use crate::layers::{Ctx, GradMode, Inner, Layout, ParamInfo, ParamSet, TapInput};
+use crate::model::Model;
 
 /// One tensor's gradient: HF name, stored shape, row-major f32 values.
 #[derive(Debug, Clone, PartialEq)]

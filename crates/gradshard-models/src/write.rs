@@ -13,7 +13,7 @@ use crate::data::{load_tokenizer, ReaderOptions, SampleId, SampleReader};
 use crate::device::{Device, GradModel};
 use crate::error::{Error, Result};
 use crate::grads::SampleGrads;
-use crate::model::ParamSet;
+use crate::layers::ParamSet;
 
 /// Options of [`write_grads`]; mirrors the CLI flags.
 #[derive(Debug, Clone)]

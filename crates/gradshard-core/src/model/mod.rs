@@ -60,3 +60,6 @@ pub fn read_config(path: &Path) -> Result<(PathBuf, Value)> {
     })?;
     Ok((file, v))
 }
+
+#[cfg(test)]
+mod tests;

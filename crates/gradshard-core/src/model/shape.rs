@@ -103,6 +103,9 @@ impl ModelShape {
                 vec![new]
             }
         };
+        let layer_keys = keys("num_hidden_layers", "n_layer");
+        let layers = r.positive_of(&layer_keys)?;
+        bounded(r, layer_keys[0], layers, limits::LAYERS)?;
         let hidden_keys = keys("hidden_size", "n_embd");
         let hidden = r.positive_of(&hidden_keys)?;
         bounded(r, hidden_keys[0], hidden, limits::HIDDEN)?;
@@ -145,9 +148,6 @@ impl ModelShape {
             None if gpt2 => Some(bounded(r, "n_inner", 4 * hidden, limits::INTERMEDIATE)?),
             None => None,
         };
-        let layer_keys = keys("num_hidden_layers", "n_layer");
-        let layers = r.positive_of(&layer_keys)?;
-        bounded(r, layer_keys[0], layers, limits::LAYERS)?;
         Ok(ModelShape {
             arch,
             layers,
