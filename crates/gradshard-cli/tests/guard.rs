@@ -76,7 +76,10 @@ fn refused(args: &[&str], names: &str) {
     let e = stderr(&o);
     assert_eq!(o.status.code(), Some(REFUSED), "{args:?}: {e}");
     assert!(e.contains("refusing") || e.contains("not replaced"), "{e}");
-    assert!(e.contains(names), "{args:?}: message does not name {names}: {e}");
+    assert!(
+        e.contains(names),
+        "{args:?}: message does not name {names}: {e}"
+    );
 }
 
 /// The score outputs that must be equal for two runs on the same data.
@@ -96,9 +99,7 @@ fn score_files(out: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
 fn strip_times(v: &mut serde_json::Value) {
     match v {
         serde_json::Value::Object(m) => {
-            m.retain(|k, _| {
-                !(k.contains("second") || k.contains("time") || k.contains("elapsed"))
-            });
+            m.retain(|k, _| !(k.contains("second") || k.contains("time") || k.contains("elapsed")));
             m.values_mut().for_each(strip_times);
         }
         serde_json::Value::Array(a) => a.iter_mut().for_each(strip_times),
@@ -124,12 +125,18 @@ fn score_out_never_replaces_a_store_or_its_parent() {
         let mut a = score_args(&st, &out);
         a.push("--overwrite");
         refused(&a, "store");
-        assert_eq!(snapshot(&proj), before, "score --out {out:?} changed the store");
+        assert_eq!(
+            snapshot(&proj),
+            before,
+            "score --out {out:?} changed the store"
+        );
     }
     // A relative path into the store, from the store's parent.
     let o = bin()
         .current_dir(&proj)
-        .args(["score", "--store", "st", "--task-a", "math", "--task-b", "general"])
+        .args([
+            "score", "--store", "st", "--task-a", "math", "--task-b", "general",
+        ])
         .args(["--out", "st/../st/shards", "--overwrite", "--n-boot", "0"])
         .output()
         .unwrap();
@@ -176,13 +183,7 @@ fn side_outputs_never_land_on_store_files() {
     let shard = st.join("shards/shard-000000.gss");
     for target in [st.join("manifest.json"), shard.clone(), st.clone()] {
         refused(
-            &[
-                "inspect",
-                "--store",
-                p(&st),
-                "--index-parquet",
-                p(&target),
-            ],
+            &["inspect", "--store", p(&st), "--index-parquet", p(&target)],
             p(&target),
         );
     }
@@ -220,13 +221,16 @@ fn side_outputs_never_land_on_store_files() {
     assert!(!fresh.exists(), "a refused synth wrote its store");
     // A store inside a store's shards, a model or gradients written into a store.
     refused(
-        &["synth", "--store", p(&st.join("shards/inner")), "--samples", "1"],
+        &[
+            "synth",
+            "--store",
+            p(&st.join("shards/inner")),
+            "--samples",
+            "1",
+        ],
         "inner",
     );
-    refused(
-        &["make-model", "--out", p(&st), "--preset", "tiny"],
-        p(&st),
-    );
+    refused(&["make-model", "--out", p(&st), "--preset", "tiny"], p(&st));
     refused(
         &[
             "grads",
@@ -269,9 +273,15 @@ fn a_deleted_or_emptied_log_is_mended_by_salvage() {
         let o = run(&["verify", "--store", p(&st)]);
         let out = String::from_utf8_lossy(&o.stdout);
         assert_eq!(o.status.code(), Some(DAMAGE), "{how}: {out}{}", stderr(&o));
-        assert!(out.contains("samples.log") && out.contains("salvage"), "{out}");
+        assert!(
+            out.contains("samples.log") && out.contains("salvage"),
+            "{out}"
+        );
         let said = ok(&["salvage", "--store", p(&st)]);
-        assert!(said.contains("re-admitted") && said.contains("6 sample(s) kept"), "{said}");
+        assert!(
+            said.contains("re-admitted") && said.contains("6 sample(s) kept"),
+            "{said}"
+        );
         assert!(ok(&["verify", "--store", p(&st)]).contains("OK"));
         // The log holds the same records (in commit order) and the shards are untouched.
         assert_eq!(std::fs::read(st.join("samples.log")).unwrap(), log, "{how}");
@@ -317,7 +327,11 @@ fn a_garbage_manifest_is_rebuilt_from_the_shard_headers() {
     let e = stderr(&o);
     assert!(!o.status.success(), "{e}");
     assert!(e.contains("not rebuilt") && e.contains(p(&small)), "{e}");
-    assert_eq!(snapshot(&st), damaged, "a refused rebuild changed the store");
+    assert_eq!(
+        snapshot(&st),
+        damaged,
+        "a refused rebuild changed the store"
+    );
 
     let said = ok(&["salvage", "--store", p(&st), "--spec-from", p(&like)]);
     assert!(said.contains("rebuilt"), "{said}");
@@ -449,7 +463,10 @@ fn exit_codes_say_what_went_wrong() {
         let o = run(&[cmd, "--store", p(&file)]);
         let e = stderr(&o);
         assert_eq!(o.status.code(), Some(NOT_A_STORE), "{cmd}: {e}");
-        assert!(e.contains("README.md") && e.contains("not a directory"), "{e}");
+        assert!(
+            e.contains("README.md") && e.contains("not a directory"),
+            "{e}"
+        );
     }
     let o = run(&["verify", "--store", p(dir.path())]);
     assert_eq!(o.status.code(), Some(NOT_A_STORE));
@@ -464,6 +481,19 @@ fn exit_codes_say_what_went_wrong() {
     let o = run(&["verify", "--store", p(&st)]);
     assert_eq!(o.status.code(), Some(DAMAGE));
     assert!(String::from_utf8_lossy(&o.stdout).contains("salvage"));
+    // Damage: a deleted manifest (the store's other files are there).
+    let st2 = dir.path().join("st2");
+    synth(&st2, &[]);
+    std::fs::remove_file(st2.join("manifest.json")).unwrap();
+    for cmd in ["verify", "inspect"] {
+        let o = run(&[cmd, "--store", p(&st2)]);
+        let e = stderr(&o);
+        assert_eq!(o.status.code(), Some(DAMAGE), "{cmd}: {e}");
+        assert!(
+            e.contains("manifest.json") && e.contains("missing") && e.contains("salvage --store"),
+            "{e}"
+        );
+    }
     // Bad arguments.
     let o = run(&["verify"]);
     assert_eq!(o.status.code(), Some(USAGE));
@@ -537,7 +567,11 @@ fn fuzz_random_output_paths_never_change_a_store() {
             "{rel}: aborted: {}",
             stderr(&o)
         );
-        assert_eq!(snapshot(&st), before, "iteration {i}: {rel} changed the store");
+        assert_eq!(
+            snapshot(&st),
+            before,
+            "iteration {i}: {rel} changed the store"
+        );
     }
     assert!(refused_n > 20, "only {refused_n} of 200 refused");
 }

@@ -186,9 +186,11 @@ fn existing_output_is_kept_unless_overwrite() {
     assert!(prev.join(SCORE_MARKER).is_file());
     let w = write_outputs_with(&res, &prev, &o).unwrap();
     assert!(!w.files.iter().any(|f| f.ends_with(".png")));
-    assert!(!std::fs::read_dir(&prev)
+    assert!(!std::fs::read_dir(&prev).unwrap().any(|e| e
         .unwrap()
-        .any(|e| e.unwrap().path().extension().is_some_and(|x| x == "png")));
+        .path()
+        .extension()
+        .is_some_and(|x| x == "png")));
     assert!(prev.join("heatmap.parquet").exists());
     assert!(prev.join(SCORE_MARKER).is_file());
     assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 2);

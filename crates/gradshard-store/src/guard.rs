@@ -36,8 +36,7 @@ pub fn is_store_dir(dir: &Path) -> bool {
     if !dir.is_dir() {
         return false;
     }
-    if log_path(dir).is_file() || shards_dir(dir).is_dir() || dir.join(UNFINISHED_FILE).is_file()
-    {
+    if log_path(dir).is_file() || shards_dir(dir).is_dir() || dir.join(UNFINISHED_FILE).is_file() {
         return true;
     }
     let m = dir.join(MANIFEST_FILE);

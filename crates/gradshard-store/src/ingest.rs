@@ -125,7 +125,8 @@ fn parse<'a>(path: &Path, bytes: &'a [u8], geometry: &Geometry) -> Result<SafeTe
 /// (name, start, end) of every tensor in a safetensors header, by start offset.
 fn header_ranges(bytes: &[u8]) -> Option<Vec<(String, u64, u64)>> {
     let n = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?) as usize;
-    let header: serde_json::Value = serde_json::from_slice(bytes.get(8..8usize.checked_add(n)?)?).ok()?;
+    let header: serde_json::Value =
+        serde_json::from_slice(bytes.get(8..8usize.checked_add(n)?)?).ok()?;
     let mut out = Vec::new();
     for (name, v) in header.as_object()? {
         if name == "__metadata__" {
@@ -160,7 +161,10 @@ fn describe_bad_ranges(ranges: &[(String, u64, u64)], missing: &[String]) -> Opt
                 [one] => format!("tensor `{one}` is missing from the header"),
                 many => format!(
                     "tensors {} are missing from the header",
-                    many.iter().map(|m| format!("`{m}`")).collect::<Vec<_>>().join(", ")
+                    many.iter()
+                        .map(|m| format!("`{m}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
             };
             return Some(format!(

@@ -127,7 +127,12 @@ pub fn salvage_with(dir: &Path, opts: &SalvageOptions) -> Result<SalvageReport> 
     let (log, log_missing) = match std::fs::read(&lp) {
         Ok(b) => (b, false),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => (Vec::new(), true),
-        Err(e) => return Err(Error::Io { path: lp, source: e }),
+        Err(e) => {
+            return Err(Error::Io {
+                path: lp,
+                source: e,
+            })
+        }
     };
     let mut records = Vec::new();
     let mut rewrite_log = false;

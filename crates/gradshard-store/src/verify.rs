@@ -59,7 +59,12 @@ pub fn verify(dir: &Path, progress: &(dyn Fn(u64, u64) + Sync)) -> Result<Verify
             ));
             return Ok(rep);
         }
-        Err(e) => return Err(crate::Error::Io { path: lp, source: e }),
+        Err(e) => {
+            return Err(crate::Error::Io {
+                path: lp,
+                source: e,
+            })
+        }
     };
     let records = match decode_log(&log) {
         Ok(s) => {
