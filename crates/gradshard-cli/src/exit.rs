@@ -122,6 +122,7 @@ fn one(c: &(dyn std::error::Error + 'static)) -> Category {
     if let Some(x) = c.downcast_ref::<gradshard_export::Error>() {
         return match x {
             gradshard_export::Error::OutputExists(_) => Category::Refused,
+            gradshard_export::Error::NotAScoreOutput { .. } => Category::Refused,
             gradshard_export::Error::Io { source, .. } => io(source),
             _ => Category::Failure,
         };

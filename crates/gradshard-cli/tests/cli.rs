@@ -139,7 +139,8 @@ fn bad_input_exits_non_zero_naming_the_problem() {
         "--store",
         dir.path().join("nope").to_str().unwrap(),
     ]);
-    assert_eq!(o.status.code(), Some(1));
+    // Not found: exit 4 (docs/errors.md).
+    assert_eq!(o.status.code(), Some(4));
     assert!(String::from_utf8_lossy(&o.stderr).contains("nope"));
     // Unknown dtype: rejected by argument parsing before any I/O.
     let store = dir.path().join("s");
@@ -150,7 +151,8 @@ fn bad_input_exits_non_zero_naming_the_problem() {
         "--dtype",
         "fp8",
     ]);
-    assert_eq!(o.status.code(), Some(2));
+    // Bad arguments: exit 64 (docs/errors.md; 2 means damage found).
+    assert_eq!(o.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&o.stderr).contains("fp8"));
     assert!(!store.exists(), "argument errors must not touch the disk");
     // Task without a directory.
@@ -163,7 +165,7 @@ fn bad_input_exits_non_zero_naming_the_problem() {
         "--store",
         store.to_str().unwrap(),
     ]);
-    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(o.status.code(), Some(64));
     // Model with an unsupported model_type.
     let m = dir.path().join("m");
     std::fs::create_dir(&m).unwrap();

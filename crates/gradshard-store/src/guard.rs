@@ -13,8 +13,8 @@
 //! Then the path is refused when
 //! - it is a store, or lies inside one (any ancestor is a store), or
 //! - it is an existing directory that holds a store within [`DOWN_DEPTH`] levels
-//!   (or holds more than [`DOWN_ENTRIES`] entries to look through: a directory too
-//!   large to check is not replaced either).
+//!   (or holds more than [`DOWN_DIRS`] directories to search: a tree too large to
+//!   check is not written over either).
 //!
 //! A command that writes inside its own store (e.g. `collect` writing `stats/`) does
 //! so through the store's own code, not through this guard; [`check_store_target`]
@@ -28,8 +28,9 @@ use crate::{log_path, shards_dir, MANIFEST_FILE, UNFINISHED_FILE};
 
 /// How many directory levels below an output directory are searched for stores.
 pub const DOWN_DEPTH: usize = 4;
-/// How many entries below an output directory are looked at, at most.
-pub const DOWN_ENTRIES: usize = 20_000;
+/// How many directories below an output directory are searched, at most (files are
+/// passed over at no cost: a directory of a million gradient files is fine).
+pub const DOWN_DIRS: usize = 10_000;
 
 /// Whether `dir` is (what is left of) a gradshard store.
 pub fn is_store_dir(dir: &Path) -> bool {
@@ -132,7 +133,7 @@ pub fn enclosing_store(p: &Path) -> Option<PathBuf> {
 
 /// A store inside the existing directory `dir` (not `dir` itself), searched
 /// [`DOWN_DEPTH`] levels down without following symlinks. `Err(n)` when more than
-/// [`DOWN_ENTRIES`] entries would have to be looked at.
+/// [`DOWN_DIRS`] directories would have to be searched.
 fn store_below(dir: &Path) -> std::result::Result<Option<PathBuf>, usize> {
     let mut level = vec![dir.to_path_buf()];
     let mut seen = 0usize;
@@ -143,12 +144,12 @@ fn store_below(dir: &Path) -> std::result::Result<Option<PathBuf>, usize> {
                 continue;
             };
             for e in rd.flatten() {
-                seen += 1;
-                if seen > DOWN_ENTRIES {
-                    return Err(seen);
-                }
                 let Ok(t) = e.file_type() else { continue };
                 if t.is_dir() {
+                    seen += 1;
+                    if seen > DOWN_DIRS {
+                        return Err(seen);
+                    }
                     let p = e.path();
                     if is_store_dir(&p) {
                         return Ok(Some(p));
@@ -210,7 +211,7 @@ pub fn check_output(flag: &str, path: &Path) -> Result<PathBuf> {
                     flag,
                     path,
                     format!(
-                        "{} holds more than {n} entries; it is not searched through for stores and not written over (choose a new or empty path)",
+                        "{} holds more than {n} directories; it is not searched through for stores and not written over (choose a new or empty path)",
                         r.display()
                     ),
                 ))

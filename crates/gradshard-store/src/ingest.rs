@@ -395,6 +395,7 @@ pub fn ingest(opts: &IngestOptions, progress: &mut dyn FnMut(u64, u64)) -> Resul
     // Metadata of every file is checked before anything is written.
     for f in &files {
         let m = map(&f.path)?;
+        parse(&f.path, &m, &geometry)?;
         read_meta(&f.path, &m)?;
     }
     let (spec, ignored) = spec_from_file(&geometry, &files[0].path, opts.dtype, opts.codec)?;
