@@ -279,6 +279,30 @@ impl PyStore {
         PyList::new(py, items)
     }
 
+    /// Checks the whole store as `gradshard verify` does: every checksum, index entry,
+    /// shard header and footer, and the statistics in `stats/` (each task file's
+    /// checksum, layout and currency; the side log's records). Returns a dict: `ok`
+    /// (no problems), `problems` and `warnings` (lists of messages naming the file,
+    /// task, sample or slice), `samples`, `frames`, `frame_bytes`, `shards`,
+    /// `unreferenced_bytes`. Damage is reported in the dict; a store that cannot be
+    /// read at all (no manifest) raises StoreError. Runs with the GIL released.
+    fn verify<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let p = self.path.clone();
+        let rep = py
+            .detach(move || gradshard_store::verify(&p, &|_, _| {}))
+            .py()?;
+        let d = PyDict::new(py);
+        d.set_item("ok", rep.ok())?;
+        d.set_item("problems", &rep.problems)?;
+        d.set_item("warnings", &rep.warnings)?;
+        d.set_item("samples", rep.samples)?;
+        d.set_item("frames", rep.frames)?;
+        d.set_item("frame_bytes", rep.frame_bytes)?;
+        d.set_item("shards", rep.shards)?;
+        d.set_item("unreferenced_bytes", rep.unreferenced_bytes)?;
+        Ok(d)
+    }
+
     /// "full" or "factored": how one sample is stored (reads return full slices either way).
     fn representation(&self, task: &str, id: &Bound<'_, PyAny>) -> PyResult<&'static str> {
         let id = sample_id(id)?;

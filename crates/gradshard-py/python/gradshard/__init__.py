@@ -78,7 +78,8 @@ class Store(_Store):
     Methods: ``samples(task)``, ``slice(task, id, layer, block, head)``,
     ``tile(task, layer, block, head, ids=None)``, ``tensor(task, id, name)``,
     ``factors(task, id, layer, block, head)``, ``representation(task, id)``,
-    ``index()``, ``refresh()``. Array methods take ``dtype="f32"`` (numpy float32,
+    ``index()``, ``refresh()``, ``verify()`` (the checks of ``gradshard verify``,
+    ``stats/`` included, as a dict with ``ok``, ``problems`` and ``warnings``). Array methods take ``dtype="f32"`` (numpy float32,
     the default) or ``dtype="bf16"`` (a torch.bfloat16 tensor through DLPack, rounded
     to nearest even; needs torch).
 
