@@ -18,6 +18,19 @@ const REFUSED: i32 = 6;
 const BUSY: i32 = 7;
 const USAGE: i32 = 64;
 
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let t = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &t);
+        } else {
+            std::fs::copy(e.path(), &t).unwrap();
+        }
+    }
+}
+
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
@@ -305,6 +318,22 @@ fn a_garbage_manifest_is_rebuilt_from_the_shard_headers() {
     let s0 = dir.path().join("s0");
     ok(&score_args(&st, &s0));
     let manifest = std::fs::read(st.join("manifest.json")).unwrap();
+    // A store is written with a copy of its manifest; salvage mends from it alone.
+    let mended = dir.path().join("mended");
+    copy_dir(&st, &mended);
+    std::fs::write(
+        mended.join("manifest.json"),
+        [0xffu8, 0xfe, 0x00, 0x13, 0x37],
+    )
+    .unwrap();
+    let said = ok(&["salvage", "--store", p(&mended)]);
+    assert!(said.contains("rebuilt"), "{said}");
+    assert!(ok(&["verify", "--store", p(&mended)]).contains("OK"));
+    let sm = dir.path().join("sm");
+    ok(&score_args(&mended, &sm));
+    assert_eq!(score_files(&s0), score_files(&sm));
+    // Without the copy, salvage needs a store of the same model.
+    std::fs::remove_file(st.join("manifest.copy.json")).unwrap();
     std::fs::write(st.join("manifest.json"), [0xffu8, 0xfe, 0x00, 0x13, 0x37]).unwrap();
     let damaged = snapshot(&st);
 

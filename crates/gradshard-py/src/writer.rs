@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Mutex;
 
-use gradshard_core::{Block, DType, Geometry, Layout, OtherTensor, SampleId, TaskName};
+use gradshard_core::{Block, DType, Layout, OtherTensor, SampleId, TaskName};
 use gradshard_store::{
     CodecSpec, FactorSample, Factors, GradSample, Gradient, NanPolicy, RepresentationChoice,
     SampleSink, SinkOptions, Store, StoreSpec, StoreWriter, WriterOptions,
@@ -261,7 +261,7 @@ impl PyWriter {
         let nan_policy: NanPolicy = nan_policy.parse().map_err(value_err)?;
         let cfg: serde_json::Value = serde_json::from_str(config_json)
             .map_err(|e| value_err(format!("config: not JSON: {e}")))?;
-        let mut g = Geometry::from_config(&cfg)
+        let mut g = gradshard_core::ModelShape::geometry_of(&cfg)
             .map_err(|e| value_err(format!("config: {}", render(&e))))?;
         if let Some(n) = &names {
             g.detect_root(n.iter().map(String::as_str));

@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 
 pub use error::{Error, NoStoreWhy, Result};
 pub use index_rows::{FrameKind, FrameRow};
-pub use manifest::{CodecName, CodecSpec, Manifest, StoreSpec, MANIFEST_FILE};
+pub use manifest::{CodecName, CodecSpec, Manifest, StoreSpec, MANIFEST_COPY_FILE, MANIFEST_FILE};
 pub use merge::{merge, merge_with, MergeEvent, MergeReport};
 pub use reader::{
     Factor, FactorTile, Footprint, IoStats, SliceFactors, Store, DEFAULT_SHARED_CACHE_BYTES,

@@ -11,6 +11,11 @@ use crate::error::{Error, IoContext, Result};
 
 pub const MANIFEST_FILE: &str = "manifest.json";
 
+/// A second copy of the manifest, written beside it whenever it is written: what
+/// `salvage` rebuilds a deleted or damaged `manifest.json` from (checked against the
+/// shard headers' store id and version, and every sample read whole under it).
+pub const MANIFEST_COPY_FILE: &str = "manifest.copy.json";
+
 /// Compression settings of a store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CodecSpec {
@@ -222,6 +227,9 @@ impl Manifest {
 
     pub fn save(&self, dir: &Path) -> Result<()> {
         let text = serde_json::to_string_pretty(self).expect("manifest serialises");
+        // The copy first: a crash between the two leaves the manifest as it was and a
+        // copy that salvage checks against the shards before it uses it.
+        crate::fsutil::write_atomic(&dir.join(MANIFEST_COPY_FILE), text.as_bytes())?;
         crate::fsutil::write_atomic(&dir.join(MANIFEST_FILE), text.as_bytes())
     }
 

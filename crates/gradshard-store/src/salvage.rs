@@ -89,11 +89,18 @@ pub fn salvage_with(dir: &Path, opts: &SalvageOptions) -> Result<SalvageReport> 
     let (manifest, rebuilt) = match Manifest::load(dir) {
         Ok(m) => (m, false),
         Err(Error::Manifest { path, detail }) => {
-            let Some(from) = &opts.spec_from else {
+            let copy = dir.join(crate::manifest::MANIFEST_COPY_FILE);
+            let from = match &opts.spec_from {
+                Some(f) => Some(f.clone()),
+                None if Manifest::load_file(&copy, dir).is_ok() => Some(copy),
+                None => None,
+            };
+            let Some(from) = &from else {
                 return Err(Error::Manifest {
                     path,
                     detail: format!(
-                        "{detail}\n(salvage cannot rebuild it alone: a shard header carries the store id and the format version, but not the geometry, dtype, codec, blocks or other tensors a manifest needs; pass --spec-from)"
+                        "{detail}\n(salvage cannot rebuild it alone: its copy {} is missing or unreadable, and a shard header carries the store id and the format version, but not the geometry, dtype, codec, blocks or other tensors a manifest needs; pass --spec-from)",
+                        copy.display()
                     ),
                 });
             };
