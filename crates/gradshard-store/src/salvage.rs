@@ -92,7 +92,7 @@ pub fn salvage_with(dir: &Path, opts: &SalvageOptions) -> Result<SalvageReport> 
             let copy = dir.join(crate::manifest::MANIFEST_COPY_FILE);
             let from = match &opts.spec_from {
                 Some(f) => Some(f.clone()),
-                None if Manifest::load_file(&copy, dir).is_ok() => Some(copy),
+                None if Manifest::load_file(&copy, dir).is_ok() => Some(copy.clone()),
                 None => None,
             };
             let Some(from) = &from else {
