@@ -71,13 +71,20 @@ def test_a_damaged_shared_factor_names_the_slice_and_the_factor(collected, tmp_p
     # Shared factor 0 of the sample (layer 0's attention input: the S of every Q, K
     # and V slice of layer 0), found through the sample table (docs/format.md), which
     # follows the sample's last frame and lists the shared factors after the frames.
-    rows = [r for r in s.index().to_pylist() if r["task"] == "general" and r["sample_id"] == "2"]
+    # The index lists the shared factors too (frame_kind "shared"); the table's
+    # n_frames counts the per-slice frames only.
+    rows = [
+        r
+        for r in s.index().to_pylist()
+        if r["task"] == "general" and r["sample_id"] == "2" and r["frame_kind"] != "shared"
+    ]
     shard = store / "shards" / f"shard-{q['shard']:06d}.gss"
     data = shard.read_bytes()
     f0 = next(r for r in rows if r["frame"] == 0)
     pos = data.find(b"GSSAMPLE", min(r["offset"] for r in rows))
     while struct.unpack_from("<IIQQ", data, pos + 8)[::3] != (len(rows), f0["offset"]):
         pos = data.find(b"GSSAMPLE", pos + 1)
+        assert pos >= 0, "the sample table was not found"
     n_frames, n_shared = struct.unpack_from("<II", data, pos + 8)
     assert n_shared > 0
     s_offset, s_len = struct.unpack_from("<QI", data, pos + 24 + 24 * n_frames)
