@@ -26,7 +26,7 @@ def fail(msg):
 def picture_size(layers, heads):
     # Mirror of gradshard_export::picture_size (keep in sync).
     bar_panel = 140
-    footer = 62
+    footer = 96
     cell = max(8, min(48, 560 // max(layers, heads, 1)))
     w = 90 + heads * cell + 40 + bar_panel
     h = 80 + layers * cell + 70 + footer
