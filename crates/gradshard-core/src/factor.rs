@@ -14,6 +14,22 @@ pub fn pt_s(p: &[f32], s: &[f32], n: usize, r: usize, c: usize, out: &mut [f32])
     pt_s_with(p, s, n, r, c, out, gemm::Parallelism::None)
 }
 
+/// The gradient G = AᵀB (shape[0] × shape[1], row-major) of the tensor `name` from
+/// its factors over `n` stacked positions: A is n × shape[0], B is n × shape[1]. One
+/// large product, so gemm runs on rayon's pool ([`pt_s_parallel`]).
+///
+/// # Panics
+/// When `shape` is not 2-D or `a`/`b` do not hold n × shape[0] / n × shape[1] values.
+pub fn factors_gradient(name: &str, shape: &[usize], n: usize, a: &[f32], b: &[f32]) -> Vec<f32> {
+    assert_eq!(shape.len(), 2, "{name}: factors need a 2-D shape");
+    let (r, c) = (shape[0], shape[1]);
+    assert_eq!(a.len(), n * r, "{name}: A must be n × shape[0]");
+    assert_eq!(b.len(), n * c, "{name}: B must be n × shape[1]");
+    let mut g = vec![0f32; r * c];
+    pt_s_parallel(a, b, n, r, c, &mut g);
+    g
+}
+
 /// [`pt_s`] with gemm's own rayon threads, for one large product (a whole tensor).
 pub fn pt_s_parallel(p: &[f32], s: &[f32], n: usize, r: usize, c: usize, out: &mut [f32]) {
     pt_s_with(p, s, n, r, c, out, gemm::Parallelism::Rayon(0))

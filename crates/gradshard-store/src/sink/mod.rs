@@ -57,18 +57,7 @@ impl Factors {
     /// When `shape` is not 2-D or `a`/`b` do not hold n × shape[0] / n × shape[1]
     /// values (the sink checks both before it calls this).
     pub fn gradient(&self) -> Vec<f32> {
-        assert_eq!(
-            self.shape.len(),
-            2,
-            "{}: factors need a 2-D shape",
-            self.name
-        );
-        let (r, c, n) = (self.shape[0], self.shape[1], self.n);
-        assert_eq!(self.a.len(), n * r, "{}: A must be n × shape[0]", self.name);
-        assert_eq!(self.b.len(), n * c, "{}: B must be n × shape[1]", self.name);
-        let mut g = vec![0f32; r * c];
-        gradshard_core::factor::pt_s_parallel(&self.a, &self.b, n, r, c, &mut g);
-        g
+        gradshard_core::factor::factors_gradient(&self.name, &self.shape, self.n, &self.a, &self.b)
     }
 
     /// The gradient as a [`Gradient`] (consumes the factors).
